@@ -1,0 +1,17 @@
+//! The Shoplens engine: everything that finds shop items for a street photo, without HTTP,
+//! CLI parsing or progress bars (those live in `indexer` and `searcher`).
+//!
+//! - [`store`]: the catalog store on sled: items, garments and published index generations.
+//! - [`ann`]: the garment index: HNSW (hnsw_rs) with an exact path and category filters.
+//! - [`datasets`]: DeepFashion2-format folders, retrieval ground truth and a synthetic set.
+//! - [`geometry`]: boxes and overlap, shared by datasets, detection and evaluation.
+//! - [`device`]: the candle device (CPU, or CUDA with the `cuda` feature).
+
+pub mod ann;
+pub mod datasets;
+pub mod device;
+pub mod error;
+pub mod geometry;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -35,7 +35,15 @@ use crate::{Error, Result};
 /// one and the two before it, so a reader still loading the previous one is never cut short.
 pub const DEFAULT_RETAIN: usize = 3;
 
+/// Subfolder of a store directory that holds the sled database.
+pub const CATALOG_SUBDIR: &str = "catalog";
+/// Subfolder of a store directory that holds the ANN graph dumps (derived data).
+pub const ANN_SUBDIR: &str = "ann";
+
 /// The sled-backed catalog store. One process opens a store at a time (sled's file lock).
+///
+/// A store directory holds `catalog/` (sled, the source of truth) and `ann/` (graph dumps
+/// derived from it, safe to delete).
 #[derive(Clone)]
 pub struct CatalogStore {
     db: Db,
@@ -63,20 +71,21 @@ impl fmt::Display for IdKey {
 }
 
 impl CatalogStore {
-    /// Opens (or creates) the store in directory `path`, upgrading an older format.
+    /// Opens (or creates) the store in directory `dir`, upgrading an older format.
     ///
     /// Fails with [`Error::StoreFormat`] on a store written by a newer Shoplens.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let path = dir.join(CATALOG_SUBDIR);
         let db = sled::Config::new()
-            .path(path)
+            .path(&path)
             .mode(sled::Mode::LowSpace)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(source) => Error::io(path, source),
+                sled::Error::Io(source) => Error::io(&path, source),
                 other => Error::Storage(other),
             })?;
-        Self::from_db(db, Some(path.to_path_buf()))
+        Self::from_db(db, Some(dir.to_path_buf()))
     }
 
     /// A store in memory that disappears when dropped (tests, benchmarks).
@@ -104,6 +113,11 @@ impl CatalogStore {
     /// The store's directory; `None` for a temporary store.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// Where the ANN graph dumps of this store go; `None` for a temporary store.
+    pub fn ann_dir(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| p.join(ANN_SUBDIR))
     }
 
     /// The store's format version (always the current one once opened).

@@ -1,0 +1,6 @@
+//! Integration tests of the engine, one module per area.
+
+mod ann;
+mod compat;
+mod datasets;
+mod support;

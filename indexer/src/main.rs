@@ -1,1 +1,65 @@
-fn main() {}
+//! `indexer`: the catalog team's command. A thin shell over the `shoplens` engine: parses
+//! arguments, reports progress, prints results.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Builds, inspects and maintains a Shoplens index.
+#[derive(Debug, Parser)]
+#[command(name = "indexer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the published generation of a store.
+    Status {
+        /// Store directory.
+        #[arg(long, env = "SHOPLENS_DB")]
+        db: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check or generate DeepFashion2-format data.
+    #[command(subcommand)]
+    Dataset(commands::dataset::DatasetCommand),
+    /// Verify (and rebuild when needed) the ANN graph of the published generation.
+    #[command(subcommand)]
+    Ann(commands::ann::AnnCommand),
+    /// Remove old generations and the items and garments only they referenced.
+    Prune {
+        #[arg(long, env = "SHOPLENS_DB")]
+        db: PathBuf,
+        /// Generations to keep, the published one included.
+        #[arg(long, default_value_t = shoplens::store::DEFAULT_RETAIN)]
+        retain: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHOPLENS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Status { db, json } => commands::status::run(&db, json),
+        Command::Dataset(cmd) => commands::dataset::run(cmd),
+        Command::Ann(cmd) => commands::ann::run(cmd),
+        Command::Prune { db, retain } => commands::status::prune(&db, retain),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -19,7 +19,20 @@ use super::{AnnParams, GarmentVectors};
 use crate::{Error, Result};
 
 /// The graph type: dot-product distance on unit vectors (1 - cosine).
-pub type Graph = Hnsw<'static, f32, DistDot>;
+pub type Graph = Hnsw<'static, f32, UnitDot>;
+
+/// `1 - a·b` for unit vectors, clamped at 0.
+///
+/// Our own rather than hnsw_rs's `DistDot`: that one asserts `dot <= 1.000002` and panics
+/// when rounding (or an unnormalised vector) goes past it, which a server must never do.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UnitDot;
+
+impl Distance<f32> for UnitDot {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - super::exact::dot(a, b)).max(0.0)
+    }
+}
 
 /// Format of the side file; bump when its meaning changes.
 const SIDE_FILE_FORMAT: u32 = 1;
@@ -44,7 +57,7 @@ pub struct SideFile {
 /// Builds a graph over every row, inserting in parallel on the current rayon pool.
 /// Row numbers are the graph's data ids.
 pub fn build(vectors: &GarmentVectors, params: &AnnParams) -> Graph {
-    let graph = Hnsw::new(params.m, vectors.len().max(1), MAX_LAYER, params.ef_construction, DistDot {});
+    let graph = Hnsw::new(params.m, vectors.len().max(1), MAX_LAYER, params.ef_construction, UnitDot);
     let rows: Vec<(&[f32], usize)> = (0..vectors.len()).map(|r| (vectors.row(r), r)).collect();
     graph.parallel_insert_slice(&rows);
     graph
@@ -143,7 +156,7 @@ pub fn load(dir: &Path, generation: u64, vectors: &GarmentVectors, params: &AnnP
     // hnsw_rs's loaded graph borrows its loader; leaking the small loader gives the graph a
     // 'static lifetime (hnswlib-rs issue #19). One loader is leaked per load.
     let io: &'static HnswIo = Box::leak(Box::new(HnswIo::new(dir, &basename(generation))));
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| io.load_hnsw_with_dist::<f32, DistDot>(DistDot {})))
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| io.load_hnsw_with_dist::<f32, UnitDot>(UnitDot)))
         .map_err(|_| "hnsw_rs panicked while reading the dump".to_string())?
         .map_err(|e| format!("hnsw_rs could not read the dump: {e}"))?;
     if loaded.get_nb_point() != vectors.len() {

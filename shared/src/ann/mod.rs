@@ -12,6 +12,7 @@
 
 pub mod exact;
 pub mod graph;
+pub mod synthetic;
 mod index;
 mod vectors;
 
@@ -95,4 +96,12 @@ pub(crate) fn check_k(k: usize) -> Result<()> {
         return Err(Error::InvalidK { k, max: MAX_K });
     }
     Ok(())
+}
+
+/// Opens the garment index of the store's published generation: its dump when valid,
+/// otherwise built from the store (and dumped next to it).
+pub fn open_published(store: &crate::store::CatalogStore, params: AnnParams) -> Result<(GarmentIndex, LoadOutcome)> {
+    let generation = store.published_id()?.ok_or(Error::NoPublishedGeneration)?;
+    let vectors = GarmentVectors::from_generation(&store.generation_garments(generation)?)?;
+    GarmentIndex::open(store.ann_dir().as_deref(), generation, vectors, params)
 }

@@ -3,9 +3,8 @@ use std::collections::HashSet;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use shoplens::Error;
+use shoplens::ann::synthetic::{clustered, queries_near, unit};
 use shoplens::ann::{AnnParams, GarmentIndex, LoadOutcome, SearchPath, graph};
-
-use crate::support::{clustered, near, queries};
 
 const DIM: usize = 64;
 
@@ -17,10 +16,8 @@ fn params() -> AnnParams {
     }
 }
 
-/// Queries near indexed points, so their neighbourhoods are meaningful.
 fn near_queries(index: &GarmentIndex, n: usize, seed: u64) -> Vec<Vec<f32>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|i| near(&mut rng, index.vectors().row(i * 7 % index.len()), 0.5)).collect()
+    queries_near(index.vectors(), n, seed)
 }
 
 fn recall_at_10(index: &GarmentIndex, queries: &[Vec<f32>], category: Option<&str>) -> f64 {
@@ -69,7 +66,7 @@ fn category_filter_returns_only_that_category_on_every_path() {
 fn small_indexes_are_exact_and_bad_queries_are_user_errors() {
     let index = GarmentIndex::build(1, clustered(50, 8, 5, 2, 5), params()).unwrap();
     assert!(!index.has_graph());
-    let q = &queries(1, 8, 6)[0];
+    let q = &unit(&mut ChaCha8Rng::seed_from_u64(6), 8);
     let (hits, path) = index.search_with(q, 100, None, None).unwrap();
     assert_eq!((hits.len(), path), (50, SearchPath::Exact));
     for err in [

@@ -3,4 +3,3 @@
 mod ann;
 mod compat;
 mod datasets;
-mod support;

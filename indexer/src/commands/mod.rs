@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod ann;
+pub mod dataset;
+pub mod status;

@@ -1,0 +1,78 @@
+//! `indexer status` and `indexer prune`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use shoplens::ann::graph;
+use shoplens::store::CatalogStore;
+
+/// Opens an existing store; refuses to create one where the user meant to read one.
+pub fn open_existing(db: &Path) -> Result<CatalogStore> {
+    if !db.join(shoplens::store::CATALOG_SUBDIR).is_dir() {
+        anyhow::bail!("{} holds no Shoplens store (no {}/ inside)", db.display(), shoplens::store::CATALOG_SUBDIR);
+    }
+    CatalogStore::open(db).with_context(|| format!("opening store {}", db.display()))
+}
+
+pub fn run(db: &Path, as_json: bool) -> Result<()> {
+    let store = open_existing(db)?;
+    let published = store.published()?;
+    let building = store
+        .generations()?
+        .into_iter()
+        .find(|g| g.state == shoplens::store::GenerationState::Building);
+    if as_json {
+        let value = match &published {
+            Some(m) => json!({
+                "generation": m.id, "items": m.items, "garments": m.garments,
+                "built_at": m.built_at, "models": m.spec.models, "dim": m.spec.dim,
+                "format_version": store.format_version()?, "building": building.as_ref().map(|b| b.id),
+            }),
+            None => json!({
+                "generation": null, "items": 0, "garments": 0, "built_at": null, "models": {},
+                "format_version": store.format_version()?, "building": building.as_ref().map(|b| b.id),
+            }),
+        };
+        println!("{}", serde_json::to_string(&value)?);
+        return Ok(());
+    }
+    println!("store          {} (format version {})", db.display(), store.format_version()?);
+    match &published {
+        None => println!("published      none yet"),
+        Some(m) => {
+            println!("published      generation {}", m.id);
+            println!("built at       {}", m.built_at.as_deref().unwrap_or("?"));
+            println!("items          {}", m.items);
+            println!("garments       {} ({}-d embeddings)", m.garments, m.spec.dim);
+            for (name, version) in &m.spec.models {
+                println!("model          {name} {version}");
+            }
+        }
+    }
+    if let Some(b) = building {
+        println!("unfinished     generation {} started {} (the next build resumes it)", b.id, b.started_at);
+    }
+    println!("disk           {:.1} MiB", store.size_on_disk()? as f64 / (1 << 20) as f64);
+    Ok(())
+}
+
+pub fn prune(db: &Path, retain: usize) -> Result<()> {
+    let store = open_existing(db)?;
+    let report = store.prune(retain)?;
+    let kept: Vec<u64> = store.generations()?.iter().map(|g| g.id).collect();
+    let dumps = match store.ann_dir() {
+        Some(dir) => graph::remove_dumps_except(&dir, &kept)?,
+        None => 0,
+    };
+    println!(
+        "removed {} generations {:?}, {} item revisions, {} garments, {} graph dumps; kept generations {:?}",
+        report.generations.len(),
+        report.generations,
+        report.items,
+        report.garments,
+        dumps,
+        kept
+    );
+    Ok(())
+}

@@ -8,7 +8,9 @@ use rayon::prelude::*;
 /// Below this many candidate rows one thread is faster than splitting the work.
 const PARALLEL_MIN_ROWS: usize = 16_384;
 
-/// Dot product, with AVX2+FMA when the CPU has them (checked once, cached by std).
+/// Dot product, with AVX2+FMA when the CPU has them (detected once, cached by std). This is
+/// the distance of the whole index, exact and graph paths alike. (An AVX-512 variant measured
+/// no faster here: see benches/NOTES.md.)
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
@@ -19,25 +21,25 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             return unsafe { dot_avx2_fma(a, b) };
         }
     }
-    dot_lanes(a, b, |acc, x, y| acc + x * y)
+    dot_lanes::<16>(a, b, |acc, x, y| acc + x * y)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
     // Inlined here, the lane loop compiles to 256-bit fused multiply-adds.
-    dot_lanes(a, b, |acc, x, y| x.mul_add(y, acc))
+    dot_lanes::<16>(a, b, |acc, x, y| x.mul_add(y, acc))
 }
 
-/// Sixteen independent accumulators, so several SIMD registers work at once instead of one
+/// `N` independent accumulators, so several SIMD registers work at once instead of one
 /// dependent chain; `step` is plain multiply-add or fused.
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32], step: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+fn dot_lanes<const N: usize>(a: &[f32], b: &[f32], step: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; N];
+    let (ca, cb) = (a.chunks_exact(N), b.chunks_exact(N));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
+        for i in 0..N {
             acc[i] = step(acc[i], x[i], y[i]);
         }
     }
@@ -114,12 +116,12 @@ mod tests {
 
     #[test]
     fn dot_matches_a_plain_sum_for_odd_lengths() {
-        for len in [1usize, 7, 8, 9, 16, 33, 256] {
+        for len in [1usize, 7, 8, 9, 16, 33, 64, 100, 256] {
             let a: Vec<f32> = (0..len).map(|i| i as f32 * 0.5).collect();
             let b: Vec<f32> = (0..len).map(|i| 1.0 - i as f32 * 0.1).collect();
             let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot(&a, &b) - plain).abs() <= 1e-4 * plain.abs().max(1.0), "len {len}");
-            let portable = dot_lanes(&a, &b, |acc, x, y| acc + x * y);
+            let portable = dot_lanes::<16>(&a, &b, |acc, x, y| acc + x * y);
             assert!((dot(&a, &b) - portable).abs() <= 1e-4 * plain.abs().max(1.0), "len {len}: dispatched vs portable");
         }
     }

@@ -37,6 +37,18 @@ pub enum Error {
     /// The store opens but no generation was ever published.
     #[error("the store has no published index generation yet: run `indexer build` first")]
     NoPublishedGeneration,
+    /// Bytes that are not a decodable image (empty, truncated, corrupt).
+    #[error("cannot decode the image: {reason}")]
+    ImageDecode { reason: String },
+    /// An image format Shoplens does not read.
+    #[error("unsupported image format: {format}")]
+    UnsupportedImageFormat { format: String },
+    /// An image larger than the decode limits (decompression bombs included).
+    #[error("image of {width}×{height} pixels exceeds the limit of {max_pixels} pixels")]
+    ImageTooLarge { width: u32, height: u32, max_pixels: u64 },
+    /// A box that selects nothing of its image.
+    #[error("invalid box: {reason}")]
+    InvalidBox { reason: String },
     /// Invalid configuration passed by the operator.
     #[error("invalid setting {name}: {reason}")]
     InvalidSetting { name: &'static str, reason: String },
@@ -68,6 +80,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A weights file that is missing, malformed or of another network.
+    #[error("invalid weights: {reason}")]
+    InvalidWeights { reason: String },
     /// candle failed (device, tensor shapes, weights).
     #[error("model runtime: {0}")]
     Candle(#[from] candle_core::Error),
@@ -94,6 +109,10 @@ impl Error {
                 | Error::UnknownCategory(_)
                 | Error::NotFound { .. }
                 | Error::InvalidSetting { .. }
+                | Error::ImageDecode { .. }
+                | Error::UnsupportedImageFormat { .. }
+                | Error::ImageTooLarge { .. }
+                | Error::InvalidBox { .. }
         )
     }
 
@@ -109,6 +128,11 @@ impl Error {
             Error::NotFound { .. } => "not_found",
             Error::NoPublishedGeneration => "no_index",
             Error::InvalidSetting { .. } => "invalid_setting",
+            Error::ImageDecode { .. } => "invalid_image",
+            Error::UnsupportedImageFormat { .. } => "unsupported_image_format",
+            Error::ImageTooLarge { .. } => "image_too_large",
+            Error::InvalidBox { .. } => "invalid_box",
+            Error::InvalidWeights { .. } => "invalid_weights",
             Error::StoreFormat(_) => "store_format",
             Error::CorruptRecord { .. } => "corrupt_record",
             Error::GenerationConflict { .. } => "generation_conflict",

@@ -6,12 +6,16 @@
 //! - [`datasets`]: DeepFashion2-format folders, retrieval ground truth and a synthetic set.
 //! - [`geometry`]: boxes and overlap, shared by datasets, detection and evaluation.
 //! - [`device`]: the candle device (CPU, or CUDA with the `cuda` feature).
+//! - [`vision`]: decoding with limits and the one preprocessing path of every network input.
+//! - [`models`]: the networks in candle (EfficientNet-Lite backbone and its layers).
 
 pub mod ann;
 pub mod datasets;
 pub mod device;
 pub mod error;
 pub mod geometry;
+pub mod models;
 pub mod store;
+pub mod vision;
 
 pub use error::{Error, Result};

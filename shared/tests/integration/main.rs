@@ -1,5 +1,6 @@
 //! Integration tests of the engine, one module per area.
 
 mod ann;
+mod backbone;
 mod compat;
 mod datasets;

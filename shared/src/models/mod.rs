@@ -1,0 +1,6 @@
+//! Neural networks in candle, one file per family (see `../../STYLE` habits): the
+//! EfficientNet-Lite backbone and the layers it is made of.
+
+pub mod depthwise;
+pub mod efficientnet_lite;
+pub mod layers;

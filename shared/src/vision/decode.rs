@@ -1,0 +1,98 @@
+//! Decoding untrusted image bytes: format sniffed from the bytes, pixel and memory limits
+//! checked before decoding (decompression bombs), EXIF orientation applied.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+
+use crate::{Error, Result};
+
+/// Limits on what a decode may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest width × height accepted.
+    pub max_pixels: u64,
+    /// Largest width or height accepted.
+    pub max_side: u32,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_pixels: 40_000_000,
+            max_side: 16_384,
+        }
+    }
+}
+
+/// Decodes JPEG, PNG, WebP, GIF (first frame) or TIFF bytes to RGB, upright.
+pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage> {
+    if bytes.is_empty() {
+        return Err(Error::ImageDecode { reason: "empty input".into() });
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::ImageDecode { reason: e.to_string() })?;
+    let format = reader.format().ok_or(Error::UnsupportedImageFormat {
+        format: "unknown (not JPEG, PNG, WebP, GIF or TIFF)".into(),
+    })?;
+    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Tiff) {
+        return Err(Error::UnsupportedImageFormat { format: format!("{format:?}") });
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(e))?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(Error::ImageDecode { reason: format!("image of {width}×{height} pixels") });
+    }
+    if width as u64 * height as u64 > limits.max_pixels || width.max(height) > limits.max_side {
+        return Err(Error::ImageTooLarge {
+            width,
+            height,
+            max_pixels: limits.max_pixels,
+        });
+    }
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    image.apply_orientation(orientation);
+    Ok(image.into_rgb8())
+}
+
+fn decode_error(e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Unsupported(u) => Error::UnsupportedImageFormat { format: u.to_string() },
+        image::ImageError::Limits(l) => Error::ImageDecode { reason: format!("limit exceeded: {l}") },
+        other => Error::ImageDecode { reason: other.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let img = RgbImage::from_pixel(width, height, image::Rgb([10, 20, 30]));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn decodes_and_refuses_what_it_must() {
+        let ok = decode_image(&png(5, 3), DecodeLimits::default()).unwrap();
+        assert_eq!(ok.dimensions(), (5, 3));
+        assert!(matches!(decode_image(&[], DecodeLimits::default()), Err(Error::ImageDecode { .. })));
+        assert!(matches!(decode_image(b"hello world, not an image", DecodeLimits::default()), Err(Error::UnsupportedImageFormat { .. })));
+        let bytes = png(50, 50);
+        assert!(decode_image(&bytes[..bytes.len() / 2], DecodeLimits::default()).unwrap_err().is_user_error());
+        let small = DecodeLimits { max_pixels: 100, max_side: 1000 };
+        assert!(matches!(decode_image(&bytes, small), Err(Error::ImageTooLarge { width: 50, height: 50, .. })));
+    }
+
+    #[test]
+    fn a_png_header_declaring_a_huge_image_is_refused_before_decoding() {
+        // A valid PNG signature and IHDR for 100000×100000, no data: must not allocate 30 GB.
+        let mut bytes = png(1, 1);
+        bytes[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bytes[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let err = decode_image(&bytes, DecodeLimits::default()).unwrap_err();
+        assert!(err.is_user_error(), "{err}");
+    }
+}

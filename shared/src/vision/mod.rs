@@ -1,0 +1,8 @@
+//! Images in: decoding with limits and orientation, and the one preprocessing path that
+//! turns a photo or a garment crop into a network input, at index time and query time alike.
+
+mod decode;
+mod preprocess;
+
+pub use decode::{DecodeLimits, decode_image};
+pub use preprocess::{Normalisation, Preprocess, letterbox};

@@ -33,6 +33,9 @@ enum Command {
     /// Verify (and rebuild when needed) the ANN graph of the published generation.
     #[command(subcommand)]
     Ann(commands::ann::AnnCommand),
+    /// Train a network.
+    #[command(subcommand)]
+    Train(commands::train::TrainCommand),
     /// Remove old generations and the items and garments only they referenced.
     Prune {
         #[arg(long, env = "SHOPLENS_DB")]
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Status { db, json } => commands::status::run(&db, json),
         Command::Dataset(cmd) => commands::dataset::run(cmd),
         Command::Ann(cmd) => commands::ann::run(cmd),
+        Command::Train(cmd) => commands::train::run(cmd),
         Command::Prune { db, retain } => commands::status::prune(&db, retain),
     };
     match result {

@@ -7,6 +7,7 @@
 //! - [`geometry`]: boxes and overlap, shared by datasets, detection and evaluation.
 //! - [`device`]: the candle device (CPU, or CUDA with the `cuda` feature).
 //! - [`vision`]: decoding with limits and the one preprocessing path of every network input.
+//! - [`training`]: training the networks on DeepFashion2-format data.
 //! - [`models`]: the networks in candle (EfficientNet-Lite backbone and its layers).
 
 pub mod ann;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod geometry;
 pub mod models;
 pub mod store;
+pub mod training;
 pub mod vision;
 
 pub use error::{Error, Result};

@@ -3,4 +3,6 @@
 
 pub mod depthwise;
 pub mod efficientnet_lite;
+pub mod embedder;
 pub mod layers;
+pub mod weights_file;

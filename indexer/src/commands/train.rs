@@ -1,0 +1,101 @@
+//! `indexer train ...`: training our networks, with progress bars.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use shoplens::device::{DevicePreference, describe, select_device};
+use shoplens::training::Progress;
+use shoplens::training::embedder::{EmbedderTraining, fmt_top_k, train_embedder};
+
+#[derive(Debug, Subcommand)]
+pub enum TrainCommand {
+    /// Train the embedding head (GeM + projection) for consumer-to-shop matching on a
+    /// DeepFashion2-format set, on top of the frozen pretrained backbone.
+    Embedder {
+        /// DeepFashion2-format consumer-to-shop set (user/, shop/, gallery_gt.json).
+        #[arg(long)]
+        data: PathBuf,
+        /// CC0 catalog folder (catalog.csv) for augmentation positives and distractors.
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        /// Backbone weights (the output references it by file name: keep them together).
+        #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
+        backbone: PathBuf,
+        #[arg(long, default_value = "models/embedder-lite0.safetensors")]
+        out: PathBuf,
+        /// Cache of backbone feature maps, reused by later runs.
+        #[arg(long, default_value = "target/feature-cache")]
+        cache: PathBuf,
+        #[arg(long, default_value_t = 40)]
+        epochs: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 256)]
+        dim: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.05)]
+        temperature: f64,
+        #[arg(long, default_value_t = 600)]
+        augment_items: usize,
+        #[arg(long, default_value_t = 1000)]
+        distractors: usize,
+        /// Continue from the checkpoint beside --out.
+        #[arg(long)]
+        resume: bool,
+        /// Run on the CPU even when a GPU is available.
+        #[arg(long)]
+        cpu: bool,
+    },
+}
+
+pub fn run(cmd: TrainCommand) -> Result<()> {
+    match cmd {
+        TrainCommand::Embedder { data, catalog, backbone, out, cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, resume, cpu } => {
+            let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
+            eprintln!("training on {}", describe(&device));
+            let cfg = EmbedderTraining { data, catalog, backbone, out: out.clone(), cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, resume, device };
+            let mut bar: Option<ProgressBar> = None;
+            let style = ProgressStyle::with_template("{msg:32} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}").expect("valid template");
+            let report = train_embedder(&cfg, &mut |event| match event {
+                Progress::Stage { name, total } => {
+                    if let Some(b) = bar.take() {
+                        b.finish();
+                    }
+                    let b = ProgressBar::new(total).with_style(style.clone()).with_message(name);
+                    bar = Some(b);
+                }
+                Progress::Advance(n) => {
+                    if let Some(b) = &bar {
+                        b.inc(n);
+                    }
+                }
+                Progress::Message(m) => match &bar {
+                    Some(b) => b.println(m),
+                    None => eprintln!("{m}"),
+                },
+            })?;
+            if let Some(b) = bar.take() {
+                b.finish();
+            }
+            println!("untrained backbone: {}", fmt_top_k(&report.baseline_top_k));
+            println!("trained (epoch {}): {}", report.best_epoch, fmt_top_k(&report.top_k));
+            println!(
+                "{} training pairs + {} augmentation pairs; {} validation queries against {} gallery garments; features {:.0} s, training {:.0} s; wrote {}",
+                report.train_pairs,
+                report.augment_pairs,
+                report.val_queries,
+                report.gallery,
+                report.feature_seconds,
+                report.train_seconds,
+                out.display()
+            );
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}

@@ -33,6 +33,9 @@ enum Command {
     /// Verify (and rebuild when needed) the ANN graph of the published generation.
     #[command(subcommand)]
     Ann(commands::ann::AnnCommand),
+    /// Import pretrained weights.
+    #[command(subcommand)]
+    Weights(commands::weights::WeightsCommand),
     /// Train a network.
     #[command(subcommand)]
     Train(commands::train::TrainCommand),
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Dataset(cmd) => commands::dataset::run(cmd),
         Command::Ann(cmd) => commands::ann::run(cmd),
         Command::Train(cmd) => commands::train::run(cmd),
+        Command::Weights(cmd) => commands::weights::run(cmd),
         Command::Prune { db, retain } => commands::status::prune(&db, retain),
     };
     match result {

@@ -4,3 +4,4 @@ pub mod ann;
 pub mod dataset;
 pub mod status;
 pub mod train;
+pub mod weights;

@@ -66,7 +66,11 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                     if let Some(b) = bar.take() {
                         b.finish();
                     }
-                    let b = ProgressBar::new(total).with_style(style.clone()).with_message(name);
+                    let b = ProgressBar::new(total).with_style(style.clone()).with_message(name.clone());
+                    if b.is_hidden() {
+                        // Not a terminal (a log file, CI): say each stage once instead.
+                        eprintln!("{name} ({total})");
+                    }
                     bar = Some(b);
                 }
                 Progress::Advance(n) => {
@@ -75,8 +79,8 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                     }
                 }
                 Progress::Message(m) => match &bar {
-                    Some(b) => b.println(m),
-                    None => eprintln!("{m}"),
+                    Some(b) if !b.is_hidden() => b.println(m),
+                    _ => eprintln!("{m}"),
                 },
             })?;
             if let Some(b) = bar.take() {

@@ -5,4 +5,5 @@ pub mod depthwise;
 pub mod efficientnet_lite;
 pub mod embedder;
 pub mod layers;
+pub mod torch_import;
 pub mod weights_file;

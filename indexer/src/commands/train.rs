@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
 use shoplens::device::{DevicePreference, describe, select_device};
-use shoplens::training::Progress;
+use crate::progress::Reporter;
 use shoplens::training::embedder::{EmbedderTraining, fmt_top_k, train_embedder};
 
 #[derive(Debug, Subcommand)]
@@ -59,33 +58,9 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
             eprintln!("training on {}", describe(&device));
             let cfg = EmbedderTraining { data, catalog, backbone, out: out.clone(), cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, resume, device };
-            let mut bar: Option<ProgressBar> = None;
-            let style = ProgressStyle::with_template("{msg:32} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}").expect("valid template");
-            let report = train_embedder(&cfg, &mut |event| match event {
-                Progress::Stage { name, total } => {
-                    if let Some(b) = bar.take() {
-                        b.finish();
-                    }
-                    let b = ProgressBar::new(total).with_style(style.clone()).with_message(name.clone());
-                    if b.is_hidden() {
-                        // Not a terminal (a log file, CI): say each stage once instead.
-                        eprintln!("{name} ({total})");
-                    }
-                    bar = Some(b);
-                }
-                Progress::Advance(n) => {
-                    if let Some(b) = &bar {
-                        b.inc(n);
-                    }
-                }
-                Progress::Message(m) => match &bar {
-                    Some(b) if !b.is_hidden() => b.println(m),
-                    _ => eprintln!("{m}"),
-                },
-            })?;
-            if let Some(b) = bar.take() {
-                b.finish();
-            }
+            let mut reporter = Reporter::default();
+            let report = train_embedder(&cfg, &mut |event| reporter.handle(event))?;
+            reporter.finish();
             println!("untrained backbone: {}", fmt_top_k(&report.baseline_top_k));
             println!("trained (epoch {}): {}", report.best_epoch, fmt_top_k(&report.top_k));
             println!(

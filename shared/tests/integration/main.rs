@@ -4,4 +4,6 @@ mod ann;
 mod backbone;
 mod compat;
 mod datasets;
+mod embedder;
+mod indexing;
 mod torch_import;

@@ -1,0 +1,9 @@
+//! Shop catalogs as the indexer reads them: CSV or JSONL files and DeepFashion2-format shop
+//! folders, turned into [`CatalogEntry`] values. A bad row is reported with its line and
+//! skipped; it never stops the rest.
+
+mod labels;
+mod sources;
+
+pub use labels::LabelMap;
+pub use sources::{CatalogEntry, CatalogSource, RowError, read_catalog};

@@ -1,0 +1,284 @@
+//! Reading catalog files and DeepFashion2 shop folders.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::Value;
+
+use super::LabelMap;
+use crate::datasets::{Df2Annotation, Df2Folder};
+use crate::geometry::BBox;
+use crate::store::ItemMetadata;
+use crate::{Error, Result};
+
+/// Where a catalog comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogSource {
+    /// CSV with a header: `sku`, `image` required; `title`, `label`, `price`, `currency`,
+    /// `url` optional; any other column becomes a free attribute.
+    Csv(PathBuf),
+    /// One JSON object per line with the same keys.
+    Jsonl(PathBuf),
+    /// A DeepFashion2-format shop folder (`image/`, `annos/`): each image is an item whose
+    /// sku is its file stem, with its annotated garment boxes.
+    Df2Folder(PathBuf),
+}
+
+impl CatalogSource {
+    /// Tells the kind from the path: a folder with `annos/`, or a `.csv` / `.jsonl` file.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            if path.join("annos").is_dir() {
+                return Ok(Self::Df2Folder(path.to_path_buf()));
+            }
+            if path.join("catalog.csv").is_file() {
+                return Ok(Self::Csv(path.join("catalog.csv")));
+            }
+            return Err(Error::InvalidDatasetLayout { path: path.to_path_buf(), reason: "a catalog folder holds annos/ (DeepFashion2) or catalog.csv".into() });
+        }
+        match path.extension().and_then(|e| e.to_str()).map(str::to_lowercase).as_deref() {
+            Some("csv") => Ok(Self::Csv(path.to_path_buf())),
+            Some("jsonl") | Some("ndjson") => Ok(Self::Jsonl(path.to_path_buf())),
+            _ => Err(Error::InvalidDatasetLayout { path: path.to_path_buf(), reason: "a catalog is a .csv, a .jsonl, or a DeepFashion2 folder".into() }),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Csv(p) | Self::Jsonl(p) | Self::Df2Folder(p) => p,
+        }
+    }
+}
+
+/// One shop item to index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEntry {
+    pub metadata: ItemMetadata,
+    /// The image on disk (resolved inside the catalog's folder).
+    pub image_path: PathBuf,
+    /// Annotated garments (DeepFashion2 folders only), with their categories.
+    pub boxes: Vec<(BBox, String)>,
+    /// `file:line` for messages.
+    pub origin: String,
+}
+
+/// A catalog row that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    /// `file:line`.
+    pub origin: String,
+    pub sku: Option<String>,
+    pub reason: String,
+}
+
+/// Resolves an image reference inside `root`: relative, without `..`, so a catalog cannot
+/// make the indexer read files outside its folder.
+fn resolve_image(root: &Path, reference: &str) -> std::result::Result<PathBuf, String> {
+    let rel = Path::new(reference);
+    if reference.is_empty() {
+        return Err("empty image path".into());
+    }
+    if rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(format!("image path {reference:?} must be relative to the catalog and must not contain '..'"));
+    }
+    Ok(root.join(rel))
+}
+
+/// Builds an entry from string fields (CSV columns or JSON keys).
+fn entry_from_fields(mut fields: BTreeMap<String, String>, root: &Path, labels: &LabelMap, origin: String) -> std::result::Result<CatalogEntry, RowError> {
+    let fail = |sku: Option<String>, reason: String| RowError { origin: origin.clone(), sku, reason };
+    let sku = fields.remove("sku").map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).ok_or_else(|| fail(None, "missing sku".into()))?;
+    if sku.len() > 256 || sku.chars().any(char::is_control) {
+        return Err(fail(Some(sku), "sku longer than 256 bytes or with control characters".into()));
+    }
+    let image = fields.remove("image").unwrap_or_default();
+    let image_path = resolve_image(root, image.trim()).map_err(|r| fail(Some(sku.clone()), r))?;
+    let price = match fields.remove("price").filter(|p| !p.trim().is_empty()) {
+        None => None,
+        Some(p) => Some(p.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| fail(Some(sku.clone()), format!("price {p:?} is not a non-negative number")))?),
+    };
+    let label = fields.remove("label").filter(|l| !l.trim().is_empty());
+    let category = fields.remove("category").filter(|c| !c.trim().is_empty()).or_else(|| label.as_deref().map(|l| labels.category(l)));
+    let metadata = ItemMetadata {
+        sku,
+        title: fields.remove("title").filter(|t| !t.is_empty()),
+        label,
+        category,
+        image: image.trim().to_string(),
+        price,
+        currency: fields.remove("currency").filter(|c| !c.is_empty()),
+        url: fields.remove("url").filter(|u| !u.is_empty()),
+        attributes: fields,
+    };
+    Ok(CatalogEntry { metadata, image_path, boxes: Vec::new(), origin })
+}
+
+/// Reads a catalog: its entries, and the rows that could not be read.
+pub fn read_catalog(source: &CatalogSource, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
+    match source {
+        CatalogSource::Csv(path) => read_csv(path, labels),
+        CatalogSource::Jsonl(path) => read_jsonl(path, labels),
+        CatalogSource::Df2Folder(path) => read_df2(path, labels),
+    }
+}
+
+fn root_of(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn read_csv(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).map_err(|e| Error::MalformedDataset { file: path.to_path_buf(), field: "(document)".into(), reason: e.to_string() })?;
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| Error::MalformedDataset { file: path.to_path_buf(), field: "(header)".into(), reason: e.to_string() })?
+        .iter()
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    for required in ["sku", "image"] {
+        if !headers.iter().any(|h| h == required) {
+            return Err(Error::MalformedDataset { file: path.to_path_buf(), field: required.into(), reason: "column missing from the header".into() });
+        }
+    }
+    let root = root_of(path);
+    let (mut entries, mut errors) = (Vec::new(), Vec::new());
+    for record in reader.records() {
+        let (line, result) = match record {
+            Ok(r) => {
+                let line = r.position().map_or(0, |p| p.line());
+                if r.len() != headers.len() {
+                    errors.push(RowError { origin: format!("{}:{line}", path.display()), sku: r.get(0).map(str::to_string), reason: format!("{} fields, the header has {}", r.len(), headers.len()) });
+                    continue;
+                }
+                let fields: BTreeMap<String, String> = headers.iter().cloned().zip(r.iter().map(str::to_string)).collect();
+                (line, entry_from_fields(fields, &root, labels, format!("{}:{line}", path.display())))
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                (line, Err(RowError { origin: format!("{}:{line}", path.display()), sku: None, reason: e.to_string() }))
+            }
+        };
+        let _ = line;
+        match result {
+            Ok(entry) => entries.push(entry),
+            Err(e) => errors.push(e),
+        }
+    }
+    Ok((entries, errors))
+}
+
+fn read_jsonl(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let root = root_of(path);
+    let (mut entries, mut errors) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let origin = format!("{}:{}", path.display(), i + 1);
+        let fields = match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(obj)) => obj
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let v = match v {
+                        Value::String(s) => s,
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        _ => return None,
+                    };
+                    Some((k.to_lowercase(), v))
+                })
+                .collect(),
+            Ok(_) => {
+                errors.push(RowError { origin, sku: None, reason: "not a JSON object".into() });
+                continue;
+            }
+            Err(e) => {
+                errors.push(RowError { origin, sku: None, reason: format!("not valid JSON: {e}") });
+                continue;
+            }
+        };
+        match entry_from_fields(fields, &root, labels, origin) {
+            Ok(entry) => entries.push(entry),
+            Err(e) => errors.push(e),
+        }
+    }
+    Ok((entries, errors))
+}
+
+fn read_df2(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
+    let folder = Df2Folder::open(path)?;
+    let (mut entries, mut errors) = (Vec::new(), Vec::new());
+    for image in folder.images() {
+        let sku = image.image.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let origin = image.annotation.display().to_string();
+        match Df2Annotation::read(&image.annotation) {
+            Ok(anno) => {
+                let boxes: Vec<(BBox, String)> = anno
+                    .items
+                    .iter()
+                    .map(|i| (i.bbox, if i.category_name.is_empty() { i.category_id.to_string() } else { labels.category(&i.category_name) }))
+                    .collect();
+                let first_category = boxes.first().map(|(_, c)| c.clone());
+                let image_ref = image.image.strip_prefix(path).unwrap_or(&image.image).to_string_lossy().into_owned();
+                let metadata = ItemMetadata {
+                    sku,
+                    label: first_category.clone(),
+                    category: first_category,
+                    image: image_ref,
+                    attributes: BTreeMap::from([("pair_id".to_string(), anno.pair_id.to_string())]),
+                    ..Default::default()
+                };
+                entries.push(CatalogEntry { metadata, image_path: image.image.clone(), boxes, origin });
+            }
+            Err(e) => errors.push(RowError { origin, sku: Some(sku), reason: e.to_string() }),
+        }
+    }
+    Ok((entries, errors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_rows_become_entries_and_bad_rows_report_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("catalog.csv");
+        std::fs::write(
+            &csv,
+            "sku,image,label,price,colour\n\
+             a,images/a.jpg,T-Shirt,9.5,red\n\
+             ,images/b.jpg,Pants,,\n\
+             c,../../etc/passwd,Pants,,\n\
+             d,/etc/passwd,Pants,,\n\
+             e,images/e.jpg,Shoes,cheap,\n\
+             f,images/f.jpg\n\
+             g,\"images/g, quoted.jpg\",Outwear,,blue\n",
+        )
+        .unwrap();
+        let (entries, errors) = read_catalog(&CatalogSource::from_path(&csv).unwrap(), &LabelMap::default()).unwrap();
+        let skus: Vec<&str> = entries.iter().map(|e| e.metadata.sku.as_str()).collect();
+        assert_eq!(skus, ["a", "g"]);
+        assert_eq!(entries[0].metadata.category.as_deref(), Some("top"));
+        assert_eq!(entries[0].metadata.price, Some(9.5));
+        assert_eq!(entries[0].metadata.attributes["colour"], "red");
+        assert_eq!(entries[0].image_path, dir.path().join("images/a.jpg"));
+        assert_eq!(entries[1].metadata.category.as_deref(), Some("outer"));
+        let lines: Vec<&str> = errors.iter().map(|e| e.origin.rsplit(':').next().unwrap()).collect();
+        assert_eq!(lines, ["3", "4", "5", "6", "7"], "{errors:?}");
+        assert!(errors[1].reason.contains("..") && errors[2].reason.contains("relative"));
+    }
+
+    #[test]
+    fn jsonl_lines_become_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("items.jsonl");
+        std::fs::write(&path, "{\"sku\":\"x\",\"image\":\"x.jpg\",\"title\":\"Red tee\",\"price\":12,\"brand\":\"B\"}\n\nnot json\n[1]\n").unwrap();
+        let (entries, errors) = read_catalog(&CatalogSource::from_path(&path).unwrap(), &LabelMap::default()).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].metadata.title.as_deref(), Some("Red tee"));
+        assert_eq!(entries[0].metadata.attributes["brand"], "B");
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].origin.ends_with(":3"));
+    }
+}

@@ -1,0 +1,309 @@
+//! Building an index generation from catalogs: the pipeline behind `indexer build`.
+//!
+//! read catalogs → for each item, compare with the published generation (image content
+//! hash, models, metadata) → carry what is unchanged, re-embed what changed (decode with
+//! limits → garments → crop/letterbox → embed in batches) → build and dump the ANN graph of
+//! the new generation → publish it in one transaction → prune old generations.
+//!
+//! Crash safety: everything is written into a `Building` generation that readers never see;
+//! a rerun after a kill resumes it (items already written are kept when unchanged), and the
+//! published generation only moves in the final transaction.
+//!
+//! Garments: until the garment detector exists, an item is one whole-image garment with its
+//! catalog category (what the design prescribes for items without a confident detection);
+//! `BoxMode::GroundTruth` uses the annotated boxes of DeepFashion2 folders instead.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::ann::{AnnParams, GarmentIndex, GarmentVectors, LoadOutcome, graph};
+use crate::catalog::{CatalogEntry, CatalogSource, LabelMap, read_catalog};
+use crate::geometry::BBox;
+use crate::models::embedder::{EMBED_BATCH, GarmentEmbedder};
+use crate::progress::{Progress, ProgressFn};
+use crate::store::{CatalogStore, ContentHash, GenerationSpec, ItemRecord, NewGarment};
+use crate::vision::{DecodeLimits, decode_image};
+use crate::Result;
+
+/// Largest image file read, in bytes.
+const MAX_IMAGE_BYTES: u64 = 50 << 20;
+/// Items decoded and embedded together.
+const CHUNK: usize = 32;
+
+/// Where garment boxes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BoxMode {
+    /// The detector's boxes; today one whole-image garment per item (no detector yet).
+    Detected,
+    /// The annotated boxes of DeepFashion2 folders (CSV/JSONL items stay whole-image).
+    Gt,
+}
+
+/// How to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub boxes: BoxMode,
+    /// Generations kept by the prune after publishing.
+    pub retain: usize,
+    pub ann: AnnParams,
+    pub limits: DecodeLimits,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self { boxes: BoxMode::Detected, retain: crate::store::DEFAULT_RETAIN, ann: AnnParams::default(), limits: DecodeLimits::default() }
+    }
+}
+
+/// An item (or row) that could not be indexed as asked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BuildFailure {
+    pub sku: Option<String>,
+    /// `file:line` of the row.
+    pub origin: String,
+    pub reason: String,
+}
+
+/// What a build did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    pub generation: u64,
+    /// The build continued one that was interrupted.
+    pub resumed: bool,
+    pub added: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub removed: u64,
+    pub items: u64,
+    pub garments: u64,
+    pub failures: Vec<BuildFailure>,
+    /// Items embedded in this run and the rate of that stage.
+    pub embedded_items: u64,
+    pub embed_items_per_second: f64,
+    pub seconds: f64,
+    /// How the ANN graph was obtained.
+    pub ann: String,
+    pub pruned_generations: Vec<u64>,
+}
+
+/// One item to (re-)embed.
+struct Pending {
+    entry: CatalogEntry,
+    bytes: Vec<u8>,
+    hash: ContentHash,
+    is_new: bool,
+}
+
+fn spec_for(embedder: &GarmentEmbedder, boxes: BoxMode) -> GenerationSpec {
+    let detector = match boxes {
+        BoxMode::Detected => "none: whole-image garments",
+        BoxMode::Gt => "ground-truth boxes",
+    };
+    GenerationSpec {
+        dim: embedder.dim() as u32,
+        models: BTreeMap::from([("embedder".to_string(), embedder.version().to_string()), ("detector".to_string(), detector.to_string())]),
+    }
+}
+
+/// The garments of an item whose image needs no new embedding: its previous revision's.
+fn copied_garments(store: &CatalogStore, item: &ItemRecord) -> Result<Vec<NewGarment>> {
+    item.garments
+        .iter()
+        .map(|id| {
+            let g = store.garment(*id)?;
+            Ok(NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding: g.embedding })
+        })
+        .collect()
+}
+
+/// Builds and publishes a generation of `sources` in `store`.
+pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels: &LabelMap, embedder: &GarmentEmbedder, opts: &BuildOptions, progress: ProgressFn) -> Result<BuildReport> {
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    let mut entries: Vec<CatalogEntry> = Vec::new();
+    let mut first_origin: HashMap<String, String> = HashMap::new();
+    for source in sources {
+        let (read, errors) = read_catalog(source, labels)?;
+        failures.extend(errors.into_iter().map(|e| BuildFailure { sku: e.sku, origin: e.origin, reason: e.reason }));
+        for entry in read {
+            if let Some(first) = first_origin.get(&entry.metadata.sku) {
+                failures.push(BuildFailure { sku: Some(entry.metadata.sku.clone()), origin: entry.origin.clone(), reason: format!("duplicate sku, first given at {first}") });
+                continue;
+            }
+            first_origin.insert(entry.metadata.sku.clone(), entry.origin.clone());
+            entries.push(entry);
+        }
+    }
+    let spec = spec_for(embedder, opts.boxes);
+    let builder = store.begin_generation(spec.clone())?;
+    let previous = store.published_id()?;
+    progress(Progress::Message(format!(
+        "generation {}{}: {} catalog items, previous generation {}",
+        builder.id(),
+        if builder.resumed() { " (resuming an interrupted build)" } else { "" },
+        entries.len(),
+        previous.map_or("none".to_string(), |p| p.to_string())
+    )));
+
+    let (mut added, mut updated, mut unchanged) = (0u64, 0u64, 0u64);
+    let mut pending: Vec<Pending> = Vec::new();
+    progress(Progress::Stage { name: "comparing".into(), total: entries.len() as u64 });
+    for entry in entries.iter() {
+        progress(Progress::Advance(1));
+        let sku = entry.metadata.sku.clone();
+        let fail = |reason: String| BuildFailure { sku: Some(sku.clone()), origin: entry.origin.clone(), reason };
+        let old = match previous {
+            Some(p) => store.item_in_generation(p, &sku)?,
+            None => None,
+        };
+        let bytes = match std::fs::metadata(&entry.image_path) {
+            Ok(m) if m.len() > MAX_IMAGE_BYTES => Err(format!("image file of {} bytes is over the {MAX_IMAGE_BYTES}-byte limit", m.len())),
+            Ok(_) => std::fs::read(&entry.image_path).map_err(|e| format!("cannot read {}: {e}", entry.image_path.display())),
+            Err(e) => Err(format!("cannot read {}: {e}", entry.image_path.display())),
+        };
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(reason) => {
+                // Keep serving the last good version rather than drop the item on a
+                // transient file problem.
+                if let Some((rev, _)) = &old {
+                    builder.carry_item(&sku, *rev)?;
+                    unchanged += 1;
+                    failures.push(fail(format!("{reason}; kept the previously indexed version")));
+                } else {
+                    builder.remove_item(&sku)?;
+                    failures.push(fail(reason));
+                }
+                continue;
+            }
+        };
+        let hash = ContentHash::of_bytes(&bytes);
+        let same_as = |item: &ItemRecord| item.content_hash == hash && item.models == spec.models;
+        if let Some((_, done)) = builder.member(&sku)? {
+            if same_as(&done) && done.metadata == entry.metadata {
+                // Written by the interrupted run this build resumes.
+                if old.as_ref().is_some_and(|(_, o)| same_as(o) && o.metadata == entry.metadata) { unchanged += 1 } else if old.is_some() { updated += 1 } else { added += 1 }
+                continue;
+            }
+        }
+        match &old {
+            Some((rev, item)) if same_as(item) && item.metadata == entry.metadata => {
+                builder.carry_item(&sku, *rev)?;
+                unchanged += 1;
+            }
+            Some((_, item)) if same_as(item) => {
+                // Only the metadata changed: a new revision with the same embeddings.
+                builder.put_item(entry.metadata.clone(), hash, copied_garments(store, item)?)?;
+                updated += 1;
+            }
+            _ => pending.push(Pending { entry: entry.clone(), bytes, hash, is_new: old.is_none() }),
+        }
+    }
+
+    // Items of an interrupted run that the catalog no longer has.
+    let wanted: HashSet<&str> = entries.iter().map(|e| e.metadata.sku.as_str()).collect();
+    for (sku, _) in builder.members()? {
+        if !wanted.contains(sku.as_str()) {
+            builder.remove_item(&sku)?;
+        }
+    }
+
+    let embed_started = Instant::now();
+    let embedded_items = pending.len() as u64;
+    progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
+    for chunk in pending.chunks(CHUNK) {
+        let prepared: Vec<std::result::Result<(Vec<(Option<BBox>, String)>, Vec<Tensor>), String>> = chunk
+            .par_iter()
+            .map(|p| {
+                let image = decode_image(&p.bytes, opts.limits).map_err(|e| e.to_string())?;
+                let category = p.entry.metadata.category.clone().unwrap_or_else(|| "unknown".to_string());
+                let garments: Vec<(Option<BBox>, String)> = match opts.boxes {
+                    BoxMode::Gt if !p.entry.boxes.is_empty() => p.entry.boxes.iter().map(|(b, c)| (Some(*b), c.clone())).collect(),
+                    _ => vec![(None, category)],
+                };
+                let inputs = garments
+                    .iter()
+                    .map(|(b, _)| embedder.config().preprocess.crop_to_tensor(&image, *b, &Device::Cpu))
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| e.to_string())?;
+                Ok((garments, inputs))
+            })
+            .collect();
+        let all_inputs: Vec<Tensor> = prepared.iter().filter_map(|r| r.as_ref().ok()).flat_map(|(_, inputs)| inputs.iter().cloned()).collect();
+        let mut embeddings = Vec::with_capacity(all_inputs.len());
+        for batch in all_inputs.chunks(EMBED_BATCH) {
+            embeddings.extend(embedder.embed_batch(&Tensor::stack(batch, 0)?)?);
+        }
+        let mut next = embeddings.into_iter();
+        for (p, prepared) in chunk.iter().zip(prepared) {
+            let sku = &p.entry.metadata.sku;
+            match prepared {
+                Ok((garments, _)) => {
+                    let new: Vec<NewGarment> = garments
+                        .into_iter()
+                        .map(|(bbox, category)| {
+                            let embedding = next.next().expect("one embedding per crop");
+                            let bbox = bbox.unwrap_or(BBox::new(0.0, 0.0, 0.0, 0.0));
+                            NewGarment { bbox, category, score: 1.0, embedding }
+                        })
+                        .collect();
+                    builder.put_item(p.entry.metadata.clone(), p.hash, new)?;
+                    if p.is_new { added += 1 } else { updated += 1 }
+                }
+                Err(reason) => {
+                    builder.remove_item(sku)?;
+                    failures.push(BuildFailure { sku: Some(sku.clone()), origin: p.entry.origin.clone(), reason });
+                }
+            }
+            progress(Progress::Advance(1));
+        }
+    }
+    let embed_seconds = embed_started.elapsed().as_secs_f64();
+    for f in &failures {
+        progress(Progress::Message(format!("skipped {} ({}): {}", f.sku.as_deref().unwrap_or("?"), f.origin, f.reason)));
+    }
+
+    // The graph of the new generation is dumped before it is published, so a searcher
+    // switching to it finds its graph ready.
+    let id = builder.id();
+    progress(Progress::Stage { name: "ANN graph".into(), total: 1 });
+    let vectors = GarmentVectors::from_generation(&store.generation_garments(id)?)?;
+    let (_, outcome) = GarmentIndex::open(store.ann_dir().as_deref(), id, vectors, opts.ann.clone())?;
+    progress(Progress::Advance(1));
+    let resumed = builder.resumed();
+    let manifest = builder.publish()?;
+    let removed = match previous {
+        Some(p) => store.generation_members(p)?.iter().filter(|(sku, _)| !wanted.contains(sku.as_str())).count() as u64,
+        None => 0,
+    };
+    let pruned = store.prune(opts.retain)?;
+    if let Some(dir) = store.ann_dir() {
+        let kept: Vec<u64> = store.generations()?.iter().map(|g| g.id).collect();
+        graph::remove_dumps_except(&dir, &kept)?;
+    }
+    Ok(BuildReport {
+        generation: manifest.id,
+        resumed,
+        added,
+        updated,
+        unchanged,
+        removed,
+        items: manifest.items,
+        garments: manifest.garments,
+        failures,
+        embedded_items,
+        embed_items_per_second: if embed_seconds > 0.0 { embedded_items as f64 / embed_seconds } else { 0.0 },
+        seconds: started.elapsed().as_secs_f64(),
+        ann: match outcome {
+            LoadOutcome::ExactOnly => "exact search (small index, no graph)".into(),
+            LoadOutcome::Loaded => "graph dump reused".into(),
+            LoadOutcome::Built { .. } => "graph built and dumped".into(),
+        },
+        pruned_generations: pruned.generations,
+    })
+}

@@ -1,0 +1,49 @@
+//! The shipped embedder (models/embedder-lite0.safetensors + its backbone) embeds garments
+//! of a real photo on a fresh clone.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use image::{Rgb, RgbImage};
+use shoplens::geometry::BBox;
+use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::vision::{DecodeLimits, decode_image};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn shipped_embedder_embeds_a_real_photo_consistently() {
+    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(embedder.dim(), 256);
+    assert!(embedder.version().starts_with("embedder-lite0-gem-"));
+    let photo = decode_image(&std::fs::read(repo().join("shared/tests/fixtures/lite0/catalog-t-shirt-00003aeb.jpg")).unwrap(), DecodeLimits::default()).unwrap();
+    let (w, h) = (photo.width() as f32, photo.height() as f32);
+    let boxes = [None, Some(BBox::new(0.05 * w, 0.05 * h, 0.95 * w, 0.95 * h)), Some(BBox::new(0.0, 0.0, 0.3 * w, 0.2 * h))];
+    let e = embedder.embed_crops(&photo, &boxes).unwrap();
+    for v in &e {
+        assert_eq!(v.len(), 256);
+        assert!((dot(v, v) - 1.0).abs() < 1e-4, "unit length");
+    }
+    // The same garment, slightly recropped, stays closer than a corner of the background or
+    // a flat grey picture.
+    let grey = embedder.embed_crops(&RgbImage::from_pixel(300, 300, Rgb([128, 128, 128])), &[None]).unwrap();
+    assert!(dot(&e[0], &e[1]) > dot(&e[0], &e[2]), "{} vs {}", dot(&e[0], &e[1]), dot(&e[0], &e[2]));
+    assert!(dot(&e[0], &e[1]) > dot(&e[0], &grey[0]));
+    assert!(dot(&e[0], &e[1]) > 0.8, "{}", dot(&e[0], &e[1]));
+}
+
+#[test]
+fn batching_does_not_change_embeddings() {
+    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    let photo = decode_image(&std::fs::read(repo().join("shared/tests/fixtures/lite0/catalog-t-shirt-00003aeb.jpg")).unwrap(), DecodeLimits::default()).unwrap();
+    let boxes: Vec<Option<BBox>> = (0..9).map(|i| Some(BBox::new(i as f32 * 10.0, 0.0, 200.0 + i as f32 * 10.0, 300.0))).collect();
+    let together = embedder.embed_crops(&photo, &boxes).unwrap();
+    let alone = embedder.embed_crops(&photo, &boxes[8..]).unwrap();
+    assert!(dot(&together[8], &alone[0]) > 0.99999);
+}

@@ -1,0 +1,158 @@
+//! `build_generation`: a catalog becomes a published generation; reruns are incremental;
+//! bad rows are skipped with reasons; an interrupted build resumes to the same result.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use image::{Rgb, RgbImage};
+use shoplens::catalog::{CatalogSource, LabelMap};
+use shoplens::datasets::synth::{self, SynthConfig};
+use shoplens::indexing::{BoxMode, BuildOptions, BuildReport, build_generation};
+use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::store::{CatalogStore, ContentHash, GenerationState};
+
+fn embedder() -> GarmentEmbedder {
+    GarmentEmbedder::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/embedder-lite0.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn write_image(path: &Path, seed: u32) {
+    let img = RgbImage::from_fn(64, 80, |x, y| Rgb([(x * 3 + seed * 40) as u8, (y * 2 + seed * 90) as u8, ((x + y) * seed) as u8]));
+    img.save(path).unwrap();
+}
+
+/// A CSV catalog of `n` generated images.
+fn catalog(dir: &Path, n: u32) -> PathBuf {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let mut csv = String::from("sku,image,label,title,price\n");
+    for i in 0..n {
+        write_image(&dir.join(format!("images/{i}.jpg")), i);
+        csv.push_str(&format!("sku{i},images/{i}.jpg,{},Item {i},{}.5\n", if i % 2 == 0 { "T-Shirt" } else { "Pants" }, i));
+    }
+    let path = dir.join("catalog.csv");
+    std::fs::write(&path, csv).unwrap();
+    path
+}
+
+fn build(store: &CatalogStore, sources: &[CatalogSource], embedder: &GarmentEmbedder, boxes: BoxMode) -> BuildReport {
+    let opts = BuildOptions { boxes, ..BuildOptions::default() };
+    build_generation(store, sources, &LabelMap::default(), embedder, &opts, &mut |_| {}).unwrap()
+}
+
+/// What a published generation holds, independent of ids: sku → (hash, title, embeddings).
+fn contents(store: &CatalogStore) -> BTreeMap<String, (ContentHash, Option<String>, Vec<Vec<f32>>)> {
+    let generation = store.published_id().unwrap().unwrap();
+    store
+        .generation_members(generation)
+        .unwrap()
+        .into_iter()
+        .map(|(sku, rev)| {
+            let item = store.item(rev).unwrap();
+            let embeddings = item.garments.iter().map(|g| store.garment(*g).unwrap().embedding).collect();
+            (sku, (item.content_hash, item.metadata.title.clone(), embeddings))
+        })
+        .collect()
+}
+
+#[test]
+fn a_catalog_is_indexed_then_rebuilt_incrementally() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = catalog(&dir.path().join("shop"), 6);
+    let store = CatalogStore::open(dir.path().join("db")).unwrap();
+    let embedder = embedder();
+    let sources = [CatalogSource::from_path(&csv).unwrap()];
+
+    let first = build(&store, &sources, &embedder, BoxMode::Detected);
+    assert_eq!((first.added, first.items, first.garments, first.embedded_items), (6, 6, 6, 6));
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+    let (_, item) = store.published_item("sku1").unwrap();
+    assert_eq!(item.metadata.category.as_deref(), Some("pants"));
+    assert_eq!(store.garment(item.garments[0]).unwrap().category, "pants");
+
+    // Nothing changed: nothing is embedded again.
+    let again = build(&store, &sources, &embedder, BoxMode::Detected);
+    assert_eq!((again.unchanged, again.embedded_items, again.added, again.updated, again.removed), (6, 0, 0, 0, 0));
+    assert_eq!(again.generation, first.generation + 1);
+
+    // One image changed, one title changed, one row deleted, one row added.
+    write_image(&dir.path().join("shop/images/2.jpg"), 99);
+    write_image(&dir.path().join("shop/images/new.jpg"), 7);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let text = text.replace("Item 3,", "Item three,").replace("sku5,images/5.jpg,Pants,Item 5,5.5\n", "") + "skuN,images/new.jpg,Dress,New,1\n";
+    std::fs::write(&csv, text).unwrap();
+    let before = contents(&store);
+    let third = build(&store, &sources, &embedder, BoxMode::Detected);
+    assert_eq!((third.added, third.updated, third.unchanged, third.removed), (1, 2, 3, 1));
+    assert_eq!(third.embedded_items, 2, "the new item and the changed image; a title change reuses the embeddings");
+    let after = contents(&store);
+    assert!(!after.contains_key("sku5"));
+    assert_eq!(after["sku3"].1.as_deref(), Some("Item three"));
+    assert_eq!(after["sku3"].2, before["sku3"].2);
+    assert_ne!(after["sku2"].0, before["sku2"].0);
+    assert_eq!(after["sku0"], before["sku0"]);
+    // Retention (3) pruned the oldest generation.
+    assert_eq!(store.generations().unwrap().len(), 3);
+}
+
+#[test]
+fn bad_rows_and_files_are_skipped_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("shop");
+    let csv = catalog(&root, 2);
+    std::fs::write(root.join("images/corrupt.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    std::fs::write(root.join("images/empty.jpg"), b"").unwrap();
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    text.push_str("bad1,images/corrupt.jpg,Pants,,\nbad2,images/missing.jpg,Pants,,\nbad3,../secret.jpg,Pants,,\nbad4,images/empty.jpg,Pants,,\nsku0,images/1.jpg,Pants,dup,\nbad5,images/0.jpg,Pants,,not-a-price\n");
+    std::fs::write(&csv, text).unwrap();
+    let store = CatalogStore::open(dir.path().join("db")).unwrap();
+    let report = build(&store, &[CatalogSource::from_path(&csv).unwrap()], &embedder(), BoxMode::Detected);
+    assert_eq!(report.items, 2);
+    let mut skus: Vec<String> = report.failures.iter().map(|f| f.sku.clone().unwrap_or_default()).collect();
+    skus.sort();
+    assert_eq!(skus, ["bad1", "bad2", "bad3", "bad4", "bad5", "sku0"], "{:?}", report.failures);
+    assert!(report.failures.iter().any(|f| f.reason.contains("duplicate sku")));
+    assert!(report.failures.iter().all(|f| f.origin.contains("catalog.csv")));
+}
+
+#[test]
+fn an_interrupted_build_resumes_to_the_same_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = catalog(&dir.path().join("shop"), 5);
+    let sources = [CatalogSource::from_path(&csv).unwrap()];
+    let embedder = embedder();
+
+    let clean = CatalogStore::open(dir.path().join("clean")).unwrap();
+    build(&clean, &sources, &embedder, BoxMode::Detected);
+
+    // A build that dies after writing two items: its generation stays Building, unseen.
+    let crashed = CatalogStore::open(dir.path().join("crashed")).unwrap();
+    let first = build(&crashed, &sources, &embedder, BoxMode::Detected);
+    let spec = crashed.published().unwrap().unwrap().spec;
+    let partial = crashed.begin_generation(spec).unwrap();
+    let (rev, _) = crashed.item_in_generation(first.generation, "sku0").unwrap().unwrap();
+    partial.carry_item("sku0", rev).unwrap();
+    partial.remove_item("sku1").unwrap();
+    drop(partial);
+    assert_eq!(crashed.published_id().unwrap(), Some(first.generation));
+    assert!(crashed.generations().unwrap().iter().any(|g| g.state == GenerationState::Building));
+
+    let resumed = build(&crashed, &sources, &embedder, BoxMode::Detected);
+    assert!(resumed.resumed);
+    assert_eq!(resumed.embedded_items, 0);
+    assert_eq!(contents(&crashed), contents(&clean));
+}
+
+#[test]
+fn deepfashion2_shop_folders_index_their_annotated_boxes() {
+    let dir = tempfile::tempdir().unwrap();
+    synth::generate(dir.path(), &SynthConfig { images: 3, seed: 5, ..SynthConfig::default() }).unwrap();
+    let store = CatalogStore::open(dir.path().join("db")).unwrap();
+    let source = CatalogSource::from_path(&dir.path().join("shop")).unwrap();
+    let report = build(&store, &[source], &embedder(), BoxMode::Gt);
+    let shop_images = std::fs::read_dir(dir.path().join("shop/image")).unwrap().count() as u64;
+    assert_eq!((report.items, report.garments), (shop_images, shop_images));
+    let (_, item) = store.published_item("000001").unwrap();
+    let garment = store.garment(item.garments[0]).unwrap();
+    assert!(garment.bbox.is_valid(), "the annotated box, not the whole image");
+    assert_eq!(item.metadata.attributes["pair_id"], "1");
+}

@@ -42,6 +42,9 @@ enum Command {
     /// Verify (and rebuild when needed) the ANN graph of the published generation.
     #[command(subcommand)]
     Ann(commands::ann::AnnCommand),
+    /// Measure retrieval accuracy (DeepFashion2 protocol).
+    #[command(subcommand)]
+    Eval(commands::eval::EvalCommand),
     /// Import pretrained weights.
     #[command(subcommand)]
     Weights(commands::weights::WeightsCommand),
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Dataset(cmd) => commands::dataset::run(cmd),
         Command::Ann(cmd) => commands::ann::run(cmd),
         Command::Train(cmd) => commands::train::run(cmd),
+        Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Weights(cmd) => commands::weights::run(cmd),
         Command::Prune { db, retain } => commands::status::prune(&db, retain),
     };

@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod datasets;
 pub mod device;
 pub mod error;
+pub mod evaluation;
 pub mod geometry;
 pub mod indexing;
 pub mod models;

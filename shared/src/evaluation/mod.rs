@@ -1,0 +1,3 @@
+//! Measuring Shoplens the way DeepFashion2 does, so our numbers compare with the paper's.
+
+pub mod retrieval;

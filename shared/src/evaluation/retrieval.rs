@@ -1,0 +1,262 @@
+//! Consumer-to-shop retrieval accuracy by the DeepFashion2 protocol (arXiv 1901.07973, §5.3),
+//! run against a built index exactly as a shopper's query would be.
+//!
+//! 1. In each consumer image, every detected garment is assigned to the ground-truth item it
+//!    overlaps most (arg-max IoU, no minimum). Style-0 items absorb detections but are never
+//!    scored.
+//! 2. For each ground-truth query item (an entry of `query_gt.json`), the candidates are the
+//!    detections assigned to it whose class equals its class; the highest-scoring one is its
+//!    query. None → a miss.
+//! 3. A retrieved shop garment at rank t is a hit when its shop image is one of the item's
+//!    ground-truth gallery images (same `pair_id` and `style`) and its box overlaps that
+//!    image's ground-truth box with IoU ≥ 0.5.
+//! 4. top-k accuracy = items with a hit within the first k / all query items.
+//!
+//! With `--boxes gt` the detections are the ground-truth items themselves (score 1), which
+//! measures retrieval alone. Shop garments map to gallery images through their sku: a
+//! DeepFashion2 shop folder indexes each image under its file stem (`000123` → 123); other
+//! skus (catalog distractors) can never be hits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::ann::GarmentIndex;
+use crate::datasets::{Df2Annotation, Df2Folder, GalleryGt, QueryGt};
+use crate::geometry::BBox;
+use crate::models::embedder::GarmentEmbedder;
+use crate::progress::{Progress, ProgressFn};
+use crate::store::CatalogStore;
+use crate::vision::{DecodeLimits, decode_image};
+use crate::{Error, Result};
+
+/// The ranks DeepFashion2 reports.
+pub const TOP_K: [usize; 5] = [1, 5, 10, 15, 20];
+
+/// A detection in a consumer image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    pub bbox: BBox,
+    pub category_id: u32,
+    pub score: f32,
+}
+
+/// Accuracy of one group of queries.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GroupAccuracy {
+    pub queries: usize,
+    /// Queries with no detection of their class assigned to them.
+    pub misses: usize,
+    pub top_k: BTreeMap<String, f64>,
+}
+
+/// The report of `indexer eval retrieval`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrievalReport {
+    pub protocol: &'static str,
+    pub boxes: &'static str,
+    pub queries: usize,
+    pub top_k: BTreeMap<String, f64>,
+    pub misses: usize,
+    /// By ground-truth category name.
+    pub per_category: BTreeMap<String, GroupAccuracy>,
+    /// By DeepFashion2 scale (1 small, 2 moderate, 3 large).
+    pub per_scale: BTreeMap<String, GroupAccuracy>,
+    pub gallery_garments: usize,
+    pub generation: u64,
+    pub embedder: String,
+    pub seconds: f64,
+}
+
+/// One row of the DeepFashion2 submission file.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmissionEntry {
+    pub query_image_id: u64,
+    pub query_bbox: [f32; 4],
+    pub query_cls: u32,
+    pub query_score: f32,
+    pub gallery_image_id: Vec<u64>,
+    pub gallery_bbox: Vec<[f32; 4]>,
+}
+
+/// Step 1 and 2: the query detection of each ground-truth item of one image, by item index.
+pub fn assign_queries(items: &[(BBox, u32, u32)], detections: &[Detection]) -> Vec<Option<usize>> {
+    // items: (box, category_id, style)
+    let mut best: Vec<Option<usize>> = vec![None; items.len()];
+    for (d, det) in detections.iter().enumerate() {
+        let Some((owner, _)) = items
+            .iter()
+            .enumerate()
+            .map(|(i, (b, _, _))| (i, det.bbox.iou(b)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+        else {
+            continue;
+        };
+        let (_, class, style) = items[owner];
+        if style == 0 || det.category_id != class {
+            continue;
+        }
+        if best[owner].is_none_or(|cur| det.score > detections[cur].score) {
+            best[owner] = Some(d);
+        }
+    }
+    best
+}
+
+struct Scored {
+    category: String,
+    scale: u8,
+    first_hit: Option<usize>,
+    detected: bool,
+}
+
+fn group(rows: &[&Scored]) -> GroupAccuracy {
+    let n = rows.len();
+    GroupAccuracy {
+        queries: n,
+        misses: rows.iter().filter(|r| !r.detected).count(),
+        top_k: TOP_K
+            .iter()
+            .map(|k| (k.to_string(), if n == 0 { 0.0 } else { rows.iter().filter(|r| r.first_hit.is_some_and(|h| h < *k)).count() as f64 / n as f64 }))
+            .collect(),
+    }
+}
+
+/// What the evaluation reads.
+pub struct RetrievalInputs<'a> {
+    pub store: &'a CatalogStore,
+    pub index: &'a GarmentIndex,
+    pub embedder: &'a GarmentEmbedder,
+    pub queries: &'a Df2Folder,
+    pub query_gt: &'a [QueryGt],
+    pub gallery_gt: &'a [GalleryGt],
+}
+
+/// Runs the protocol with ground-truth boxes as detections.
+pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn) -> Result<(RetrievalReport, Vec<SubmissionEntry>)> {
+    let started = Instant::now();
+    let mut gallery_of: HashMap<(u64, u32), Vec<(u64, BBox)>> = HashMap::new();
+    for g in inputs.gallery_gt {
+        gallery_of.entry((g.pair_id, g.style)).or_default().push((g.gallery_image_id, g.bbox()));
+    }
+    let mut by_image: BTreeMap<u64, Vec<&QueryGt>> = BTreeMap::new();
+    for q in inputs.query_gt {
+        by_image.entry(q.query_image_id).or_default().push(q);
+    }
+    let max_k = *TOP_K.iter().max().expect("non-empty");
+    let mut scored = Vec::new();
+    let mut submission = Vec::new();
+    progress(Progress::Stage { name: "retrieval queries".into(), total: inputs.query_gt.len() as u64 });
+    for (image_id, queries) in by_image {
+        let entry = inputs.queries.image(image_id).ok_or_else(|| Error::InvalidDatasetLayout {
+            path: inputs.queries.root().to_path_buf(),
+            reason: format!("query image {image_id} of query_gt.json has no image/annotation"),
+        })?;
+        let anno = Df2Annotation::read(&entry.annotation)?;
+        let items: Vec<(BBox, u32, u32)> = anno.items.iter().map(|i| (i.bbox, i.category_id, i.style)).collect();
+        let detections: Vec<Detection> = anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0 }).collect();
+        let assigned = assign_queries(&items, &detections);
+        let image = decode_image(&std::fs::read(&entry.image).map_err(|e| Error::io(&entry.image, e))?, DecodeLimits::default())?;
+        // Each query item → its assigned detection, if any.
+        let mut todo = Vec::new();
+        for q in &queries {
+            let item = anno.items.iter().position(|i| i.style == q.style && i.category_id == q.cls);
+            let det = item.and_then(|i| assigned[i]);
+            let category = item.map(|i| anno.items[i].category_name.clone()).unwrap_or_else(|| q.cls.to_string());
+            let scale = item.map_or(0, |i| anno.items[i].scale);
+            todo.push((q, det, category, scale));
+        }
+        let boxes: Vec<Option<BBox>> = todo.iter().filter_map(|(_, d, _, _)| d.map(|d| Some(detections[d].bbox))).collect();
+        let mut embeddings = inputs.embedder.embed_crops(&image, &boxes)?.into_iter();
+        for (q, det, category, scale) in todo {
+            progress(Progress::Advance(1));
+            let Some(det) = det else {
+                scored.push(Scored { category, scale, first_hit: None, detected: false });
+                continue;
+            };
+            let embedding = embeddings.next().expect("one embedding per detected query");
+            let hits = inputs.index.search(&embedding, max_k.min(inputs.index.len().max(1)), None)?;
+            let right = gallery_of.get(&(q.pair_id, q.style)).map(Vec::as_slice).unwrap_or(&[]);
+            let mut first_hit = None;
+            let (mut ids, mut bboxes) = (Vec::new(), Vec::new());
+            for (rank, hit) in hits.iter().enumerate() {
+                let garment = inputs.store.garment(hit.garment)?;
+                let gallery_id = garment.sku.parse::<u64>().ok();
+                ids.push(gallery_id.unwrap_or(0));
+                bboxes.push(garment.bbox.to_array());
+                let is_hit = gallery_id.is_some_and(|g| right.iter().any(|(id, b)| *id == g && garment.bbox.iou(b) >= 0.5));
+                if is_hit && first_hit.is_none() {
+                    first_hit = Some(rank);
+                }
+            }
+            submission.push(SubmissionEntry {
+                query_image_id: image_id,
+                query_bbox: detections[det].bbox.to_array(),
+                query_cls: detections[det].category_id,
+                query_score: detections[det].score,
+                gallery_image_id: ids,
+                gallery_bbox: bboxes,
+            });
+            scored.push(Scored { category, scale, first_hit, detected: true });
+        }
+    }
+    let all: Vec<&Scored> = scored.iter().collect();
+    let overall = group(&all);
+    let mut per_category: BTreeMap<String, Vec<&Scored>> = BTreeMap::new();
+    let mut per_scale: BTreeMap<String, Vec<&Scored>> = BTreeMap::new();
+    for s in &scored {
+        per_category.entry(s.category.clone()).or_default().push(s);
+        per_scale
+            .entry(match s.scale {
+                1 => "small",
+                2 => "moderate",
+                3 => "large",
+                _ => "unknown",
+            }.to_string())
+            .or_default()
+            .push(s);
+    }
+    let report = RetrievalReport {
+        protocol: "deepfashion2-retrieval",
+        boxes: "gt",
+        queries: overall.queries,
+        top_k: overall.top_k,
+        misses: overall.misses,
+        per_category: per_category.into_iter().map(|(k, v)| (k, group(&v))).collect(),
+        per_scale: per_scale.into_iter().map(|(k, v)| (k, group(&v))).collect(),
+        gallery_garments: inputs.index.len(),
+        generation: inputs.index.generation(),
+        embedder: inputs.embedder.version().to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((report, submission))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det(x1: f32, class: u32, score: f32) -> Detection {
+        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), category_id: class, score }
+    }
+
+    #[test]
+    fn detections_go_to_the_item_they_overlap_most_and_the_best_of_the_right_class_wins() {
+        // Items: A (class 1, style 1) at 0..10, B (class 2, style 0) at 20..30, C (class 3, style 2) at 40..50.
+        let items = [(BBox::new(0.0, 0.0, 10.0, 10.0), 1, 1), (BBox::new(20.0, 0.0, 30.0, 10.0), 2, 0), (BBox::new(40.0, 0.0, 50.0, 10.0), 3, 2)];
+        let dets = [
+            det(1.0, 1, 0.6),  // A, right class
+            det(2.0, 1, 0.9),  // A, right class, better
+            det(19.0, 1, 0.99), // overlaps B most: absorbed by the style-0 item, never scored
+            det(41.0, 9, 0.8), // C, wrong class
+            det(100.0, 3, 0.9), // overlaps nothing: arg-max picks an item with IoU 0; C's class but no overlap
+        ];
+        let q = assign_queries(&items, &dets);
+        assert_eq!(q[0], Some(1));
+        assert_eq!(q[1], None, "style-0 items are never scored");
+        // Detection 4 has IoU 0 with every item; arg-max without minimum ties to the first
+        // item (class 1), so it is not C's either.
+        assert_eq!(q[2], None);
+    }
+}

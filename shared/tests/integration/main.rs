@@ -5,5 +5,6 @@ mod backbone;
 mod compat;
 mod datasets;
 mod embedder;
+mod evaluation;
 mod indexing;
 mod torch_import;

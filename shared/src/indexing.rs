@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::ann::{AnnParams, GarmentIndex, GarmentVectors, LoadOutcome, graph};
 use crate::catalog::{CatalogEntry, CatalogSource, LabelMap, read_catalog};
 use crate::geometry::BBox;
-use crate::models::embedder::{EMBED_BATCH, GarmentEmbedder};
+use crate::models::embedder::GarmentEmbedder;
 use crate::progress::{Progress, ProgressFn};
 use crate::store::{CatalogStore, ContentHash, GenerationSpec, ItemRecord, NewGarment};
 use crate::vision::{DecodeLimits, decode_image};
@@ -234,10 +234,12 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
                 Ok((garments, inputs))
             })
             .collect();
-        let all_inputs: Vec<Tensor> = prepared.iter().filter_map(|r| r.as_ref().ok()).flat_map(|(_, inputs)| inputs.iter().cloned()).collect();
-        let mut embeddings = Vec::with_capacity(all_inputs.len());
-        for batch in all_inputs.chunks(EMBED_BATCH) {
-            embeddings.extend(embedder.embed_batch(&Tensor::stack(batch, 0)?)?);
+        // One forward pass per item: an embedding must not depend on which other items
+        // shared its batch (matrix kernels block differently by batch size, which moves the
+        // last bits), or a build resumed after a crash would differ from an uninterrupted one.
+        let mut embeddings = Vec::new();
+        for (_, inputs) in prepared.iter().filter_map(|r| r.as_ref().ok()) {
+            embeddings.extend(embedder.embed_batch(&Tensor::stack(inputs, 0)?)?);
         }
         let mut next = embeddings.into_iter();
         for (p, prepared) in chunk.iter().zip(prepared) {

@@ -1,6 +1,7 @@
-//! Augmentations that turn a clean shop photo into a consumer-like view: crop jitter,
-//! horizontal flip, colour jitter, blur and background swap (the white studio background
-//! replaced by a random colour and noise, as a street scene would surround the garment).
+//! Augmentations that turn a clean shop photo into a consumer-like view: background swap
+//! (the white studio background replaced by a random colour and noise, as a street scene
+//! would surround the garment), perspective (the photo seen from a little aside), crop
+//! jitter, horizontal flip, colour jitter and blur.
 
 use image::{Rgb, RgbImage, imageops};
 use rand::Rng;
@@ -9,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 /// A consumer-like view of `image`.
 pub fn consumer_view(image: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
     let mut view = background_swap(image, rng);
+    view = perspective(&view, rng);
     view = crop_jitter(&view, rng);
     if rng.random_bool(0.5) {
         view = imageops::flip_horizontal(&view);
@@ -18,6 +20,70 @@ pub fn consumer_view(image: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
         view = imageops::blur(&view, rng.random_range(0.5..1.8));
     }
     view
+}
+
+/// A random perspective warp: each corner of the image moves inwards by up to 12% of the
+/// side, and the quadrilateral they form is stretched back onto the full frame (inverse
+/// mapping through the homography, bilinear sampling, edges clamped).
+pub fn perspective(image: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
+    let (w, h) = (image.width() as f64, image.height() as f64);
+    let mut jitter = |x: f64, y: f64, sx: f64, sy: f64| (x + sx * rng.random_range(0.0..0.12) * w, y + sy * rng.random_range(0.0..0.12) * h);
+    // Where the output's corners come from in the input.
+    let src = [jitter(0.0, 0.0, 1.0, 1.0), jitter(w, 0.0, -1.0, 1.0), jitter(w, h, -1.0, -1.0), jitter(0.0, h, 1.0, -1.0)];
+    let dst = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)];
+    let Some(m) = homography(&dst, &src) else { return image.clone() };
+    RgbImage::from_fn(image.width(), image.height(), |x, y| {
+        let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
+        let d = m[6] * px + m[7] * py + 1.0;
+        let sx = (m[0] * px + m[1] * py + m[2]) / d - 0.5;
+        let sy = (m[3] * px + m[4] * py + m[5]) / d - 0.5;
+        bilinear(image, sx, sy)
+    })
+}
+
+/// The 3×3 homography (h33 = 1, row-major, 8 values) mapping each `from[i]` to `to[i]`.
+fn homography(from: &[(f64, f64); 4], to: &[(f64, f64); 4]) -> Option<[f64; 8]> {
+    let mut a = [[0f64; 9]; 8];
+    for i in 0..4 {
+        let ((x, y), (u, v)) = (from[i], to[i]);
+        a[2 * i] = [x, y, 1.0, 0.0, 0.0, 0.0, -u * x, -u * y, u];
+        a[2 * i + 1] = [0.0, 0.0, 0.0, x, y, 1.0, -v * x, -v * y, v];
+    }
+    // Gauss-Jordan elimination with partial pivoting on the 8×9 augmented matrix.
+    for col in 0..8 {
+        let pivot = (col..8).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(col, pivot);
+        for row in 0..8 {
+            if row != col {
+                let f = a[row][col] / a[col][col];
+                for k in col..9 {
+                    a[row][k] -= f * a[col][k];
+                }
+            }
+        }
+    }
+    let mut m = [0f64; 8];
+    for i in 0..8 {
+        m[i] = a[i][8] / a[i][i];
+    }
+    Some(m)
+}
+
+fn bilinear(image: &RgbImage, x: f64, y: f64) -> Rgb<u8> {
+    let (w, h) = (image.width() as i64, image.height() as i64);
+    let (x0, y0) = (x.floor(), y.floor());
+    let (fx, fy) = (x - x0, y - y0);
+    let px = |xi: i64, yi: i64| image.get_pixel(xi.clamp(0, w - 1) as u32, yi.clamp(0, h - 1) as u32).0;
+    let (x0, y0) = (x0 as i64, y0 as i64);
+    let (a, b, c, d) = (px(x0, y0), px(x0 + 1, y0), px(x0, y0 + 1), px(x0 + 1, y0 + 1));
+    Rgb(std::array::from_fn(|i| {
+        let top = a[i] as f64 * (1.0 - fx) + b[i] as f64 * fx;
+        let bottom = c[i] as f64 * (1.0 - fx) + d[i] as f64 * fx;
+        (top * (1.0 - fy) + bottom * fy).round().clamp(0.0, 255.0) as u8
+    }))
 }
 
 /// Keeps a random 70–100% sub-window of each side.
@@ -109,5 +175,23 @@ mod tests {
         assert_ne!(out.get_pixel(0, 0).0, [255, 255, 255]);
         let view = consumer_view(&img, &mut ChaCha8Rng::seed_from_u64(2));
         assert!(view.width() >= 14 && view.height() >= 14);
+    }
+
+    #[test]
+    fn homography_maps_the_four_corners_and_identity_is_a_no_op() {
+        let from = [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 10.0)];
+        let to = [(1.0, 2.0), (9.0, 0.5), (10.0, 10.0), (0.0, 8.0)];
+        let m = homography(&from, &to).unwrap();
+        for ((x, y), (u, v)) in from.iter().zip(to) {
+            let d = m[6] * x + m[7] * y + 1.0;
+            assert!(((m[0] * x + m[1] * y + m[2]) / d - u).abs() < 1e-9);
+            assert!(((m[3] * x + m[4] * y + m[5]) / d - v).abs() < 1e-9);
+        }
+        let img = RgbImage::from_fn(8, 6, |x, y| Rgb([x as u8 * 30, y as u8 * 40, 7]));
+        let id = homography(&from, &from).unwrap();
+        assert!(id.iter().zip([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]).all(|(a, b)| (a - b).abs() < 1e-9));
+        assert_eq!(bilinear(&img, 3.0, 2.0).0, img.get_pixel(3, 2).0);
+        let warped = perspective(&img, &mut ChaCha8Rng::seed_from_u64(3));
+        assert_eq!(warped.dimensions(), img.dimensions());
     }
 }

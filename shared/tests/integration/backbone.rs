@@ -121,3 +121,25 @@ fn the_preprocessing_path_from_the_jpeg_stays_close_to_the_reference_input() {
     let cos = cosine(&a, &want.feature);
     assert!(cos > 0.99, "cosine {cos}");
 }
+
+/// Lite1 and Lite2 load through the same code (their layout is read from the weights) and
+/// classify the fixture photo. Their weights are imported, not shipped: set
+/// `SHOPLENS_EXTRA_WEIGHTS` to a folder holding `efficientnet-lite{1,2}.safetensors` from
+/// `indexer weights import --variant lite1|lite2`.
+#[test]
+fn lite1_and_lite2_load_and_classify_when_imported() {
+    let Ok(dir) = std::env::var("SHOPLENS_EXTRA_WEIGHTS") else {
+        eprintln!("SHOPLENS_EXTRA_WEIGHTS unset: Lite1/Lite2 not checked");
+        return;
+    };
+    let fixture = repo().join("shared/tests/fixtures/lite0/catalog-t-shirt-00003aeb.lite0-input.png");
+    for variant in ["lite1", "lite2"] {
+        let net = EfficientNetLite::load(&Path::new(&dir).join(format!("efficientnet-{variant}.safetensors")), &Device::Cpu).unwrap();
+        let strides: Vec<usize> = net.config().blocks.iter().map(|b| b.stride).collect();
+        assert_eq!(strides.iter().filter(|s| **s == 2).count(), 4, "{variant}: {strides:?}");
+        let logits: Vec<f32> = net.logits(&net.pooled(&input(&fixture)).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let top = (0..logits.len()).max_by(|a, b| logits[*a].total_cmp(&logits[*b])).unwrap();
+        assert_eq!(top, 610, "{variant}: the T-shirt photo is a jersey (ImageNet 610)");
+        eprintln!("{variant}: {} blocks, top-1 {top}", net.config().blocks.len());
+    }
+}

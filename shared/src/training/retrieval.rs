@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::ann::exact::top_k;
-
-/// The k values DeepFashion2 reports.
-pub const TOP_K: [usize; 5] = [1, 5, 10, 15, 20];
+use crate::evaluation::retrieval::TOP_K;
 
 /// Fraction of queries with a correct gallery entry within the first k, for each k of
 /// [`TOP_K`]. `queries` and `gallery` are row-major unit vectors of length `dim`;

@@ -81,11 +81,15 @@ pub struct TrainingReport {
     pub train_seconds: f64,
 }
 
+/// Version of the augmentation code, part of the feature cache key: bump it whenever
+/// `augment.rs` changes what a seed produces, or stale cached views would be reused.
+const AUGMENT_VERSION: u32 = 2;
+
 /// One crop to run through the backbone.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 enum CropSpec {
     Box { image: PathBuf, bbox: Option<[f32; 4]> },
-    ConsumerView { image: PathBuf, seed: u64 },
+    ConsumerView { image: PathBuf, seed: u64, augment_version: u32 },
 }
 
 impl CropSpec {
@@ -256,7 +260,7 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
     let mut train_a: Vec<CropSpec> = train_pairs.iter().map(|p| p.consumer.clone()).collect();
     let mut train_b: Vec<CropSpec> = train_pairs.iter().map(|p| p.shop.clone()).collect();
     for (i, image) in aug_images.iter().enumerate() {
-        train_a.push(CropSpec::ConsumerView { image: image.clone(), seed: cfg.seed ^ (i as u64 + 1) });
+        train_a.push(CropSpec::ConsumerView { image: image.clone(), seed: cfg.seed ^ (i as u64 + 1), augment_version: AUGMENT_VERSION });
         train_b.push(CropSpec::Box { image: image.clone(), bbox: None });
     }
     let val_queries: Vec<CropSpec> = val_pairs.iter().map(|p| p.consumer.clone()).collect();

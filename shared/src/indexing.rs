@@ -217,18 +217,20 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
     let embedded_items = pending.len() as u64;
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
     for chunk in pending.chunks(CHUNK) {
-        let prepared: Vec<std::result::Result<(Vec<(Option<BBox>, String)>, Vec<Tensor>), String>> = chunk
+        let prepared: Vec<std::result::Result<(Vec<(Option<BBox>, BBox, String)>, Vec<Tensor>), String>> = chunk
             .par_iter()
             .map(|p| {
                 let image = decode_image(&p.bytes, opts.limits).map_err(|e| e.to_string())?;
                 let category = p.entry.metadata.category.clone().unwrap_or_else(|| "unknown".to_string());
-                let garments: Vec<(Option<BBox>, String)> = match opts.boxes {
-                    BoxMode::Gt if !p.entry.boxes.is_empty() => p.entry.boxes.iter().map(|(b, c)| (Some(*b), c.clone())).collect(),
-                    _ => vec![(None, category)],
+                // A whole-image garment is stored with the image's own box.
+                let whole = BBox::new(0.0, 0.0, image.width() as f32, image.height() as f32);
+                let garments: Vec<(Option<BBox>, BBox, String)> = match opts.boxes {
+                    BoxMode::Gt if !p.entry.boxes.is_empty() => p.entry.boxes.iter().map(|(b, c)| (Some(*b), *b, c.clone())).collect(),
+                    _ => vec![(None, whole, category)],
                 };
                 let inputs = garments
                     .iter()
-                    .map(|(b, _)| embedder.config().preprocess.crop_to_tensor(&image, *b, &Device::Cpu))
+                    .map(|(crop, _, _)| embedder.config().preprocess.crop_to_tensor(&image, *crop, &Device::Cpu))
                     .collect::<Result<Vec<_>>>()
                     .map_err(|e| e.to_string())?;
                 Ok((garments, inputs))
@@ -248,9 +250,8 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
                 Ok((garments, _)) => {
                     let new: Vec<NewGarment> = garments
                         .into_iter()
-                        .map(|(bbox, category)| {
+                        .map(|(_, bbox, category)| {
                             let embedding = next.next().expect("one embedding per crop");
-                            let bbox = bbox.unwrap_or(BBox::new(0.0, 0.0, 0.0, 0.0));
                             NewGarment { bbox, category, score: 1.0, embedding }
                         })
                         .collect();

@@ -67,7 +67,9 @@ fn a_catalog_is_indexed_then_rebuilt_incrementally() {
     assert!(first.failures.is_empty(), "{:?}", first.failures);
     let (_, item) = store.published_item("sku1").unwrap();
     assert_eq!(item.metadata.category.as_deref(), Some("pants"));
-    assert_eq!(store.garment(item.garments[0]).unwrap().category, "pants");
+    let garment = store.garment(item.garments[0]).unwrap();
+    assert_eq!(garment.category, "pants");
+    assert_eq!(garment.bbox.to_array(), [0.0, 0.0, 64.0, 80.0], "a whole-image garment keeps the image's box");
 
     // Nothing changed: nothing is embedded again.
     let again = build(&store, &sources, &embedder, BoxMode::Detected);

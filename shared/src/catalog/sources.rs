@@ -42,12 +42,6 @@ impl CatalogSource {
             _ => Err(Error::InvalidDatasetLayout { path: path.to_path_buf(), reason: "a catalog is a .csv, a .jsonl, or a DeepFashion2 folder".into() }),
         }
     }
-
-    pub fn path(&self) -> &Path {
-        match self {
-            Self::Csv(p) | Self::Jsonl(p) | Self::Df2Folder(p) => p,
-        }
-    }
 }
 
 /// One shop item to index.

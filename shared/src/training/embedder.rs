@@ -157,10 +157,10 @@ fn catalog_rows(catalog: &Path) -> Result<Vec<(PathBuf, u64)>> {
 }
 
 /// Backbone feature maps `[n, 1280, h, w]` (f16, CPU) of `specs`, cached in `cache` under a
-/// key of the backbone file and the specs.
-fn features(backbone: &EfficientNetLite, backbone_file: &Path, specs: &[CropSpec], name: &str, cache: &Path, device: &Device, progress: ProgressFn) -> Result<Tensor> {
+/// key of the backbone file's hash and the specs.
+fn features(backbone: &EfficientNetLite, backbone_hash: &blake3::Hash, specs: &[CropSpec], name: &str, cache: &Path, device: &Device, progress: ProgressFn) -> Result<Tensor> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update(&std::fs::read(backbone_file).map_err(|e| Error::io(backbone_file, e))?);
+    hasher.update(backbone_hash.as_bytes());
     hasher.update(serde_json::to_string(specs).expect("specs serialise").as_bytes());
     let key = &hasher.finalize().to_hex()[..16];
     let file = cache.join(format!("{name}-{key}.safetensors"));
@@ -272,10 +272,11 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
         .map(|p| val_shop.iter().enumerate().filter(|(_, (pid, st, _))| *pid == p.pair_id && *st == p.style).map(|(i, _)| i as u32).collect())
         .collect();
 
-    let f_train_a = features(&backbone, &cfg.backbone, &train_a, "train-consumer", &cfg.cache, &cfg.device, progress)?;
-    let f_train_b = features(&backbone, &cfg.backbone, &train_b, "train-shop", &cfg.cache, &cfg.device, progress)?;
-    let f_val = features(&backbone, &cfg.backbone, &val_queries, "val-consumer", &cfg.cache, &cfg.device, progress)?;
-    let f_gallery = features(&backbone, &cfg.backbone, &gallery, "val-gallery", &cfg.cache, &cfg.device, progress)?;
+    let backbone_hash = blake3::hash(&std::fs::read(&cfg.backbone).map_err(|e| Error::io(&cfg.backbone, e))?);
+    let f_train_a = features(&backbone, &backbone_hash, &train_a, "train-consumer", &cfg.cache, &cfg.device, progress)?;
+    let f_train_b = features(&backbone, &backbone_hash, &train_b, "train-shop", &cfg.cache, &cfg.device, progress)?;
+    let f_val = features(&backbone, &backbone_hash, &val_queries, "val-consumer", &cfg.cache, &cfg.device, progress)?;
+    let f_gallery = features(&backbone, &backbone_hash, &gallery, "val-gallery", &cfg.cache, &cfg.device, progress)?;
     let feature_seconds = started.elapsed().as_secs_f64();
 
     let baseline = top_k_accuracy(&embed_maps(&f_val, None, &cfg.device)?, &embed_maps(&f_gallery, None, &cfg.device)?, FEATURE_DIM, &correct);

@@ -1,19 +1,124 @@
-//! The HTTP routes. Handlers stay thin: they read the shared state and shape JSON.
+//! The HTTP routes. Handlers stay thin: they parse and check the request, hand the work to
+//! the search pool, and shape JSON. Every client mistake is a 4xx with
+//! `{"error":{"code","message"}}`; nothing a client sends can panic a worker.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
-use actix_web::{HttpResponse, web};
-use serde_json::json;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use shoplens::geometry::BBox;
+use shoplens::serving::engine::{MAX_RESULTS, SearchOutcome, SearchRequest};
 
 use crate::state::SearcherState;
+
+const PAGE: &str = include_str!("../static/index.html");
+const OPENAPI: &str = include_str!("../static/openapi.json");
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.insert_header((header::RETRY_AFTER, "1"));
+        }
+        resp.json(json!({"error": {"code": self.code, "message": self.message}}))
+    }
+}
+
+impl From<shoplens::Error> for ApiError {
+    fn from(e: shoplens::Error) -> Self {
+        use shoplens::Error as E;
+        let status = match &e {
+            E::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            E::UnsupportedImageFormat { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            E::NotFound { .. } => StatusCode::NOT_FOUND,
+            E::NoPublishedGeneration => StatusCode::SERVICE_UNAVAILABLE,
+            _ if e.is_user_error() => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            // The details are for the operator's log, not for the client.
+            tracing::error!(error = %e, "internal error");
+            return Self::new(status, "internal", "the search failed on our side; it has been logged");
+        }
+        Self::new(status, e.code(), e.to_string())
+    }
+}
 
 /// The app factory, shared by `main` and the in-process tests.
 pub fn configure(state: Arc<SearcherState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::from(state))
+            .route("/", web::get().to(page))
             .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz));
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
+            .route("/v1/openapi.json", web::get().to(openapi))
+            .route("/v1/search", web::post().to(search))
+            .route("/v1/categories", web::get().to(categories))
+            .route("/v1/items/{sku}", web::get().to(item))
+            .route("/v1/items/{sku}/image", web::get().to(item_image))
+            .default_service(web::to(not_found));
     }
+}
+
+/// Counts every request under its route template, with its status and latency.
+pub async fn record_metrics(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let state = req.app_data::<web::Data<SearcherState>>().cloned();
+    let resp = next.call(req).await?;
+    if let Some(state) = state {
+        state.metrics.request(&route, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    }
+    Ok(resp)
+}
+
+async fn page() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(PAGE)
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(OPENAPI)
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {} {}", req.method(), req.path())).error_response()
 }
 
 /// Liveness: the process answers.
@@ -21,63 +126,220 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Readiness: an index generation is loaded.
+/// Readiness: models loaded and an index generation served.
 async fn readyz(state: web::Data<SearcherState>) -> HttpResponse {
-    match state.current.load_full() {
-        Some(loaded) => HttpResponse::Ok().json(json!({
+    match (state.current.load_full(), &state.engine) {
+        (Some(index), Some(_)) => HttpResponse::Ok().json(json!({
             "status": "ready",
-            "generation": loaded.manifest.id,
-            "garments": loaded.index.len(),
-            "items": loaded.manifest.items,
+            "generation": index.generation(),
+            "items": index.items(),
+            "garments": index.garments(),
+            "search_threads": state.pool.threads(),
+            "queue": state.pool.queue(),
         })),
-        None => {
-            let message = state
-                .last_error
-                .load_full()
-                .map_or_else(|| "the index is loading".to_string(), |e| e.as_ref().clone());
-            HttpResponse::ServiceUnavailable().json(json!({"error": {"code": "not_ready", "message": message}}))
+        (_, None) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the models are not loaded").error_response(),
+        (None, _) => {
+            let message = state.last_error.load_full().map_or_else(|| "the index is loading".to_string(), |e| e.as_ref().clone());
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).error_response()
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
+async fn metrics(state: web::Data<SearcherState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
 
-    use actix_web::{App, test};
-    use shoplens::ann::{AnnParams, GarmentIndex, GarmentVectors};
-    use shoplens::store::{GenerationManifest, GenerationSpec, GenerationState};
+fn ready(state: &SearcherState) -> Result<Arc<shoplens::serving::engine::ServingIndex>, ApiError> {
+    state.current.load_full().ok_or_else(|| {
+        let message = state.last_error.load_full().map_or_else(|| "the index is loading".to_string(), |e| e.as_ref().clone());
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)
+    })
+}
 
-    use super::*;
-    use crate::state::LoadedGeneration;
-
-    #[actix_web::test]
-    async fn readiness_follows_the_loaded_generation() {
-        let state = Arc::new(SearcherState::default());
-        let app = test::init_service(App::new().configure(configure(state.clone()))).await;
-        let resp = test::call_service(&app, test::TestRequest::get().uri("/healthz").to_request()).await;
-        assert_eq!(resp.status(), 200);
-        let resp = test::call_service(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
-        assert_eq!(resp.status(), 503);
-        let body: serde_json::Value = test::read_body_json(resp).await;
-        assert_eq!(body["error"]["code"], "not_ready");
-
-        let mut vectors = GarmentVectors::new(2);
-        vectors.push(1, "top", &[1.0, 0.0]).unwrap();
-        let manifest = GenerationManifest {
-            id: 4,
-            state: GenerationState::Published,
-            spec: GenerationSpec { dim: 2, models: BTreeMap::new() },
-            started_at: "2026-01-01T00:00:00Z".into(),
-            built_at: None,
-            items: 1,
-            garments: 1,
-        };
-        let index = GarmentIndex::build(4, vectors, AnnParams::default()).unwrap();
-        state.current.store(Some(Arc::new(LoadedGeneration { manifest, index })));
-        let resp = test::call_service(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
-        assert_eq!(resp.status(), 200);
-        let body: serde_json::Value = test::read_body_json(resp).await;
-        assert_eq!((body["generation"].as_u64(), body["garments"].as_u64()), (Some(4), Some(1)));
+/// Parses the query string of `/v1/search`, refusing anything unknown or out of range.
+pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
+    let mut req = SearchRequest { k: 10, category: None, region: None };
+    let pairs: Vec<(String, String)> = web::Query::<Vec<(String, String)>>::from_query(query)
+        .map_err(|e| ApiError::bad_request("invalid_query", format!("cannot read the query string: {e}")))?
+        .into_inner();
+    for (key, value) in pairs {
+        match key.as_str() {
+            "k" => {
+                req.k = value
+                    .parse()
+                    .ok()
+                    .filter(|k| (1..=MAX_RESULTS).contains(k))
+                    .ok_or_else(|| ApiError::bad_request("invalid_k", format!("k must be a whole number from 1 to {MAX_RESULTS}, got {value:?}")))?;
+            }
+            "category" if !value.is_empty() => req.category = Some(value),
+            "category" => {}
+            "box" => {
+                let v: Vec<f32> = value.split(',').map(|p| p.trim().parse::<f32>()).collect::<Result<_, _>>().map_err(|_| {
+                    ApiError::bad_request("invalid_box", format!("box must be x1,y1,x2,y2 in pixels, got {value:?}"))
+                })?;
+                let b = match v.as_slice() {
+                    [x1, y1, x2, y2] => BBox::new(*x1, *y1, *x2, *y2),
+                    _ => return Err(ApiError::bad_request("invalid_box", format!("box needs 4 numbers x1,y1,x2,y2, got {}", v.len()))),
+                };
+                if !b.is_valid() {
+                    return Err(ApiError::bad_request("invalid_box", format!("box {value:?} needs x1 < x2 and y1 < y2, all finite")));
+                }
+                req.region = Some(b);
+            }
+            other => return Err(ApiError::bad_request("invalid_query", format!("unknown parameter {other:?}; known: k, category, box"))),
+        }
     }
+    Ok(req)
+}
+
+/// Reads the photo: the raw body, or the first file field of a multipart form.
+async fn read_photo(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the upload is over the {limit}-byte limit"));
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > limit + 64 * 1024 {
+            return Err(too_large());
+        }
+    }
+    let is_multipart = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let mut bytes = Vec::new();
+    let payload_error = |e: &dyn std::fmt::Display| ApiError::bad_request("invalid_body", format!("reading the upload failed: {e}"));
+    if is_multipart {
+        let mut form = actix_multipart::Multipart::new(req.headers(), payload);
+        while let Some(field) = form.next().await {
+            let mut field = field.map_err(|e| payload_error(&e))?;
+            let is_file = field.content_disposition().is_some_and(|d| d.get_filename().is_some() || matches!(d.get_name(), Some("image" | "file" | "photo")));
+            if !is_file {
+                continue;
+            }
+            while let Some(chunk) = field.next().await {
+                let chunk = chunk.map_err(|e| payload_error(&e))?;
+                if bytes.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            break;
+        }
+    } else {
+        let mut payload = payload;
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| payload_error(&e))?;
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("empty_body", "send the photo as the request body or as a multipart file field named image"));
+    }
+    Ok(bytes)
+}
+
+fn image_url(sku: &str) -> String {
+    let mut encoded = String::new();
+    for b in sku.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("/v1/items/{encoded}/image")
+}
+
+fn outcome_json(o: &SearchOutcome) -> Value {
+    let garments: Vec<Value> = o
+        .garments
+        .iter()
+        .map(|g| {
+            let results: Vec<Value> = g
+                .results
+                .iter()
+                .map(|r| {
+                    let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+                    v["image_url"] = Value::String(image_url(&r.sku));
+                    v
+                })
+                .collect();
+            json!({"box": g.bbox, "category": g.category, "score": g.score, "source": g.source, "results": results})
+        })
+        .collect();
+    json!({
+        "image": {"width": o.width, "height": o.height},
+        "generation": o.generation,
+        "garments": garments,
+        "timings_ms": o.timings_ms,
+    })
+}
+
+async fn search(req: HttpRequest, payload: web::Payload, state: web::Data<SearcherState>) -> Result<HttpResponse, ApiError> {
+    let request = parse_search_query(req.query_string())?;
+    let bytes = read_photo(&req, payload, state.max_body_bytes).await?;
+    let index = ready(&state)?;
+    let engine = state.engine.clone().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the models are not loaded"))?;
+    engine.validate(&index, &request)?;
+    let outcome = match state.pool.run(move || engine.search(&index, &bytes, &request)).await {
+        Err(_busy) => {
+            state.metrics.rejected();
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "every search thread is busy and the queue is full; retry shortly"));
+        }
+        Ok(Err(panic)) => {
+            tracing::error!(%panic, "a search panicked");
+            return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the search failed on our side; it has been logged"));
+        }
+        Ok(Ok(result)) => result?,
+    };
+    let t = outcome.timings_ms;
+    for (stage, ms) in [("decode", t.decode), ("detect", t.detect), ("embed", t.embed), ("search", t.search), ("fetch", t.fetch)] {
+        state.metrics.stage(stage, ms);
+    }
+    Ok(HttpResponse::Ok().json(outcome_json(&outcome)))
+}
+
+async fn categories(state: web::Data<SearcherState>) -> Result<HttpResponse, ApiError> {
+    let index = ready(&state)?;
+    let taxonomy: Vec<String> = state.engine.as_ref().and_then(|e| e.detector.as_ref()).map(|d| d.config().categories.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
+    let indexed: HashMap<String, usize> = index.categories().into_iter().collect();
+    Ok(HttpResponse::Ok().json(json!({"detector": taxonomy, "indexed": indexed})))
+}
+
+async fn item(path: web::Path<String>, state: web::Data<SearcherState>) -> Result<HttpResponse, ApiError> {
+    let sku = path.into_inner();
+    let index = ready(&state)?;
+    let item = index.item(&sku).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no item with sku {sku:?}")))?;
+    let garments: Vec<Value> = index.item_garments(&sku).iter().map(|g| json!({"box": g.bbox.to_array(), "category": g.category, "score": g.score})).collect();
+    let m = &item.metadata;
+    Ok(HttpResponse::Ok().json(json!({
+        "sku": m.sku, "title": m.title, "label": m.label, "category": m.category, "price": m.price,
+        "currency": m.currency, "url": m.url, "attributes": m.attributes, "image_url": image_url(&m.sku),
+        "garments": garments, "generation": index.generation(),
+    })))
+}
+
+async fn item_image(req: HttpRequest, path: web::Path<String>, state: web::Data<SearcherState>) -> Result<HttpResponse, ApiError> {
+    let sku = path.into_inner();
+    let index = ready(&state)?;
+    let item = index.item(&sku).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no item with sku {sku:?}")))?;
+    let etag = format!("\"{}\"", item.content_hash);
+    if req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
+        return Ok(HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish());
+    }
+    let file = item.image_path.clone();
+    let bytes = web::block(move || std::fs::read(file))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "reading the image failed"))?
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "image_missing", format!("the image of {sku:?} is no longer on disk")))?;
+    let mime = match image::guess_format(&bytes) {
+        Ok(image::ImageFormat::Png) => "image/png",
+        Ok(image::ImageFormat::WebP) => "image/webp",
+        Ok(image::ImageFormat::Gif) => "image/gif",
+        Ok(image::ImageFormat::Tiff) => "image/tiff",
+        _ => "image/jpeg",
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(mime)
+        .insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=86400")))
+        .body(bytes))
 }

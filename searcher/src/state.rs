@@ -1,51 +1,89 @@
-//! What the server serves: the loaded index of the published generation, swapped atomically.
+//! What the server shares between workers: the engine (networks), the generation being
+//! served (swapped atomically when the indexer publishes a new one), the search pool and
+//! the metrics.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use shoplens::ann::{AnnParams, GarmentIndex, LoadOutcome};
-use shoplens::store::{CatalogStore, GenerationManifest};
+use shoplens::ann::{AnnParams, LoadOutcome};
+use shoplens::serving::engine::{SearchEngine, ServingIndex};
+use shoplens::serving::snapshot;
 
-/// A published generation ready to answer searches.
-pub struct LoadedGeneration {
-    pub manifest: GenerationManifest,
-    pub index: GarmentIndex,
-}
+use crate::metrics::Metrics;
+use crate::pool::SearchPool;
 
-/// Shared by every worker; readers take a snapshot with `load_full` and never hold a guard
-/// across an await.
-#[derive(Default)]
+/// Shared by every worker. Readers take the current generation with `load_full` and keep
+/// their `Arc` for the whole request: a swap never pulls an index from under a search.
 pub struct SearcherState {
-    pub current: ArcSwapOption<LoadedGeneration>,
+    pub current: ArcSwapOption<ServingIndex>,
     /// Why the last load failed, for /readyz.
     pub last_error: ArcSwapOption<String>,
+    pub engine: Option<Arc<SearchEngine>>,
+    pub pool: SearchPool,
+    pub metrics: Metrics,
+    pub max_body_bytes: usize,
 }
 
-/// Loads the published generation on its own thread: index building is CPU work that must
-/// not run on an actix worker.
-pub fn spawn_loader(db: PathBuf, state: Arc<SearcherState>) {
+impl SearcherState {
+    pub fn new(engine: Option<Arc<SearchEngine>>, pool: SearchPool, max_body_bytes: usize) -> Self {
+        Self { current: ArcSwapOption::empty(), last_error: ArcSwapOption::empty(), engine, pool, metrics: Metrics::default(), max_body_bytes }
+    }
+
+    /// Serves `index` from now on.
+    pub fn install(&self, index: ServingIndex) {
+        self.metrics.index(index.generation(), index.items(), index.garments());
+        self.current.store(Some(Arc::new(index)));
+        self.last_error.store(None);
+    }
+
+    fn fail(&self, message: String) {
+        self.metrics.reload_failed();
+        self.last_error.store(Some(Arc::new(message)));
+    }
+}
+
+/// Watches `db/serving/CURRENT` on its own thread and loads each newly published
+/// generation there (loading a graph is CPU work that must not run on an actix worker).
+/// A generation that fails to load is reported and the previous one keeps serving.
+pub fn spawn_watcher(db: PathBuf, state: Arc<SearcherState>, every: Duration) {
     std::thread::Builder::new()
-        .name("index-loader".into())
-        .spawn(move || match load(&db) {
-            Ok(loaded) => {
-                tracing::info!(generation = loaded.manifest.id, garments = loaded.index.len(), "index ready");
-                state.current.store(Some(Arc::new(loaded)));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot load the index");
-                state.last_error.store(Some(Arc::new(e.to_string())));
+        .name("index-watcher".into())
+        .spawn(move || {
+            let dir = shoplens::store::serving_dir(&db);
+            let mut failed_generation = None;
+            loop {
+                let served = state.current.load().as_ref().map(|i| i.generation());
+                match snapshot::current(&dir) {
+                    Ok(Some(generation)) if Some(generation) != served && Some(generation) != failed_generation => match load(&db, generation) {
+                        Ok(index) => {
+                            tracing::info!(generation, items = index.items(), garments = index.garments(), "serving generation");
+                            state.install(index);
+                            failed_generation = None;
+                        }
+                        Err(e) => {
+                            tracing::error!(generation, error = %e, "cannot load the generation; the previous one keeps serving");
+                            state.fail(format!("generation {generation}: {e}"));
+                            failed_generation = Some(generation);
+                        }
+                    },
+                    Ok(None) if served.is_none() => {
+                        state.last_error.store(Some(Arc::new(format!("no index published in {} yet: run `indexer build --db {}`", db.display(), db.display()))));
+                    }
+                    Err(e) => state.fail(e.to_string()),
+                    _ => {}
+                }
+                std::thread::sleep(every);
             }
         })
-        .expect("spawning the loader thread");
+        .expect("spawning the index watcher");
 }
 
-fn load(db: &std::path::Path) -> shoplens::Result<LoadedGeneration> {
-    let store = CatalogStore::open(db)?;
-    let manifest = store.published()?.ok_or(shoplens::Error::NoPublishedGeneration)?;
-    let (index, outcome) = shoplens::ann::open_published(&store, AnnParams::default())?;
-    if let LoadOutcome::Built { reason } = outcome {
-        tracing::warn!(%reason, "ANN graph rebuilt from the store");
+fn load(db: &Path, generation: u64) -> shoplens::Result<ServingIndex> {
+    let index = ServingIndex::load(db, generation, AnnParams::default())?;
+    if let LoadOutcome::Built { reason } = &index.outcome {
+        tracing::warn!(%reason, "ANN graph built in memory");
     }
-    Ok(LoadedGeneration { manifest, index })
+    Ok(index)
 }

@@ -70,6 +70,9 @@ pub enum Error {
     /// The on-disk ANN graph could not be read or written.
     #[error("ANN graph {}: {reason}", path.display())]
     AnnDump { path: PathBuf, reason: String },
+    /// A serving snapshot could not be read or written.
+    #[error("serving snapshot {}: {reason}", path.display())]
+    Snapshot { path: PathBuf, reason: String },
     /// sled failed.
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),
@@ -137,6 +140,7 @@ impl Error {
             Error::CorruptRecord { .. } => "corrupt_record",
             Error::GenerationConflict { .. } => "generation_conflict",
             Error::AnnDump { .. } => "ann_dump",
+            Error::Snapshot { .. } => "snapshot",
             Error::Storage(_) => "storage",
             Error::Io { .. } => "io",
             Error::Candle(_) => "model_runtime",

@@ -9,36 +9,42 @@
 //! a rerun after a kill resumes it (items already written are kept when unchanged), and the
 //! published generation only moves in the final transaction.
 //!
-//! Garments: until the garment detector exists, an item is one whole-image garment with its
-//! catalog category (what the design prescribes for items without a confident detection);
-//! `BoxMode::GroundTruth` uses the annotated boxes of DeepFashion2 folders instead.
+//! Garments ([`item_garments`]): the detector's confident garments; a catalog item with a
+//! category keeps the detections of that category (a shirt's photo on a model also shows
+//! trousers, which must not be sold as the shirt), a DeepFashion2 gallery image keeps all
+//! of them, and an item without any becomes one whole-image garment with its catalog
+//! category. Without a detector every item is one whole-image garment;
+//! `BoxMode::Gt` uses the annotated boxes of DeepFashion2 folders instead.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use image::RgbImage;
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::ann::{AnnParams, GarmentIndex, GarmentVectors, LoadOutcome, graph};
 use crate::catalog::{CatalogEntry, CatalogSource, LabelMap, read_catalog};
 use crate::geometry::BBox;
+use crate::models::detector::{Detection, GarmentDetector};
 use crate::models::embedder::GarmentEmbedder;
 use crate::progress::{Progress, ProgressFn};
-use crate::store::{CatalogStore, ContentHash, GenerationSpec, ItemRecord, NewGarment};
+use crate::serving::snapshot::{self, Snapshot};
+use crate::store::{CatalogStore, ContentHash, GenerationSpec, ItemMetadata, ItemRecord, NewGarment};
 use crate::vision::{DecodeLimits, decode_image};
 use crate::Result;
 
 /// Largest image file read, in bytes.
 const MAX_IMAGE_BYTES: u64 = 50 << 20;
-/// Items decoded and embedded together.
+/// Items decoded together (in parallel) before their forward passes.
 const CHUNK: usize = 32;
 
 /// Where garment boxes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BoxMode {
-    /// The detector's boxes; today one whole-image garment per item (no detector yet).
+    /// The detector's boxes (whole-image garments when no detector is given).
     Detected,
     /// The annotated boxes of DeepFashion2 folders (CSV/JSONL items stay whole-image).
     Gt,
@@ -99,10 +105,11 @@ struct Pending {
     is_new: bool,
 }
 
-fn spec_for(embedder: &GarmentEmbedder, boxes: BoxMode) -> GenerationSpec {
-    let detector = match boxes {
-        BoxMode::Detected => "none: whole-image garments",
-        BoxMode::Gt => "ground-truth boxes",
+fn spec_for(embedder: &GarmentEmbedder, detector: Option<&GarmentDetector>, boxes: BoxMode) -> GenerationSpec {
+    let detector = match (boxes, detector) {
+        (BoxMode::Detected, Some(d)) => d.version(),
+        (BoxMode::Detected, None) => "none: whole-image garments",
+        (BoxMode::Gt, _) => "ground-truth boxes",
     };
     GenerationSpec {
         dim: embedder.dim() as u32,
@@ -121,8 +128,41 @@ fn copied_garments(store: &CatalogStore, item: &ItemRecord) -> Result<Vec<NewGar
         .collect()
 }
 
+/// A garment to embed: the crop (`None`: the whole image), its stored box, category and
+/// detection score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemGarment {
+    pub crop: Option<BBox>,
+    pub bbox: BBox,
+    pub category: String,
+    pub score: f32,
+}
+
+/// The garments an item is indexed with, from its detections (see the module notes).
+/// `gallery`: a DeepFashion2 gallery image, whose every garment is a retrieval target.
+pub fn item_garments(category: Option<&str>, gallery: bool, detections: &[Detection], width: u32, height: u32) -> Vec<ItemGarment> {
+    let whole = BBox::new(0.0, 0.0, width as f32, height as f32);
+    let keep: Vec<&Detection> = match category {
+        Some(c) if !gallery => detections.iter().filter(|d| d.category == c).collect(),
+        _ => detections.iter().collect(),
+    };
+    if keep.is_empty() {
+        return vec![ItemGarment { crop: None, bbox: whole, category: category.unwrap_or("unknown").to_string(), score: 1.0 }];
+    }
+    keep.into_iter().map(|d| ItemGarment { crop: Some(d.bbox), bbox: d.bbox, category: d.category.clone(), score: d.score }).collect()
+}
+
+/// The networks a build runs.
+#[derive(Clone, Copy)]
+pub struct Models<'a> {
+    pub embedder: &'a GarmentEmbedder,
+    /// `None`: every item is one whole-image garment (or its annotated boxes).
+    pub detector: Option<&'a GarmentDetector>,
+}
+
 /// Builds and publishes a generation of `sources` in `store`.
-pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels: &LabelMap, embedder: &GarmentEmbedder, opts: &BuildOptions, progress: ProgressFn) -> Result<BuildReport> {
+pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels: &LabelMap, models: Models<'_>, opts: &BuildOptions, progress: ProgressFn) -> Result<BuildReport> {
+    let Models { embedder, detector } = models;
     let started = Instant::now();
     let mut failures = Vec::new();
     let mut entries: Vec<CatalogEntry> = Vec::new();
@@ -139,7 +179,7 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
             entries.push(entry);
         }
     }
-    let spec = spec_for(embedder, opts.boxes);
+    let spec = spec_for(embedder, detector, opts.boxes);
     let builder = store.begin_generation(spec.clone())?;
     let previous = store.published_id()?;
     progress(Progress::Message(format!(
@@ -217,44 +257,38 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
     let embedded_items = pending.len() as u64;
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
     for chunk in pending.chunks(CHUNK) {
-        let prepared: Vec<std::result::Result<(Vec<(Option<BBox>, BBox, String)>, Vec<Tensor>), String>> = chunk
-            .par_iter()
-            .map(|p| {
-                let image = decode_image(&p.bytes, opts.limits).map_err(|e| e.to_string())?;
-                let category = p.entry.metadata.category.clone().unwrap_or_else(|| "unknown".to_string());
-                // A whole-image garment is stored with the image's own box.
-                let whole = BBox::new(0.0, 0.0, image.width() as f32, image.height() as f32);
-                let garments: Vec<(Option<BBox>, BBox, String)> = match opts.boxes {
-                    BoxMode::Gt if !p.entry.boxes.is_empty() => p.entry.boxes.iter().map(|(b, c)| (Some(*b), *b, c.clone())).collect(),
-                    _ => vec![(None, whole, category)],
+        let decoded: Vec<std::result::Result<RgbImage, String>> = chunk.par_iter().map(|p| decode_image(&p.bytes, opts.limits).map_err(|e| e.to_string())).collect();
+        for (p, image) in chunk.iter().zip(decoded) {
+            // One forward pass per item (detection, then its crops): a result must not
+            // depend on which other items shared a batch (matrix kernels block differently
+            // by batch size, which moves the last bits), or a build resumed after a crash
+            // would differ from an uninterrupted one.
+            let garments = image.and_then(|image| {
+                let garments = match (opts.boxes, detector) {
+                    (BoxMode::Gt, _) if !p.entry.boxes.is_empty() => {
+                        p.entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect()
+                    }
+                    (BoxMode::Detected, Some(d)) => {
+                        let found = d.detect(&image).map_err(|e| e.to_string())?;
+                        item_garments(p.entry.metadata.category.as_deref(), !p.entry.boxes.is_empty(), &found, image.width(), image.height())
+                    }
+                    _ => item_garments(p.entry.metadata.category.as_deref(), false, &[], image.width(), image.height()),
                 };
                 let inputs = garments
                     .iter()
-                    .map(|(crop, _, _)| embedder.config().preprocess.crop_to_tensor(&image, *crop, &Device::Cpu))
+                    .map(|g| embedder.config().preprocess.crop_to_tensor(&image, g.crop, &Device::Cpu))
                     .collect::<Result<Vec<_>>>()
                     .map_err(|e| e.to_string())?;
-                Ok((garments, inputs))
-            })
-            .collect();
-        // One forward pass per item: an embedding must not depend on which other items
-        // shared its batch (matrix kernels block differently by batch size, which moves the
-        // last bits), or a build resumed after a crash would differ from an uninterrupted one.
-        let mut embeddings = Vec::new();
-        for (_, inputs) in prepared.iter().filter_map(|r| r.as_ref().ok()) {
-            embeddings.extend(embedder.embed_batch(&Tensor::stack(inputs, 0)?)?);
-        }
-        let mut next = embeddings.into_iter();
-        for (p, prepared) in chunk.iter().zip(prepared) {
+                let embeddings = embedder.embed_batch(&Tensor::stack(&inputs, 0).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                Ok(garments
+                    .into_iter()
+                    .zip(embeddings)
+                    .map(|(g, embedding)| NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding })
+                    .collect::<Vec<_>>())
+            });
             let sku = &p.entry.metadata.sku;
-            match prepared {
-                Ok((garments, _)) => {
-                    let new: Vec<NewGarment> = garments
-                        .into_iter()
-                        .map(|(_, bbox, category)| {
-                            let embedding = next.next().expect("one embedding per crop");
-                            NewGarment { bbox, category, score: 1.0, embedding }
-                        })
-                        .collect();
+            match garments {
+                Ok(new) => {
                     builder.put_item(p.entry.metadata.clone(), p.hash, new)?;
                     if p.is_new { added += 1 } else { updated += 1 }
                 }
@@ -284,10 +318,20 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
         Some(p) => store.generation_members(p)?.iter().filter(|(sku, _)| !wanted.contains(sku.as_str())).count() as u64,
         None => 0,
     };
+    if let Some(dir) = store.serving_dir() {
+        // What the searcher reads: the snapshot, then the pointer to it.
+        let image_paths: HashMap<&str, &std::path::Path> = entries.iter().map(|e| (e.metadata.sku.as_str(), e.image_path.as_path())).collect();
+        let snapshot = Snapshot::from_store(store, &|m: &ItemMetadata| image_paths.get(m.sku.as_str()).map(|p| p.to_path_buf()).unwrap_or_default())?;
+        snapshot.write(&dir)?;
+        snapshot::set_current(&dir, snapshot.generation)?;
+    }
     let pruned = store.prune(opts.retain)?;
+    let kept: Vec<u64> = store.generations()?.iter().map(|g| g.id).collect();
     if let Some(dir) = store.ann_dir() {
-        let kept: Vec<u64> = store.generations()?.iter().map(|g| g.id).collect();
         graph::remove_dumps_except(&dir, &kept)?;
+    }
+    if let Some(dir) = store.serving_dir() {
+        snapshot::remove_except(&dir, &kept)?;
     }
     Ok(BuildReport {
         generation: manifest.id,
@@ -309,4 +353,29 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
         },
         pruned_generations: pruned.generations,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det(category: &str, x1: f32, score: f32) -> Detection {
+        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), class: 0, category: category.into(), score }
+    }
+
+    #[test]
+    fn catalog_items_keep_detections_of_their_category_else_the_whole_image() {
+        let found = [det("top", 0.0, 0.9), det("pants", 20.0, 0.8), det("top", 40.0, 0.5)];
+        let g = item_garments(Some("top"), false, &found, 100, 50);
+        assert_eq!(g.iter().map(|g| (g.category.as_str(), g.bbox.x1)).collect::<Vec<_>>(), [("top", 0.0), ("top", 40.0)]);
+        assert_eq!(g[0].crop, Some(found[0].bbox));
+        // No detection of the item's category: the whole image, with the catalog category.
+        let g = item_garments(Some("skirt"), false, &found, 100, 50);
+        assert_eq!(g, vec![ItemGarment { crop: None, bbox: BBox::new(0.0, 0.0, 100.0, 50.0), category: "skirt".into(), score: 1.0 }]);
+        // No category: every detection; nothing detected: the whole image as "unknown".
+        assert_eq!(item_garments(None, false, &found, 100, 50).len(), 3);
+        assert_eq!(item_garments(None, false, &[], 100, 50)[0].category, "unknown");
+        // A DeepFashion2 gallery image keeps every garment whatever its first item's class.
+        assert_eq!(item_garments(Some("top"), true, &found, 100, 50).len(), 3);
+    }
 }

@@ -22,6 +22,7 @@ pub mod geometry;
 pub mod indexing;
 pub mod models;
 pub mod progress;
+pub mod serving;
 pub mod store;
 pub mod training;
 pub mod vision;

@@ -8,7 +8,8 @@ use clap::{Args, ValueEnum};
 use shoplens::ann::AnnParams;
 use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::device::{DevicePreference, select_device};
-use shoplens::indexing::{BoxMode, BuildOptions, build_generation};
+use shoplens::indexing::{BoxMode, BuildOptions, Models, build_generation};
+use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::store::CatalogStore;
 
@@ -16,7 +17,8 @@ use crate::progress::Reporter;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Boxes {
-    /// The detector's garments (until it ships: one whole-image garment per item).
+    /// The detector's garments (`--detector`); items without a confident one are indexed
+    /// as one whole-image garment with their catalog category.
     Detected,
     /// The annotated boxes of DeepFashion2 folders (CSV/JSONL catalogs stay whole-image).
     Gt,
@@ -39,6 +41,13 @@ pub struct BuildArgs {
     /// The embedder weights.
     #[arg(long, env = "SHOPLENS_EMBEDDER", default_value = "models/embedder-lite0.safetensors")]
     embedder: PathBuf,
+    /// The detector weights, for `--boxes detected`.
+    #[arg(long, env = "SHOPLENS_DETECTOR", default_value = "models/detector-lite0.safetensors")]
+    detector: PathBuf,
+    /// Index every item as one whole-image garment (no detection): faster, for catalogs
+    /// of single-garment product shots.
+    #[arg(long)]
+    no_detector: bool,
     /// Generations kept after publishing (the published one included).
     #[arg(long, default_value_t = shoplens::store::DEFAULT_RETAIN)]
     retain: usize,
@@ -64,6 +73,12 @@ pub fn run(args: BuildArgs) -> Result<()> {
     };
     let device = select_device(if args.cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
     let embedder = GarmentEmbedder::load(&args.embedder, &device).with_context(|| format!("loading the embedder {}", args.embedder.display()))?;
+    let detector = match (args.boxes, args.no_detector) {
+        (Boxes::Detected, false) => {
+            Some(GarmentDetector::load(&args.detector, &device).with_context(|| format!("loading the detector {} (or pass --no-detector)", args.detector.display()))?)
+        }
+        _ => None,
+    };
     let store = CatalogStore::open(&args.db).with_context(|| format!("opening store {}", args.db.display()))?;
     let opts = BuildOptions {
         boxes: match args.boxes {
@@ -75,7 +90,7 @@ pub fn run(args: BuildArgs) -> Result<()> {
         ..BuildOptions::default()
     };
     let mut reporter = Reporter::default();
-    let report = build_generation(&store, &sources, &labels, &embedder, &opts, &mut |e| reporter.handle(e))?;
+    let report = build_generation(&store, &sources, &labels, Models { embedder: &embedder, detector: detector.as_ref() }, &opts, &mut |e| reporter.handle(e))?;
     reporter.finish();
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

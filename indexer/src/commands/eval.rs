@@ -7,7 +7,9 @@ use clap::{Subcommand, ValueEnum};
 use shoplens::ann::{AnnParams, open_published};
 use shoplens::datasets::{Df2Folder, read_gallery_gt, read_query_gt};
 use shoplens::device::{DevicePreference, select_device};
-use shoplens::evaluation::retrieval::{RetrievalInputs, TOP_K, evaluate_with_gt_boxes};
+use shoplens::evaluation::detection::evaluate_detector;
+use shoplens::evaluation::retrieval::{QueryBoxes, RetrievalInputs, TOP_K, evaluate};
+use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
 
 use super::status::open_existing;
@@ -15,7 +17,7 @@ use crate::progress::Reporter;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum EvalBoxes {
-    /// Detected garments (needs the garment detector, not shipped yet).
+    /// Garments found by the detector (`--detector`).
     Detected,
     /// Ground-truth boxes as detections: retrieval alone.
     Gt,
@@ -48,6 +50,9 @@ pub enum EvalCommand {
         split: Split,
         #[arg(long, default_value = "models/embedder-lite0.safetensors")]
         embedder: PathBuf,
+        /// Detector weights for `--boxes detected`.
+        #[arg(long, default_value = "models/detector-lite0.safetensors")]
+        detector: PathBuf,
         /// Where the report goes.
         #[arg(long, default_value = "report.json")]
         out: PathBuf,
@@ -55,15 +60,59 @@ pub enum EvalCommand {
         #[arg(long)]
         submission: Option<PathBuf>,
     },
+    /// COCO-style box AP (0.50:0.95), AP50 and AP75 of the garment detector, per category,
+    /// on a DeepFashion2-format folder.
+    Detection {
+        /// DeepFashion2-format folder (image/ + annos/).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "models/detector-lite0.safetensors")]
+        weights: PathBuf,
+        #[arg(long, value_enum, default_value = "all")]
+        split: Split,
+        #[arg(long, default_value = "report.json")]
+        out: PathBuf,
+    },
 }
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
-    let EvalCommand::Retrieval { db, queries, query_gt, gallery_gt, boxes, split, embedder, out, submission } = cmd;
-    if matches!(boxes, EvalBoxes::Detected) {
-        bail!("--boxes detected needs the garment detector, which is not shipped yet; use --boxes gt");
+    match cmd {
+        EvalCommand::Retrieval { db, queries, query_gt, gallery_gt, boxes, split, embedder, detector, out, submission } => {
+            retrieval(db, queries, query_gt, gallery_gt, boxes, split, embedder, detector, out, submission)
+        }
+        EvalCommand::Detection { data, weights, split, out } => detection(data, weights, split, out),
     }
+}
+
+fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Result<()> {
+    let detector = GarmentDetector::load(&weights, &select_device(DevicePreference::Auto)?).context("loading the detector")?;
+    let folder = Df2Folder::open(&data)?;
+    let keep = |id: u64| matches!(split, Split::All) || id % 5 == 1;
+    let mut reporter = Reporter::default();
+    let report = evaluate_detector(&detector, &folder, &keep, &mut |e| reporter.handle(e))?;
+    reporter.finish();
+    std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    println!("{} images, detector {} at {}²: AP {:.3}, AP50 {:.3}, AP75 {:.3}", report.images, report.detector, report.input_size, report.ap, report.ap50, report.ap75);
+    for (name, c) in &report.per_category {
+        println!("  {name:<12} {:>5} instances  AP {:.3}  AP50 {:.3}  AP75 {:.3}", c.instances, c.ap, c.ap50, c.ap75);
+    }
+    if let Some(h) = report.headline_ap50 {
+        println!("mean AP50 over top, outer, dress, pants, skirt, shorts, footwear, bag: {h:.3}");
+    }
+    println!("{:.1} ms per image (decode + detect); report: {}", report.ms_per_image, out.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn retrieval(
+    db: PathBuf, queries: PathBuf, query_gt: PathBuf, gallery_gt: PathBuf, boxes: EvalBoxes, split: Split, embedder: PathBuf, detector: PathBuf, out: PathBuf, submission: Option<PathBuf>) -> Result<()> {
     let store = open_existing(&db)?;
-    let embedder = GarmentEmbedder::load(&embedder, &select_device(DevicePreference::Auto)?).context("loading the embedder")?;
+    let device = select_device(DevicePreference::Auto)?;
+    let embedder = GarmentEmbedder::load(&embedder, &device).context("loading the embedder")?;
+    let detector = match boxes {
+        EvalBoxes::Detected => Some(GarmentDetector::load(&detector, &device).context("loading the detector")?),
+        EvalBoxes::Gt => None,
+    };
     let generation = store.published()?.context("the store has no published generation")?;
     if generation.spec.models.get("embedder").map(String::as_str) != Some(embedder.version()) {
         bail!(
@@ -81,7 +130,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let gallery_gt = read_gallery_gt(&gallery_gt)?;
     let inputs = RetrievalInputs { store: &store, index: &index, embedder: &embedder, queries: &folder, query_gt: &query_gt, gallery_gt: &gallery_gt };
     let mut reporter = Reporter::default();
-    let (report, entries) = evaluate_with_gt_boxes(&inputs, &mut |e| reporter.handle(e))?;
+    let query_boxes = detector.as_ref().map_or(QueryBoxes::GroundTruth, QueryBoxes::Detected);
+    let (report, entries) = evaluate(&inputs, query_boxes, &mut |e| reporter.handle(e))?;
     reporter.finish();
     std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
     if let Some(path) = submission {

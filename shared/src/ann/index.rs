@@ -95,6 +95,24 @@ impl GarmentIndex {
         Ok((index, LoadOutcome::Built { reason }))
     }
 
+    /// Like [`Self::open`] but never writes: a reader (the searcher) loads the dump the
+    /// indexer wrote, or builds the graph in memory when it is missing or stale.
+    pub fn open_read_only(dump_dir: Option<&Path>, generation: u64, vectors: GarmentVectors, params: AnnParams) -> Result<(Self, LoadOutcome)> {
+        params.validate()?;
+        if vectors.len() < params.exact_below {
+            return Ok((Self::assemble(generation, vectors, params, None), LoadOutcome::ExactOnly));
+        }
+        let reason = match dump_dir {
+            None => "no dump directory".to_string(),
+            Some(dir) => match graph::load(dir, generation, &vectors, &params) {
+                Ok(graph) => return Ok((Self::assemble(generation, vectors, params, Some(graph)), LoadOutcome::Loaded)),
+                Err(reason) => reason,
+            },
+        };
+        tracing::warn!(generation, garments = vectors.len(), %reason, "no usable graph dump; building the ANN graph in memory");
+        Ok((Self::build(generation, vectors, params)?, LoadOutcome::Built { reason }))
+    }
+
     /// Dumps the graph (if any) under its generation's name in `dir`.
     pub fn dump(&self, dir: &Path) -> Result<()> {
         if let Some(graph) = &self.graph {

@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::ann::GarmentIndex;
 use crate::datasets::{Df2Annotation, Df2Folder, GalleryGt, QueryGt};
 use crate::geometry::BBox;
+use crate::models::detector::{GarmentDetector, Postprocess};
 use crate::models::embedder::GarmentEmbedder;
 use crate::progress::{Progress, ProgressFn};
 use crate::store::CatalogStore;
@@ -66,6 +67,8 @@ pub struct RetrievalReport {
     pub gallery_garments: usize,
     pub generation: u64,
     pub embedder: String,
+    /// The detector's version with `--boxes detected`.
+    pub detector: Option<String>,
     pub seconds: f64,
 }
 
@@ -133,8 +136,23 @@ pub struct RetrievalInputs<'a> {
     pub gallery_gt: &'a [GalleryGt],
 }
 
+/// Where the query garments come from.
+#[derive(Clone, Copy)]
+pub enum QueryBoxes<'a> {
+    /// The annotation's items as detections with score 1: retrieval alone.
+    GroundTruth,
+    /// The garment detector, with its evaluation post-processing (low score floor, up to
+    /// 100 per image), as DeepFashion2 scores Match R-CNN.
+    Detected(&'a GarmentDetector),
+}
+
 /// Runs the protocol with ground-truth boxes as detections.
 pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn) -> Result<(RetrievalReport, Vec<SubmissionEntry>)> {
+    evaluate(inputs, QueryBoxes::GroundTruth, progress)
+}
+
+/// Runs the protocol with query garments from `boxes`.
+pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: ProgressFn) -> Result<(RetrievalReport, Vec<SubmissionEntry>)> {
     let started = Instant::now();
     let mut gallery_of: HashMap<(u64, u32), Vec<(u64, BBox)>> = HashMap::new();
     for g in inputs.gallery_gt {
@@ -155,9 +173,19 @@ pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn
         })?;
         let anno = Df2Annotation::read(&entry.annotation)?;
         let items: Vec<(BBox, u32, u32)> = anno.items.iter().map(|i| (i.bbox, i.category_id, i.style)).collect();
-        let detections: Vec<Detection> = anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0 }).collect();
-        let assigned = assign_queries(&items, &detections);
         let image = decode_image(&std::fs::read(&entry.image).map_err(|e| Error::io(&entry.image, e))?, DecodeLimits::default())?;
+        let detections: Vec<Detection> = match boxes {
+            QueryBoxes::GroundTruth => anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0 }).collect(),
+            QueryBoxes::Detected(detector) => {
+                let categories = &detector.config().categories;
+                detector
+                    .detect_with(&image, &Postprocess::EVALUATION)?
+                    .into_iter()
+                    .map(|d| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score })
+                    .collect()
+            }
+        };
+        let assigned = assign_queries(&items, &detections);
         // Each query item → its assigned detection, if any.
         let mut todo = Vec::new();
         for q in &queries {
@@ -219,7 +247,14 @@ pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn
     }
     let report = RetrievalReport {
         protocol: "deepfashion2-retrieval",
-        boxes: "gt",
+        boxes: match boxes {
+            QueryBoxes::GroundTruth => "gt",
+            QueryBoxes::Detected(_) => "detected",
+        },
+        detector: match boxes {
+            QueryBoxes::GroundTruth => None,
+            QueryBoxes::Detected(d) => Some(d.version().to_string()),
+        },
         queries: overall.queries,
         top_k: overall.top_k,
         misses: overall.misses,

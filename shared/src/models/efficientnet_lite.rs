@@ -207,6 +207,39 @@ impl EfficientNetLite {
         relu6(&self.head.forward(&x)?)
     }
 
+    /// Multi-scale features for detection: the output of the last block at each resolution
+    /// from stride 8 down (for Lite0 at 320²: `[n, 40, 40, 40]`, `[n, 112, 20, 20]`,
+    /// `[n, 320, 10, 10]`), finest first. The 1×1 head convolution is not applied: its
+    /// 1280 channels would cost more than the blocks' own outputs give a detector.
+    pub fn pyramid(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut x = relu6(&self.stem.forward(x)?)?;
+        let mut stride = 2;
+        let mut levels = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x)?;
+            stride *= self.config.blocks[i].stride;
+            let next_downsamples = self.config.blocks.get(i + 1).is_none_or(|b| b.stride > 1);
+            if stride >= 8 && next_downsamples {
+                levels.push(x.clone());
+            }
+        }
+        Ok(levels)
+    }
+
+    /// Channels of each [`Self::pyramid`] level, finest first.
+    pub fn pyramid_channels(&self) -> Vec<usize> {
+        let blocks = &self.config.blocks;
+        let mut stride = 2;
+        let mut channels = Vec::new();
+        for (i, b) in blocks.iter().enumerate() {
+            stride *= b.stride;
+            if stride >= 8 && blocks.get(i + 1).is_none_or(|n| n.stride > 1) {
+                channels.push(b.out_channels);
+            }
+        }
+        channels
+    }
+
     /// The global-average-pooled 1280-d feature, `[n, 1280]`.
     pub fn pooled(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.feature_map(x)?.mean(D::Minus1)?.mean(D::Minus1)?)

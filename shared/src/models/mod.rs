@@ -3,6 +3,7 @@
 
 pub mod depthwise;
 pub mod efficientnet_lite;
+pub mod detector;
 pub mod embedder;
 pub mod layers;
 pub mod torch_import;

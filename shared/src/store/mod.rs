@@ -39,6 +39,8 @@ pub const DEFAULT_RETAIN: usize = 3;
 pub const CATALOG_SUBDIR: &str = "catalog";
 /// Subfolder of a store directory that holds the ANN graph dumps (derived data).
 pub const ANN_SUBDIR: &str = "ann";
+/// Subdirectory of the store directory holding serving snapshots.
+pub const SERVING_SUBDIR: &str = "serving";
 
 /// The sled-backed catalog store. One process opens a store at a time (sled's file lock).
 ///
@@ -68,6 +70,12 @@ impl fmt::Display for IdKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
     }
+}
+
+/// The serving directory of the store in `dir`, which a searcher reads without opening
+/// the store.
+pub fn serving_dir(dir: &Path) -> PathBuf {
+    dir.join(SERVING_SUBDIR)
 }
 
 impl CatalogStore {
@@ -118,6 +126,12 @@ impl CatalogStore {
     /// Where the ANN graph dumps of this store go; `None` for a temporary store.
     pub fn ann_dir(&self) -> Option<PathBuf> {
         self.path.as_ref().map(|p| p.join(ANN_SUBDIR))
+    }
+
+    /// Where the serving snapshots of this store go (read by the searcher); `None` for a
+    /// temporary store.
+    pub fn serving_dir(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| serving_dir(p))
     }
 
     /// The store's format version (always the current one once opened).

@@ -5,4 +5,4 @@ mod decode;
 mod preprocess;
 
 pub use decode::{DecodeLimits, decode_image};
-pub use preprocess::{Normalisation, Preprocess, letterbox};
+pub use preprocess::{LetterboxGeometry, Normalisation, Preprocess, letterbox};

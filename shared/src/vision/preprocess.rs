@@ -78,14 +78,52 @@ impl Preprocess {
     }
 }
 
+/// Where an image of `width` × `height` lands in its letterboxed square: resized to
+/// `resized` and pasted at `offset`. Detectors use it to map boxes both ways.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LetterboxGeometry {
+    pub source: (u32, u32),
+    pub resized: (u32, u32),
+    pub offset: (u32, u32),
+}
+
+impl LetterboxGeometry {
+    pub fn new(width: u32, height: u32, size: u32) -> Self {
+        let s = size as f64 / width.max(height).max(1) as f64;
+        let nw = (round_half_even(width as f64 * s) as u32).clamp(1, size);
+        let nh = (round_half_even(height as f64 * s) as u32).clamp(1, size);
+        Self {
+            source: (width, height),
+            resized: (nw, nh),
+            offset: ((size - nw) / 2, (size - nh) / 2),
+        }
+    }
+
+    fn scales(&self) -> (f32, f32) {
+        (self.resized.0 as f32 / self.source.0.max(1) as f32, self.resized.1 as f32 / self.source.1.max(1) as f32)
+    }
+
+    /// A box of the source image in input coordinates.
+    pub fn to_input(&self, b: BBox) -> BBox {
+        let (sx, sy) = self.scales();
+        let (ox, oy) = (self.offset.0 as f32, self.offset.1 as f32);
+        BBox::new(b.x1 * sx + ox, b.y1 * sy + oy, b.x2 * sx + ox, b.y2 * sy + oy)
+    }
+
+    /// A box in input coordinates back in the source image, clipped to it.
+    pub fn to_source(&self, b: BBox) -> BBox {
+        let (sx, sy) = self.scales();
+        let (ox, oy) = (self.offset.0 as f32, self.offset.1 as f32);
+        BBox::new((b.x1 - ox) / sx, (b.y1 - oy) / sy, (b.x2 - ox) / sx, (b.y2 - oy) / sy).clip(self.source.0, self.source.1)
+    }
+}
+
 /// Scales `image` to fit a `size`² square (aspect kept, Python-style rounding of the new
 /// size) and centres it on bars of `pad`. The resize is a triangle filter widened when
 /// shrinking (antialiased), like PIL's BILINEAR that the reference outputs used.
 pub fn letterbox(image: &RgbImage, size: u32, pad: [u8; 3]) -> RgbImage {
     let (w, h) = image.dimensions();
-    let s = size as f64 / w.max(h) as f64;
-    let nw = (round_half_even(w as f64 * s) as u32).clamp(1, size);
-    let nh = (round_half_even(h as f64 * s) as u32).clamp(1, size);
+    let LetterboxGeometry { resized: (nw, nh), .. } = LetterboxGeometry::new(w, h, size);
     let resized = if (nw, nh) == (w, h) { image.clone() } else { imageops::resize(image, nw, nh, imageops::FilterType::Triangle) };
     let mut canvas = RgbImage::from_pixel(size, size, Rgb(pad));
     imageops::replace(&mut canvas, &resized, ((size - nw) / 2) as i64, ((size - nh) / 2) as i64);
@@ -121,6 +159,11 @@ mod tests {
         let t = p.crop_to_tensor(&img, Some(BBox::new(-10.0, 0.0, 25.0, 80.0)), &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[3, 224, 224]);
         assert!(p.crop_to_tensor(&img, Some(BBox::new(60.0, 0.0, 70.0, 10.0)), &Device::Cpu).unwrap_err().is_user_error());
+        let g = LetterboxGeometry::new(400, 534, 224);
+        assert_eq!((g.resized, g.offset), ((168, 224), (28, 0)));
+        let b = BBox::new(40.0, 53.4, 400.0, 534.0);
+        let back = g.to_source(g.to_input(b));
+        assert!((back.x1 - 40.0).abs() < 1e-3 && (back.y1 - 53.4).abs() < 1e-3 && back.x2 == 400.0, "{back:?}");
         let white = p.to_tensor(&RgbImage::from_pixel(2, 2, Rgb([255, 255, 255])), &Device::Cpu).unwrap();
         assert_eq!(white.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 1.0);
     }

@@ -9,7 +9,7 @@ use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::datasets::synth::{self, SynthConfig};
 use shoplens::datasets::{Df2Folder, read_gallery_gt, read_query_gt};
 use shoplens::evaluation::retrieval::{RetrievalInputs, evaluate_with_gt_boxes};
-use shoplens::indexing::{BoxMode, BuildOptions, build_generation};
+use shoplens::indexing::{BoxMode, BuildOptions, Models, build_generation};
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::store::CatalogStore;
 
@@ -20,7 +20,7 @@ fn retrieval_protocol_on_the_synthetic_set() {
     let embedder = GarmentEmbedder::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
     let store = CatalogStore::open(dir.path().join("db")).unwrap();
     let opts = BuildOptions { boxes: BoxMode::Gt, ..BuildOptions::default() };
-    build_generation(&store, &[CatalogSource::from_path(&dir.path().join("shop")).unwrap()], &LabelMap::default(), &embedder, &opts, &mut |_| {}).unwrap();
+    build_generation(&store, &[CatalogSource::from_path(&dir.path().join("shop")).unwrap()], &LabelMap::default(), Models { embedder: &embedder, detector: None }, &opts, &mut |_| {}).unwrap();
     let (index, _) = open_published(&store, AnnParams::default()).unwrap();
     let folder = Df2Folder::open(dir.path().join("user")).unwrap();
     let query_gt = read_query_gt(&dir.path().join("query_gt.json")).unwrap();

@@ -8,7 +8,7 @@ use candle_core::Device;
 use image::{Rgb, RgbImage};
 use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::datasets::synth::{self, SynthConfig};
-use shoplens::indexing::{BoxMode, BuildOptions, BuildReport, build_generation};
+use shoplens::indexing::{BoxMode, BuildOptions, Models, BuildReport, build_generation};
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::store::{CatalogStore, ContentHash, GenerationState};
 
@@ -36,7 +36,7 @@ fn catalog(dir: &Path, n: u32) -> PathBuf {
 
 fn build(store: &CatalogStore, sources: &[CatalogSource], embedder: &GarmentEmbedder, boxes: BoxMode) -> BuildReport {
     let opts = BuildOptions { boxes, ..BuildOptions::default() };
-    build_generation(store, sources, &LabelMap::default(), embedder, &opts, &mut |_| {}).unwrap()
+    build_generation(store, sources, &LabelMap::default(), Models { embedder, detector: None }, &opts, &mut |_| {}).unwrap()
 }
 
 /// What a published generation holds, independent of ids: sku → (hash, title, embeddings).

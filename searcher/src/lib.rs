@@ -1,0 +1,8 @@
+//! The shoppers' server as a library: `main.rs` is its command line, the tests drive the
+//! same app in process.
+
+pub mod app;
+pub mod config;
+pub mod metrics;
+pub mod pool;
+pub mod state;

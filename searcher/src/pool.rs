@@ -1,0 +1,110 @@
+//! The bounded pool that runs searches (detection, embedding, ANN) off the actix workers.
+//!
+//! `threads` OS threads take jobs from a queue of at most `queue` waiting jobs. When the
+//! queue is full a submission fails at once, and the handler answers 503 with
+//! `Retry-After`: under overload the server sheds load instead of letting latency grow
+//! without bound.
+
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// The pool refused a job: every thread is busy and the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+pub struct SearchPool {
+    sender: SyncSender<Job>,
+    threads: usize,
+    queue: usize,
+}
+
+impl SearchPool {
+    pub fn new(threads: usize, queue: usize) -> Self {
+        let (sender, receiver) = sync_channel::<Job>(queue);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..threads.max(1) {
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("search-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = match receiver.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .expect("spawning a search thread");
+        }
+        Self { sender, threads: threads.max(1), queue }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub fn queue(&self) -> usize {
+        self.queue
+    }
+
+    /// Runs `f` on the pool; `Err(Busy)` at once when the queue is full. A panic in `f`
+    /// is caught and returned as an error string, so a bad request cannot take a search
+    /// thread down.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<Result<T, String>, Busy> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+                p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "search panicked".into())
+            });
+            let _ = tx.send(result);
+        });
+        match self.sender.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => return Err(Busy),
+        }
+        Ok(rx.await.unwrap_or_else(|_| Err("the search thread went away".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_jobs_sheds_load_and_survives_panics() {
+        let pool = Arc::new(SearchPool::new(1, 1));
+        assert_eq!(pool.run(|| 2 + 2).await, Ok(Ok(4)));
+        let panicked = pool.run(|| -> u32 { panic!("bad input") }).await.unwrap();
+        assert_eq!(panicked, Err("bad input".to_string()));
+        // Occupy the thread, fill the one queue slot, and the next job is refused.
+        let release = Arc::new(AtomicBool::new(false));
+        let r = release.clone();
+        let blocker = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(move || while !r.load(Ordering::SeqCst) { std::thread::sleep(Duration::from_millis(5)) }).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(|| 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool.run(|| 0).await, Err(Busy));
+        release.store(true, Ordering::SeqCst);
+        assert!(blocker.await.unwrap().is_ok());
+        assert_eq!(queued.await.unwrap(), Ok(Ok(1)));
+        assert_eq!(pool.run(|| 3).await, Ok(Ok(3)));
+    }
+}

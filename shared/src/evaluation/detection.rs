@@ -1,0 +1,298 @@
+//! COCO-style box AP (Lin et al., arXiv 1405.0312; the `pycocotools` rules): for each class
+//! and IoU threshold, detections of all images sorted by score are matched greedily to the
+//! unmatched ground-truth box of the same image and class they overlap most (IoU ≥ the
+//! threshold); precision is made monotone from the right and read at the 101 recall points
+//! 0, 0.01, …, 1; AP is their mean. AP is the mean over the thresholds 0.50:0.05:0.95.
+//! A class without ground truth has no AP and stays out of the means. Every box counts
+//! (DeepFashion2 has no crowd regions; we use one area range), at most
+//! [`MAX_DETECTIONS`] detections per image, the best.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datasets::{Df2Annotation, Df2Folder};
+use crate::geometry::BBox;
+use crate::models::detector::{GarmentDetector, Postprocess};
+use crate::progress::{Progress, ProgressFn};
+use crate::vision::{DecodeLimits, decode_image};
+use crate::Result;
+
+/// Categories whose mean AP50 the detector issue sets its target on.
+pub const HEADLINE: [&str; 8] = ["top", "outer", "dress", "pants", "skirt", "shorts", "footwear", "bag"];
+
+/// Detections per image that count (COCO's `maxDets` = 100).
+pub const MAX_DETECTIONS: usize = 100;
+/// COCO's IoU thresholds 0.50, 0.55, …, 0.95.
+pub const IOU_THRESHOLDS: [f32; 10] = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroundTruth {
+    pub image: u64,
+    pub class: usize,
+    pub bbox: BBox,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detected {
+    pub image: u64,
+    pub class: usize,
+    pub bbox: BBox,
+    pub score: f32,
+}
+
+/// AP of one class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassAp {
+    pub ap: f64,
+    pub ap50: f64,
+    pub ap75: f64,
+    pub instances: usize,
+    pub detections: usize,
+}
+
+/// AP of every class with ground truth, and the means.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApSummary {
+    pub ap: f64,
+    pub ap50: f64,
+    pub ap75: f64,
+    pub per_class: BTreeMap<usize, ClassAp>,
+}
+
+impl ApSummary {
+    /// Mean AP50 over `classes` that have ground truth (`None` when none has).
+    pub fn mean_ap50_over(&self, classes: &[usize]) -> Option<f64> {
+        let v: Vec<f64> = classes.iter().filter_map(|c| self.per_class.get(c)).map(|c| c.ap50).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
+}
+
+/// AP at one IoU threshold for one class: `gts` and `dets` of that class only.
+pub fn average_precision(gts: &[&GroundTruth], dets: &[&Detected], iou_threshold: f32) -> f64 {
+    if gts.is_empty() {
+        return f64::NAN;
+    }
+    let mut by_image: HashMap<u64, Vec<(BBox, bool)>> = HashMap::new();
+    for g in gts {
+        by_image.entry(g.image).or_default().push((g.bbox, false));
+    }
+    let mut order: Vec<&&Detected> = dets.iter().collect();
+    // Stable sort by descending score: ties keep input order, as pycocotools' mergesort.
+    order.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut tp = Vec::with_capacity(order.len());
+    for d in order {
+        let mut best: Option<(usize, f32)> = None;
+        if let Some(boxes) = by_image.get(&d.image) {
+            for (i, (g, used)) in boxes.iter().enumerate() {
+                if *used {
+                    continue;
+                }
+                let iou = d.bbox.iou(g);
+                if iou >= iou_threshold && best.is_none_or(|(_, b)| iou > b) {
+                    best = Some((i, iou));
+                }
+            }
+        }
+        match best {
+            Some((i, _)) => {
+                by_image.get_mut(&d.image).expect("matched image")[i].1 = true;
+                tp.push(true);
+            }
+            None => tp.push(false),
+        }
+    }
+    let total = gts.len() as f64;
+    let (mut hits, mut precision, mut recall) = (0usize, Vec::new(), Vec::new());
+    for (i, hit) in tp.iter().enumerate() {
+        hits += *hit as usize;
+        precision.push(hits as f64 / (i + 1) as f64);
+        recall.push(hits as f64 / total);
+    }
+    // Monotone envelope from the right.
+    for i in (0..precision.len().saturating_sub(1)).rev() {
+        precision[i] = precision[i].max(precision[i + 1]);
+    }
+    let mut sum = 0.0;
+    for step in 0..=100 {
+        let r = step as f64 / 100.0;
+        // First detection whose recall reaches r (pycocotools: searchsorted left).
+        let at = recall.partition_point(|&x| x < r - 1e-12);
+        if at < precision.len() {
+            sum += precision[at];
+        }
+    }
+    sum / 101.0
+}
+
+/// COCO box AP of `dets` against `gts` over `num_classes` classes.
+pub fn evaluate(gts: &[GroundTruth], dets: &[Detected], num_classes: usize) -> ApSummary {
+    // At most MAX_DETECTIONS per image, the best-scoring ones.
+    let mut per_image: HashMap<u64, Vec<&Detected>> = HashMap::new();
+    for d in dets {
+        per_image.entry(d.image).or_default().push(d);
+    }
+    let mut kept: Vec<&Detected> = Vec::new();
+    for (_, mut v) in per_image {
+        v.sort_by(|a, b| b.score.total_cmp(&a.score));
+        v.truncate(MAX_DETECTIONS);
+        kept.extend(v);
+    }
+    let mut per_class = BTreeMap::new();
+    for class in 0..num_classes {
+        let g: Vec<&GroundTruth> = gts.iter().filter(|g| g.class == class).collect();
+        if g.is_empty() {
+            continue;
+        }
+        let mut d: Vec<&Detected> = kept.iter().copied().filter(|d| d.class == class).collect();
+        // Deterministic order before the stable score sort: by image, then input position.
+        d.sort_by_key(|d| d.image);
+        let aps: Vec<f64> = IOU_THRESHOLDS.iter().map(|&t| average_precision(&g, &d, t)).collect();
+        per_class.insert(
+            class,
+            ClassAp { ap: aps.iter().sum::<f64>() / aps.len() as f64, ap50: aps[0], ap75: aps[5], instances: g.len(), detections: d.len() },
+        );
+    }
+    let mean = |f: fn(&ClassAp) -> f64| if per_class.is_empty() { 0.0 } else { per_class.values().map(f).sum::<f64>() / per_class.len() as f64 };
+    ApSummary { ap: mean(|c| c.ap), ap50: mean(|c| c.ap50), ap75: mean(|c| c.ap75), per_class }
+}
+
+/// The report of `indexer eval detection`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DetectionReport {
+    pub protocol: String,
+    pub images: usize,
+    pub ap: f64,
+    pub ap50: f64,
+    pub ap75: f64,
+    /// By category name; categories of the data that the detector does not know appear
+    /// with AP 0 (they can never be found) and count in the means.
+    pub per_category: BTreeMap<String, ClassAp>,
+    /// Mean AP50 over the issue's eight headline categories present in the data.
+    pub headline_ap50: Option<f64>,
+    pub detector: String,
+    pub input_size: u32,
+    /// Wall time per image: decode, detect.
+    pub ms_per_image: f64,
+    pub seconds: f64,
+}
+
+/// Runs `detector` on every image of `folder` that `keep(id)` accepts and measures COCO
+/// box AP against the annotations. Ground truth and detections meet by category id.
+pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &dyn Fn(u64) -> bool, progress: ProgressFn) -> Result<DetectionReport> {
+    let started = Instant::now();
+    let known = &detector.config().categories;
+    // Classes: the detector's, then any category only the data has.
+    let mut names: Vec<String> = known.iter().map(|c| c.name.clone()).collect();
+    let mut class_of: HashMap<u32, usize> = known.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+    let images: Vec<_> = folder.images().iter().filter(|i| keep(i.id)).collect();
+    progress(Progress::Stage { name: "detecting".into(), total: images.len() as u64 });
+    let (mut gts, mut dets) = (Vec::new(), Vec::new());
+    for entry in &images {
+        let anno = Df2Annotation::read(&entry.annotation)?;
+        for item in &anno.items {
+            let class = *class_of.entry(item.category_id).or_insert_with(|| {
+                names.push(item.category_name.clone());
+                names.len() - 1
+            });
+            gts.push(GroundTruth { image: entry.id, class, bbox: item.bbox });
+        }
+        let bytes = std::fs::read(&entry.image).map_err(|e| crate::Error::io(&entry.image, e))?;
+        let image = decode_image(&bytes, DecodeLimits::default())?;
+        for d in detector.detect_with(&image, &Postprocess::EVALUATION)? {
+            dets.push(Detected { image: entry.id, class: d.class, bbox: d.bbox, score: d.score });
+        }
+        progress(Progress::Advance(1));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let summary = evaluate(&gts, &dets, names.len());
+    let headline: Vec<usize> = names.iter().enumerate().filter(|(_, n)| HEADLINE.contains(&n.as_str())).map(|(i, _)| i).collect();
+    Ok(DetectionReport {
+        protocol: "coco-box".into(),
+        images: images.len(),
+        ap: summary.ap,
+        ap50: summary.ap50,
+        ap75: summary.ap75,
+        headline_ap50: summary.mean_ap50_over(&headline),
+        per_category: summary.per_class.into_iter().map(|(c, ap)| (names[c].clone(), ap)).collect(),
+        detector: detector.version().to_string(),
+        input_size: detector.config().preprocess.size,
+        ms_per_image: 1000.0 * seconds / images.len().max(1) as f64,
+        seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gt(image: u64, class: usize, b: [f32; 4]) -> GroundTruth {
+        GroundTruth { image, class, bbox: BBox::new(b[0], b[1], b[2], b[3]) }
+    }
+
+    fn det(image: u64, class: usize, b: [f32; 4], score: f32) -> Detected {
+        Detected { image, class, bbox: BBox::new(b[0], b[1], b[2], b[3]), score }
+    }
+
+    #[test]
+    fn perfect_detections_give_one() {
+        let g = vec![gt(1, 0, [0., 0., 10., 10.]), gt(2, 0, [5., 5., 20., 20.])];
+        let d = vec![det(1, 0, [0., 0., 10., 10.], 0.9), det(2, 0, [5., 5., 20., 20.], 0.8)];
+        let s = evaluate(&g, &d, 1);
+        assert_eq!((s.ap, s.ap50, s.ap75), (1.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn worked_example_with_a_false_positive_ranked_first() {
+        // Two ground-truth boxes. Ranked detections: FP (0.9), TP (0.8), TP (0.7).
+        // Precision 0, 1/2, 2/3 at recall 0, 0.5, 1. Envelope: 2/3, 2/3, 2/3.
+        // Recall points 0..=1: all 101 read 2/3 → AP = 2/3.
+        let g = vec![gt(1, 0, [0., 0., 10., 10.]), gt(1, 0, [20., 20., 30., 30.])];
+        let d = vec![
+            det(1, 0, [50., 50., 60., 60.], 0.9),
+            det(1, 0, [0., 0., 10., 10.], 0.8),
+            det(1, 0, [20., 20., 30., 30.], 0.7),
+        ];
+        let s = evaluate(&g, &d, 1);
+        assert!((s.ap50 - 2.0 / 3.0).abs() < 1e-9, "{s:?}");
+    }
+
+    #[test]
+    fn worked_example_with_a_miss() {
+        // Two ground-truth boxes, one found at rank 1: precision 1 up to recall 0.5 and
+        // nothing beyond. Recall points 0, 0.01, …, 0.50 (51 of them) read 1 → 51/101.
+        let g = vec![gt(1, 0, [0., 0., 10., 10.]), gt(2, 0, [0., 0., 10., 10.])];
+        let d = vec![det(1, 0, [0., 0., 10., 10.], 0.9)];
+        let s = evaluate(&g, &d, 1);
+        assert!((s.ap50 - 51.0 / 101.0).abs() < 1e-9, "{s:?}");
+    }
+
+    #[test]
+    fn iou_thresholds_and_duplicates() {
+        // Box [0,0,10,10] against [0,0,10,6]: IoU 0.6. Counts at 0.50..0.60 (3 of 10
+        // thresholds), not at 0.75. A duplicate detection of the same box is a false
+        // positive after the first match.
+        let g = vec![gt(1, 0, [0., 0., 10., 10.])];
+        let d = vec![det(1, 0, [0., 0., 10., 6.], 0.9), det(1, 0, [0., 0., 10., 6.], 0.8)];
+        let s = evaluate(&g, &d, 1);
+        assert_eq!(s.ap50, 1.0);
+        assert_eq!(s.ap75, 0.0);
+        assert!((s.ap - 0.3).abs() < 1e-9, "{s:?}");
+    }
+
+    #[test]
+    fn class_and_image_must_match_and_empty_classes_stay_out() {
+        let g = vec![gt(1, 0, [0., 0., 10., 10.]), gt(1, 1, [0., 0., 10., 10.])];
+        // Right box, wrong class for class 1; right class, wrong image for class 0.
+        let d = vec![det(2, 0, [0., 0., 10., 10.], 0.9), det(1, 0, [0., 0., 10., 10.], 0.5)];
+        let s = evaluate(&g, &d, 3);
+        assert_eq!(s.per_class.len(), 2, "class 2 has no ground truth");
+        // Class 0: FP then TP: precision envelope 1/2 everywhere → 0.5.
+        assert!((s.per_class[&0].ap50 - 0.5).abs() < 1e-9);
+        assert_eq!(s.per_class[&1].ap50, 0.0);
+        assert!((s.ap50 - 0.25).abs() < 1e-9);
+        assert_eq!(s.mean_ap50_over(&[1, 2]), Some(0.0));
+        assert_eq!(s.mean_ap50_over(&[2]), None);
+    }
+}

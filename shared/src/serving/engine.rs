@@ -1,0 +1,284 @@
+//! The search a shopper's photo goes through: decode with limits → detect garments (or
+//! take the shopper's own box) → crop and embed them in one batch → nearest shop garments
+//! of each → their items. The same preprocessing as the indexer's (`vision::Preprocess`),
+//! so a shop photo searched for finds itself.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use serde::Serialize;
+
+use super::snapshot::{self, ServedGarment, ServedItem, Snapshot};
+use crate::ann::{AnnParams, GarmentIndex, LoadOutcome};
+use crate::geometry::BBox;
+use crate::models::detector::GarmentDetector;
+use crate::models::embedder::GarmentEmbedder;
+use crate::store::ItemMetadata;
+use crate::vision::{DecodeLimits, decode_image};
+use crate::{Error, Result};
+
+/// Largest `k` a search may ask for.
+pub const MAX_RESULTS: usize = 100;
+
+/// One generation loaded for serving: its snapshot and ANN index.
+pub struct ServingIndex {
+    snapshot: Snapshot,
+    index: GarmentIndex,
+    by_sku: HashMap<String, u32>,
+    /// How the ANN index was obtained.
+    pub outcome: LoadOutcome,
+}
+
+impl std::fmt::Debug for ServingIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingIndex").field("generation", &self.snapshot.generation).field("garments", &self.snapshot.garments.len()).finish()
+    }
+}
+
+impl ServingIndex {
+    /// Loads generation `generation` of the store in `store_dir` from its serving snapshot
+    /// and graph dump (building the graph in memory when the dump is missing or stale).
+    pub fn load(store_dir: &Path, generation: u64, params: AnnParams) -> Result<Self> {
+        let snapshot = Snapshot::read(&crate::store::serving_dir(store_dir).join(snapshot::file_name(generation)))?;
+        Self::from_snapshot(snapshot, Some(&store_dir.join(crate::store::ANN_SUBDIR)), params)
+    }
+
+    /// Loads the generation `serving/CURRENT` points at; `None` before the first build.
+    pub fn load_current(store_dir: &Path, params: AnnParams) -> Result<Option<Self>> {
+        match snapshot::current(&crate::store::serving_dir(store_dir))? {
+            Some(generation) => Ok(Some(Self::load(store_dir, generation, params)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn from_snapshot(snapshot: Snapshot, ann_dir: Option<&Path>, params: AnnParams) -> Result<Self> {
+        let vectors = snapshot.vectors()?;
+        // Read the dump only: writing one is the indexer's job, and a searcher writing
+        // into the directory the indexer prunes would race with it.
+        let (index, outcome) = GarmentIndex::open_read_only(ann_dir, snapshot.generation, vectors, params)?;
+        let by_sku = snapshot.items.iter().enumerate().map(|(i, it)| (it.metadata.sku.clone(), i as u32)).collect();
+        Ok(Self { snapshot, index, by_sku, outcome })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.snapshot.generation
+    }
+
+    pub fn items(&self) -> usize {
+        self.snapshot.items.len()
+    }
+
+    pub fn garments(&self) -> usize {
+        self.snapshot.garments.len()
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The item with `sku`.
+    pub fn item(&self, sku: &str) -> Option<&ServedItem> {
+        self.by_sku.get(sku).map(|&i| &self.snapshot.items[i as usize])
+    }
+
+    /// The garments of the item with `sku`.
+    pub fn item_garments(&self, sku: &str) -> Vec<&ServedGarment> {
+        match self.by_sku.get(sku) {
+            Some(&i) => self.snapshot.garments.iter().filter(|g| g.item == i).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Category names of the indexed garments with their counts.
+    pub fn categories(&self) -> Vec<(String, usize)> {
+        self.index.categories().map(|(c, n)| (c.to_string(), n)).collect()
+    }
+}
+
+/// What a shopper asks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchRequest {
+    /// Shop items per garment, 1..=[`MAX_RESULTS`].
+    pub k: usize,
+    /// Only garments (found and returned) of this category.
+    pub category: Option<String>,
+    /// The shopper's own box: search this region only, no detection.
+    pub region: Option<BBox>,
+}
+
+/// A shop item found for a garment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ItemHit {
+    pub sku: String,
+    /// Cosine similarity of the best-matching garment of the item.
+    pub score: f32,
+    pub title: Option<String>,
+    pub label: Option<String>,
+    pub category: Option<String>,
+    pub price: Option<f64>,
+    pub currency: Option<String>,
+    pub url: Option<String>,
+    /// The matched garment's box in the shop image.
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+}
+
+/// A garment of the shopper's photo with its shop items.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GarmentResult {
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+    pub category: String,
+    /// Detection score (1 for the shopper's own box and the whole-image fallback).
+    pub score: f32,
+    /// How the garment was found: `detected`, `region` or `whole_image`.
+    pub source: &'static str,
+    pub results: Vec<ItemHit>,
+}
+
+/// Milliseconds per stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    pub decode: f64,
+    pub detect: f64,
+    pub embed: f64,
+    pub search: f64,
+    pub fetch: f64,
+    pub total: f64,
+}
+
+/// The answer to a search.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchOutcome {
+    pub width: u32,
+    pub height: u32,
+    pub generation: u64,
+    pub garments: Vec<GarmentResult>,
+    pub timings_ms: Timings,
+}
+
+/// The networks of a searcher.
+pub struct SearchEngine {
+    pub detector: Option<GarmentDetector>,
+    pub embedder: GarmentEmbedder,
+    pub limits: DecodeLimits,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+impl SearchEngine {
+    /// Checks a request before any work: `k` in range, a category somebody knows.
+    pub fn validate(&self, index: &ServingIndex, req: &SearchRequest) -> Result<()> {
+        if req.k == 0 || req.k > MAX_RESULTS {
+            return Err(Error::InvalidK { k: req.k, max: MAX_RESULTS });
+        }
+        if let Some(c) = &req.category {
+            let known = self.detector.as_ref().is_some_and(|d| d.config().categories.iter().any(|k| &k.name == c)) || index.categories().iter().any(|(k, _)| k == c);
+            if !known {
+                return Err(Error::UnknownCategory(c.clone()));
+            }
+        }
+        if let Some(b) = req.region {
+            if !b.is_valid() {
+                return Err(Error::InvalidBox { reason: format!("{:?} is not a box with x1 < x2 and y1 < y2", b.to_array()) });
+            }
+        }
+        Ok(())
+    }
+
+    /// Searches the shop for the garments of a photo given as file bytes.
+    pub fn search(&self, index: &ServingIndex, bytes: &[u8], req: &SearchRequest) -> Result<SearchOutcome> {
+        let started = Instant::now();
+        self.validate(index, req)?;
+        let t = Instant::now();
+        let image = decode_image(bytes, self.limits)?;
+        let decode = ms(t);
+        let mut outcome = self.search_image(index, &image, req)?;
+        outcome.timings_ms.decode = decode;
+        outcome.timings_ms.total = ms(started);
+        Ok(outcome)
+    }
+
+    /// Searches the shop for the garments of a decoded photo.
+    pub fn search_image(&self, index: &ServingIndex, image: &RgbImage, req: &SearchRequest) -> Result<SearchOutcome> {
+        self.validate(index, req)?;
+        let mut timings = Timings::default();
+        let (w, h) = image.dimensions();
+        // Garments: the shopper's box, or the detector's, or the whole photo.
+        let t = Instant::now();
+        let mut garments: Vec<(BBox, String, f32, &'static str)> = match (req.region, &self.detector) {
+            (Some(region), _) => {
+                let clipped = region.clip(w, h);
+                if !clipped.is_valid() {
+                    return Err(Error::InvalidBox { reason: format!("{:?} lies outside the {w}×{h} photo", region.to_array()) });
+                }
+                vec![(clipped, req.category.clone().unwrap_or_else(|| "any".into()), 1.0, "region")]
+            }
+            (None, Some(detector)) => detector
+                .detect(image)?
+                .into_iter()
+                .filter(|d| req.category.as_ref().is_none_or(|c| &d.category == c))
+                .map(|d| (d.bbox, d.category, d.score, "detected"))
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        if garments.is_empty() {
+            garments.push((BBox::new(0.0, 0.0, w as f32, h as f32), req.category.clone().unwrap_or_else(|| "any".into()), 1.0, "whole_image"));
+        }
+        timings.detect = ms(t);
+
+        let t = Instant::now();
+        let pre = self.embedder.config().preprocess;
+        let crops = garments.iter().map(|(b, _, _, _)| pre.crop_to_tensor(image, Some(*b), &Device::Cpu)).collect::<Result<Vec<_>>>()?;
+        let embeddings = self.embedder.embed_batch(&Tensor::stack(&crops, 0)?)?;
+        timings.embed = ms(t);
+
+        // Category filter of the results: the request's; absent from this index → none.
+        let filter = req.category.as_deref();
+        let present = filter.is_none_or(|c| index.categories().iter().any(|(k, _)| k == c));
+        let mut results = Vec::with_capacity(garments.len());
+        for ((bbox, category, score, source), embedding) in garments.into_iter().zip(embeddings) {
+            let t = Instant::now();
+            // An item may own several garments: fetch extra and keep each item's best.
+            let fetch = (req.k * 3).min(index.garments().max(1)).min(crate::ann::MAX_K);
+            let hits = if present && index.garments() > 0 { index.index.search(&embedding, fetch, filter)? } else { Vec::new() };
+            timings.search += ms(t);
+            let t = Instant::now();
+            let mut seen = HashSet::new();
+            let mut items = Vec::new();
+            for hit in hits {
+                let g = &index.snapshot.garments[hit.row as usize];
+                let item = &index.snapshot.items[g.item as usize];
+                if !seen.insert(g.item) {
+                    continue;
+                }
+                items.push(item_hit(&item.metadata, hit.score, g.bbox));
+                if items.len() == req.k {
+                    break;
+                }
+            }
+            timings.fetch += ms(t);
+            results.push(GarmentResult { bbox: bbox.to_array(), category, score, source, results: items });
+        }
+        Ok(SearchOutcome { width: w, height: h, generation: index.generation(), garments: results, timings_ms: timings })
+    }
+}
+
+fn item_hit(m: &ItemMetadata, score: f32, bbox: BBox) -> ItemHit {
+    ItemHit {
+        sku: m.sku.clone(),
+        score,
+        title: m.title.clone(),
+        label: m.label.clone(),
+        category: m.category.clone(),
+        price: m.price,
+        currency: m.currency.clone(),
+        url: m.url.clone(),
+        bbox: bbox.to_array(),
+    }
+}

@@ -1,0 +1,718 @@
+//! Training the garment detector's head (pyramid, tower, outputs) on DeepFashion2-format
+//! photos, FCOS-style (arXiv 1904.01355).
+//!
+//! The backbone stays frozen, as for the embedder: backpropagating through EfficientNet on a
+//! 2-core CPU runs at about one image a second (`../shared/STACK-NOTES.md` §4), which would
+//! not fit the hour. Instead each training photo gets `views` augmented views (view 0 the
+//! photo, view 1 its mirror, the others a random crop or zoom-out, mirror and colour
+//! jitter), the backbone's pyramid features of every view are computed once and cached on
+//! disk (f16, in shards, so an interrupted run keeps what it computed), and each epoch
+//! draws one view per photo.
+//!
+//! Targets (FCOS): a location is positive for a box when it lies inside the box's centre
+//! region (1.5 strides around its centre, clipped to the box) and the box's largest
+//! distance from it falls in the level's size range (0–64, 64–128, 128+ pixels); of several
+//! such boxes the smallest wins. Losses: sigmoid focal loss on the classes (α 0.25, γ 2),
+//! GIoU on the box distances weighted by the centre-ness target, binary cross-entropy on the
+//! centre-ness; all divided by the number of positives.
+//!
+//! Split: validation = image ids with `id % 5 == 1` (for CCP, the CCP id), training = the
+//! rest. The reported validation AP is the last epoch's: no epoch is picked by its
+//! validation score.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use image::{Rgb, RgbImage, imageops};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{Progress, ProgressFn, augment};
+use crate::datasets::{Df2Annotation, Df2Folder};
+use crate::evaluation::detection::{self, ApSummary, HEADLINE};
+use crate::geometry::BBox;
+use crate::models::detector::{Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, location_grid};
+use crate::models::efficientnet_lite::EfficientNetLite;
+use crate::vision::{DecodeLimits, LetterboxGeometry, Normalisation, Preprocess, decode_image};
+use crate::{Error, Result};
+
+/// Version of the view generation, part of the feature cache key: bump it whenever
+/// [`make_view`] changes what a seed produces.
+const VIEW_VERSION: u32 = 1;
+/// Views per cache shard.
+const SHARD: usize = 64;
+
+/// Everything a training run needs.
+#[derive(Debug, Clone)]
+pub struct DetectorTraining {
+    /// DeepFashion2-format folder (`image/`, `annos/`) of consumer photos.
+    pub data: PathBuf,
+    pub backbone: PathBuf,
+    pub out: PathBuf,
+    pub cache: PathBuf,
+    pub epochs: usize,
+    pub seed: u64,
+    /// Cached augmented views per training photo (≥ 2: the photo and its mirror).
+    pub views: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub size: u32,
+    pub channels: usize,
+    pub tower: usize,
+    /// Validate every this many epochs (and after the last).
+    pub eval_every: usize,
+    pub resume: bool,
+    pub device: Device,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DetectorReport {
+    pub train_images: usize,
+    pub val_images: usize,
+    pub views: usize,
+    pub epochs: usize,
+    /// Validation AP of the final weights, per category name.
+    pub validation: BTreeMap<String, detection::ClassAp>,
+    pub ap: f64,
+    pub ap50: f64,
+    pub ap75: f64,
+    /// Mean AP50 over [`HEADLINE`].
+    pub headline_ap50: Option<f64>,
+    pub feature_seconds: f64,
+    pub train_seconds: f64,
+}
+
+/// A photo with its boxes.
+#[derive(Debug, Clone)]
+struct Sample {
+    id: u64,
+    image: PathBuf,
+    boxes: Vec<(usize, BBox)>,
+}
+
+/// One cached view: which photo, which augmentation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ViewSpec {
+    image: PathBuf,
+    view: u32,
+    seed: u64,
+}
+
+/// Boxes of a view in input coordinates.
+type Targets = Vec<(usize, [f32; 4])>;
+
+fn read_samples(data: &Path) -> Result<(Vec<Category>, Vec<Sample>)> {
+    let folder = Df2Folder::open(data)?;
+    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    let mut annos = Vec::new();
+    for entry in folder.images() {
+        let anno = Df2Annotation::read(&entry.annotation)?;
+        for item in &anno.items {
+            match names.get(&item.category_id) {
+                Some(n) if *n != item.category_name => {
+                    return Err(Error::MalformedDataset {
+                        file: entry.annotation.clone(),
+                        field: format!("item{}.category_name", item.index),
+                        reason: format!("category {} is called {n:?} elsewhere, {:?} here", item.category_id, item.category_name),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    names.insert(item.category_id, item.category_name.clone());
+                }
+            }
+        }
+        annos.push((entry.clone(), anno));
+    }
+    let categories: Vec<Category> = names.into_iter().map(|(id, name)| Category { id, name }).collect();
+    let index: HashMap<u32, usize> = categories.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+    let samples = annos
+        .into_iter()
+        .map(|(entry, anno)| Sample {
+            id: entry.id,
+            image: entry.image,
+            boxes: anno.items.iter().filter(|i| i.bbox.is_valid()).map(|i| (index[&i.category_id], i.bbox)).collect(),
+        })
+        .collect();
+    Ok((categories, samples))
+}
+
+/// The augmented view `view` of `image`, letterboxed to `size`, and its boxes in input
+/// coordinates. View 0 is the photo, view 1 its mirror; later views are random (seeded).
+fn make_view(image: &RgbImage, boxes: &[(usize, BBox)], view: u32, seed: u64, pre: &Preprocess) -> (RgbImage, Targets) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut img = image.clone();
+    let mut bx: Vec<(usize, BBox)> = boxes.to_vec();
+    let flip = match view {
+        0 => false,
+        1 => true,
+        _ => rng.random_bool(0.5),
+    };
+    if view >= 2 {
+        let (w, h) = (img.width() as f32, img.height() as f32);
+        if rng.random_bool(0.6) {
+            // Crop: 60–100 % of each side; a box keeps when 40 % of it stays.
+            let cw = (w * rng.random_range(0.6..1.0f32)).max(16.0);
+            let ch = (h * rng.random_range(0.6..1.0f32)).max(16.0);
+            let x0 = rng.random_range(0.0..=(w - cw).max(0.0));
+            let y0 = rng.random_range(0.0..=(h - ch).max(0.0));
+            img = imageops::crop_imm(&img, x0 as u32, y0 as u32, cw as u32, ch as u32).to_image();
+            let (x0, y0) = (x0.floor(), y0.floor());
+            bx = bx
+                .into_iter()
+                .filter_map(|(c, b)| {
+                    let moved = BBox::new(b.x1 - x0, b.y1 - y0, b.x2 - x0, b.y2 - y0);
+                    let clipped = moved.clip(img.width(), img.height());
+                    (clipped.width() >= 2.0 && clipped.height() >= 2.0 && clipped.area() >= 0.4 * b.area()).then_some((c, clipped))
+                })
+                .collect();
+        } else {
+            // Zoom out: the photo on a larger canvas, as in a wider street scene.
+            let f = rng.random_range(1.1..1.8f32);
+            let (cw, ch) = ((w * f) as u32, (h * f) as u32);
+            let fill = Rgb([rng.random_range(90..230u8), rng.random_range(90..230u8), rng.random_range(90..230u8)]);
+            let mut canvas = RgbImage::from_pixel(cw, ch, fill);
+            let x0 = rng.random_range(0..=cw - img.width());
+            let y0 = rng.random_range(0..=ch - img.height());
+            imageops::replace(&mut canvas, &img, x0 as i64, y0 as i64);
+            img = canvas;
+            bx = bx.into_iter().map(|(c, b)| (c, BBox::new(b.x1 + x0 as f32, b.y1 + y0 as f32, b.x2 + x0 as f32, b.y2 + y0 as f32))).collect();
+        }
+        augment::colour_jitter(&mut img, &mut rng);
+    }
+    if flip {
+        imageops::flip_horizontal_in_place(&mut img);
+        let w = img.width() as f32;
+        bx = bx.into_iter().map(|(c, b)| (c, BBox::new(w - b.x2, b.y1, w - b.x1, b.y2))).collect();
+    }
+    let geometry = LetterboxGeometry::new(img.width(), img.height(), pre.size);
+    let boxed = crate::vision::letterbox(&img, pre.size, pre.pad_rgb);
+    (boxed, bx.into_iter().map(|(c, b)| (c, geometry.to_input(b).to_array())).collect())
+}
+
+/// Pyramid features (f16, CPU, one tensor per level) and targets of `specs`, cached in
+/// shards keyed by the backbone's hash and the shard's specs.
+#[allow(clippy::too_many_arguments)]
+fn view_features(
+    backbone: &EfficientNetLite,
+    backbone_hash: &blake3::Hash,
+    specs: &[ViewSpec],
+    boxes_of: &HashMap<PathBuf, Vec<(usize, BBox)>>,
+    pre: &Preprocess,
+    name: &str,
+    cache: &Path,
+    device: &Device,
+    progress: ProgressFn,
+) -> Result<(Vec<Tensor>, Vec<Targets>)> {
+    progress(Progress::Stage { name: format!("backbone features: {name}"), total: specs.len() as u64 });
+    let mut levels: Vec<Vec<Tensor>> = Vec::new();
+    let mut targets = Vec::with_capacity(specs.len());
+    std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
+    let mut decoded: Option<(PathBuf, RgbImage)> = None;
+    for shard in specs.chunks(SHARD) {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(backbone_hash.as_bytes());
+        hasher.update(&VIEW_VERSION.to_le_bytes());
+        hasher.update(serde_json::to_string(&(pre, shard)).expect("specs serialise").as_bytes());
+        let file = cache.join(format!("detector-{name}-{}.safetensors", &hasher.finalize().to_hex()[..16]));
+        if let Some((maps, t)) = read_shard(&file) {
+            for (i, m) in maps.into_iter().enumerate() {
+                if levels.len() <= i {
+                    levels.push(Vec::new());
+                }
+                levels[i].push(m);
+            }
+            targets.extend(t);
+            progress(Progress::Advance(shard.len() as u64));
+            continue;
+        }
+        let mut shard_maps: Vec<Vec<Tensor>> = Vec::new();
+        let mut shard_targets = Vec::new();
+        for chunk in shard.chunks(8) {
+            let mut inputs = Vec::with_capacity(chunk.len());
+            for spec in chunk {
+                if decoded.as_ref().map(|(p, _)| p) != Some(&spec.image) {
+                    let bytes = std::fs::read(&spec.image).map_err(|e| Error::io(&spec.image, e))?;
+                    decoded = Some((spec.image.clone(), decode_image(&bytes, DecodeLimits::default())?));
+                }
+                let image = &decoded.as_ref().expect("just decoded").1;
+                let (view, t) = make_view(image, &boxes_of[&spec.image], spec.view, spec.seed, pre);
+                inputs.push(pre.to_tensor(&view, &Device::Cpu)?);
+                shard_targets.push(t);
+            }
+            let batch = Tensor::stack(&inputs, 0)?.to_device(device)?;
+            for (i, level) in backbone.pyramid(&batch)?.into_iter().enumerate() {
+                if shard_maps.len() <= i {
+                    shard_maps.push(Vec::new());
+                }
+                shard_maps[i].push(level.to_dtype(DType::F16)?.to_device(&Device::Cpu)?);
+            }
+            progress(Progress::Advance(chunk.len() as u64));
+        }
+        let maps: Vec<Tensor> = shard_maps.iter().map(|m| Tensor::cat(m, 0)).collect::<candle_core::Result<_>>()?;
+        write_shard(&file, &maps, &shard_targets)?;
+        for (i, m) in maps.into_iter().enumerate() {
+            if levels.len() <= i {
+                levels.push(Vec::new());
+            }
+            levels[i].push(m);
+        }
+        targets.extend(shard_targets);
+    }
+    let levels = levels.iter().map(|l| Tensor::cat(l, 0)).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((levels, targets))
+}
+
+fn read_shard(file: &Path) -> Option<(Vec<Tensor>, Vec<Targets>)> {
+    let bytes = std::fs::read(file).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    let targets: Vec<Targets> = serde_json::from_str(meta.metadata().as_ref()?.get("targets")?).ok()?;
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).ok()?;
+    let mut maps = Vec::new();
+    while let Some(t) = tensors.remove(&format!("level{}", maps.len())) {
+        maps.push(t);
+    }
+    (!maps.is_empty()).then_some((maps, targets))
+}
+
+fn write_shard(file: &Path, maps: &[Tensor], targets: &[Targets]) -> Result<()> {
+    let meta = HashMap::from([("targets".to_string(), serde_json::to_string(targets).expect("targets serialise"))]);
+    let named: Vec<(String, &Tensor)> = maps.iter().enumerate().map(|(i, t)| (format!("level{i}"), t)).collect();
+    let tmp = file.with_extension("tmp");
+    safetensors::serialize_to_file(named.iter().map(|(k, t)| (k.as_str(), *t)), Some(meta), &tmp)
+        .map_err(|e| Error::InvalidWeights { reason: format!("writing {}: {e}", tmp.display()) })?;
+    std::fs::rename(&tmp, file).map_err(|e| Error::io(file, e))
+}
+
+/// Size range of each level's boxes (largest distance from a location to a side, pixels).
+fn level_ranges(levels: usize) -> Vec<(f32, f32)> {
+    (0..levels)
+        .map(|l| {
+            let lo = if l == 0 { 0.0 } else { 64.0 * (1 << (l - 1)) as f32 };
+            let hi = if l + 1 == levels { f32::INFINITY } else { 64.0 * (1 << l) as f32 };
+            (lo, hi)
+        })
+        .collect()
+}
+
+/// FCOS targets of one view at every location: `(class, [l, t, r, b] in strides,
+/// centre-ness)` for positives.
+pub fn assign(grid: &[(f32, f32, f32)], strides: &[usize], targets: &[(usize, [f32; 4])]) -> Vec<Option<(usize, [f32; 4], f32)>> {
+    const RADIUS: f32 = 1.5;
+    let ranges = level_ranges(strides.len());
+    grid.iter()
+        .map(|&(x, y, s)| {
+            let level = strides.iter().position(|&st| st as f32 == s).unwrap_or(0);
+            let (lo, hi) = ranges[level];
+            let mut best: Option<(f32, usize, [f32; 4])> = None;
+            for &(class, [x1, y1, x2, y2]) in targets {
+                let (l, t, r, b) = (x - x1, y - y1, x2 - x, y2 - y);
+                if l.min(t).min(r).min(b) <= 0.0 {
+                    continue;
+                }
+                let (cx, cy) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+                let (cx1, cy1, cx2, cy2) = ((cx - RADIUS * s).max(x1), (cy - RADIUS * s).max(y1), (cx + RADIUS * s).min(x2), (cy + RADIUS * s).min(y2));
+                if !(x > cx1 && x < cx2 && y > cy1 && y < cy2) {
+                    continue;
+                }
+                let m = l.max(t).max(r).max(b);
+                if m <= lo || m > hi {
+                    continue;
+                }
+                let area = (x2 - x1) * (y2 - y1);
+                if best.is_none_or(|(a, _, _)| area < a) {
+                    best = Some((area, class, [l / s, t / s, r / s, b / s]));
+                }
+            }
+            best.map(|(_, class, d)| {
+                let centreness = ((d[0].min(d[2]) / d[0].max(d[2])) * (d[1].min(d[3]) / d[1].max(d[3]))).sqrt();
+                (class, d, centreness)
+            })
+        })
+        .collect()
+}
+
+/// Dense target tensors of a batch: one-hot classes `[b, k, n]`, distances `[b, 4, n]`
+/// (1 at negatives), centre-ness `[b, 1, n]`, positive mask `[b, 1, n]`.
+fn target_tensors(assigned: &[Vec<Option<(usize, [f32; 4], f32)>>], k: usize, device: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (b, n) = (assigned.len(), assigned.first().map_or(0, Vec::len));
+    let mut cls = vec![0f32; b * k * n];
+    let mut reg = vec![1f32; b * 4 * n];
+    let mut ctr = vec![0f32; b * n];
+    let mut pos = vec![0f32; b * n];
+    for (i, a) in assigned.iter().enumerate() {
+        for (loc, t) in a.iter().enumerate() {
+            if let Some((class, d, c)) = t {
+                cls[(i * k + class) * n + loc] = 1.0;
+                for (j, v) in d.iter().enumerate() {
+                    reg[(i * 4 + j) * n + loc] = *v;
+                }
+                ctr[i * n + loc] = *c;
+                pos[i * n + loc] = 1.0;
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cls, (b, k, n), device)?,
+        Tensor::from_vec(reg, (b, 4, n), device)?,
+        Tensor::from_vec(ctr, (b, 1, n), device)?,
+        Tensor::from_vec(pos, (b, 1, n), device)?,
+    ))
+}
+
+/// Numerically stable binary cross-entropy with logits, elementwise.
+fn bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let log1p_exp = ((x.abs()?.neg()?.exp()? + 1.0)?).log()?;
+    Ok(((x.relu()? - (x * t)?)? + log1p_exp)?)
+}
+
+/// The three FCOS losses of head output `out` `[b, k + 5, n]`: `(classes, boxes, centre-ness)`.
+fn losses(out: &Tensor, k: usize, cls_t: &Tensor, reg_t: &Tensor, ctr_t: &Tensor, pos: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let logits = out.narrow(1, 0, k)?;
+    let dist = out.narrow(1, k, 4)?;
+    let ctr_logit = out.narrow(1, k + 4, 1)?;
+    let num_pos = pos.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+
+    // Sigmoid focal loss, α = 0.25, γ = 2.
+    let p = (logits.neg()?.exp()? + 1.0)?.recip()?;
+    let ce = bce_with_logits(&logits, cls_t)?;
+    let p_t = ((&p * cls_t)? + ((1.0 - &p)? * (1.0 - cls_t)?)?)?;
+    let alpha_t = ((cls_t * 0.25)? + ((1.0 - cls_t)? * 0.75)?)?;
+    let focal = (alpha_t * (1.0 - p_t)?.sqr()?)?.mul(&ce)?;
+    let cls_loss = (focal.sum_all()? / num_pos)?;
+
+    // GIoU of boxes around the same location, in strides.
+    let side = |t: &Tensor, i: usize| t.narrow(1, i, 1);
+    let (pl, pt, pr, pb) = (side(&dist, 0)?, side(&dist, 1)?, side(&dist, 2)?, side(&dist, 3)?);
+    let (tl, tt, tr, tb) = (side(reg_t, 0)?, side(reg_t, 1)?, side(reg_t, 2)?, side(reg_t, 3)?);
+    let area_p = ((&pl + &pr)? * (&pt + &pb)?)?;
+    let area_t = ((&tl + &tr)? * (&tt + &tb)?)?;
+    let inter = ((pl.minimum(&tl)? + pr.minimum(&tr)?)? * (pt.minimum(&tt)? + pb.minimum(&tb)?)?)?;
+    let union = ((area_p + area_t)? - &inter)?;
+    let enclose = ((pl.maximum(&tl)? + pr.maximum(&tr)?)? * (pt.maximum(&tt)? + pb.maximum(&tb)?)?)?;
+    let iou = (&inter / &union)?;
+    let giou = (iou - ((&enclose - &union)? / &enclose)?)?;
+    let weight = (ctr_t * pos)?;
+    let weight_sum = weight.sum_all()?.to_scalar::<f32>()?.max(1e-6) as f64;
+    let box_loss = (((1.0 - giou)? * &weight)?.sum_all()? / weight_sum)?;
+
+    let ctr_loss = ((bce_with_logits(&ctr_logit, ctr_t)? * pos)?.sum_all()? / num_pos)?;
+    Ok((cls_loss, box_loss, ctr_loss))
+}
+
+/// A tensor drawn from `init` with our seeded generator, so a seed fixes the run.
+fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rng, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = match init {
+        ParamInit::Const(v) => vec![*v as f32; n],
+        ParamInit::Values(v) => v.clone(),
+        ParamInit::Normal(std) => (0..n)
+            .map(|_| {
+                // Box–Muller.
+                let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+            })
+            .collect(),
+    };
+    Ok(Tensor::from_vec(values, shape, device)?)
+}
+
+/// Runs `head` on cached features and returns each view's detections in input coordinates.
+fn predict(head: &DetectorHead, levels: &[Tensor], grid: &[(f32, f32, f32)], k: usize, device: &Device) -> Result<Vec<Vec<(BBox, usize, f32)>>> {
+    let n = levels[0].dim(0)?;
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(32) {
+        let len = 32.min(n - start);
+        let feats = levels.iter().map(|l| l.narrow(0, start, len)?.to_device(device)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+        let raw = head.forward(&feats)?.to_device(&Device::Cpu)?;
+        for i in 0..len {
+            let v = raw.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+            out.push(decode(&v, k, grid, &Postprocess::EVALUATION));
+        }
+    }
+    Ok(out)
+}
+
+/// AP of predictions against targets (both in input coordinates).
+fn validation_ap(predictions: &[Vec<(BBox, usize, f32)>], targets: &[Targets], k: usize) -> ApSummary {
+    let mut gts = Vec::new();
+    let mut dets = Vec::new();
+    for (i, (p, t)) in predictions.iter().zip(targets).enumerate() {
+        gts.extend(t.iter().map(|&(class, b)| detection::GroundTruth { image: i as u64, class, bbox: BBox::new(b[0], b[1], b[2], b[3]) }));
+        dets.extend(p.iter().map(|&(bbox, class, score)| detection::Detected { image: i as u64, class, bbox, score }));
+    }
+    detection::evaluate(&gts, &dets, k)
+}
+
+fn headline_classes(categories: &[Category]) -> Vec<usize> {
+    categories.iter().enumerate().filter(|(_, c)| HEADLINE.contains(&c.name.as_str())).map(|(i, _)| i).collect()
+}
+
+/// `top 0.71, outer 0.52, …` for messages.
+pub fn fmt_ap50(summary: &ApSummary, categories: &[Category]) -> String {
+    summary.per_class.iter().map(|(c, ap)| format!("{} {:.2}", categories[*c].name, ap.ap50)).collect::<Vec<_>>().join(", ")
+}
+
+fn model_version(head: &DetectorHead) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut named: Vec<(String, Tensor)> = head.tensors().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in named {
+        hasher.update(name.as_bytes());
+        for v in t.flatten_all()?.to_vec1::<f32>()? {
+            hasher.update(&v.to_le_bytes());
+        }
+    }
+    Ok(format!("detector-lite0-fcos-{}", &hasher.finalize().to_hex()[..12]))
+}
+
+/// Trains the head and writes the final weights to `cfg.out`.
+pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<DetectorReport> {
+    if cfg.epochs == 0 || cfg.batch == 0 || cfg.views < 2 || cfg.eval_every == 0 {
+        return Err(Error::InvalidSetting { name: "training", reason: "need epochs ≥ 1, batch ≥ 1, views ≥ 2 and eval-every ≥ 1".into() });
+    }
+    let started = Instant::now();
+    let backbone = EfficientNetLite::load(&cfg.backbone, &cfg.device)?;
+    let (categories, samples) = read_samples(&cfg.data)?;
+    let k = categories.len();
+    let (val, train): (Vec<&Sample>, Vec<&Sample>) = samples.iter().filter(|s| !s.boxes.is_empty()).partition(|s| s.id % 5 == 1);
+    if train.is_empty() || val.is_empty() {
+        return Err(Error::InvalidSetting { name: "data", reason: format!("{} training and {} validation photos with boxes: need both", train.len(), val.len()) });
+    }
+    progress(Progress::Message(format!(
+        "{} categories ({}); {} training photos, {} validation photos",
+        k,
+        categories.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+        train.len(),
+        val.len()
+    )));
+    let pre = Preprocess { size: cfg.size, normalisation: Normalisation::TfLite, pad_rgb: [255, 255, 255] };
+    let mut config = DetectorConfig {
+        backbone: cfg.backbone.file_name().and_then(|f| f.to_str()).unwrap_or("efficientnet-lite0.safetensors").to_string(),
+        categories: categories.clone(),
+        preprocess: pre,
+        channels: cfg.channels,
+        tower: cfg.tower,
+        groups: 16.min(cfg.channels).max(1),
+        strides: vec![8, 16, 32],
+        postprocess: Postprocess { min_score: 0.3, nms_iou: 0.6, max_detections: 10 },
+        version: String::new(),
+        training: serde_json::Value::Null,
+    };
+    while config.channels % config.groups != 0 {
+        config.groups -= 1;
+    }
+    config.validate()?;
+    let in_channels = backbone.pyramid_channels();
+    if in_channels.len() != config.strides.len() {
+        return Err(Error::InvalidWeights { reason: format!("the backbone gives {} pyramid levels, expected 3", in_channels.len()) });
+    }
+
+    let boxes_of: HashMap<PathBuf, Vec<(usize, BBox)>> = samples.iter().map(|s| (s.image.clone(), s.boxes.clone())).collect();
+    let train_specs: Vec<ViewSpec> = train
+        .iter()
+        .flat_map(|s| (0..cfg.views as u32).map(move |v| ViewSpec { image: s.image.clone(), view: v, seed: cfg.seed.wrapping_mul(1_000_003) ^ (s.id << 8) ^ v as u64 }))
+        .collect();
+    let val_specs: Vec<ViewSpec> = val.iter().map(|s| ViewSpec { image: s.image.clone(), view: 0, seed: 0 }).collect();
+    let backbone_hash = blake3::hash(&std::fs::read(&cfg.backbone).map_err(|e| Error::io(&cfg.backbone, e))?);
+    let (train_levels, train_targets) = view_features(&backbone, &backbone_hash, &train_specs, &boxes_of, &pre, "train", &cfg.cache, &cfg.device, progress)?;
+    let (val_levels, val_targets) = view_features(&backbone, &backbone_hash, &val_specs, &boxes_of, &pre, "val", &cfg.cache, &cfg.device, progress)?;
+    let feature_seconds = started.elapsed().as_secs_f64();
+    let grid = location_grid(cfg.size as usize, &config.strides);
+    let assigned: Vec<_> = train_targets.iter().map(|t| assign(&grid, &config.strides, t)).collect();
+    let positives: usize = assigned.iter().map(|a| a.iter().filter(|x| x.is_some()).count()).sum();
+    progress(Progress::Message(format!("{} cached views, {:.1} positive locations per view", train_targets.len(), positives as f64 / train_targets.len() as f64)));
+
+    // Parameters: drawn from the seed, held in a VarMap for saving and resuming.
+    let mut varmap = VarMap::new();
+    let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let head = {
+        let data = varmap.data();
+        DetectorHead::build(&config, &in_channels, &mut |name, shape, init| {
+            let var = Var::from_tensor(&init_tensor(shape, &init, &mut init_rng, &cfg.device)?)?;
+            let t = var.as_tensor().clone();
+            data.lock().expect("varmap lock").insert(name.to_string(), var);
+            Ok(t)
+        })?
+    };
+    let checkpoint = cfg.out.with_extension("ckpt.safetensors");
+    let mut first_epoch = 0;
+    if cfg.resume && checkpoint.is_file() {
+        varmap.load(&checkpoint)?;
+        first_epoch = std::fs::read_to_string(checkpoint.with_extension("epoch")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        progress(Progress::Message(format!("resumed from {} after epoch {first_epoch} (optimizer moments restart)", checkpoint.display())));
+    }
+    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
+    let steps_per_epoch = train.len().div_ceil(cfg.batch);
+    let total_steps = (steps_per_epoch * cfg.epochs) as f64;
+    let warmup = (steps_per_epoch as f64).min(100.0);
+
+    let train_started = Instant::now();
+    let mut last: Option<ApSummary> = None;
+    for epoch in first_epoch..cfg.epochs {
+        // Each epoch's order and views follow from the seed and the epoch alone, so a
+        // resumed run sees what an uninterrupted one would.
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (0x5eed_0000 + epoch as u64));
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        order.shuffle(&mut rng);
+        let picks: Vec<u32> = order.iter().map(|&i| (i * cfg.views + rng.random_range(0..cfg.views)) as u32).collect();
+        progress(Progress::Stage { name: format!("epoch {}/{}", epoch + 1, cfg.epochs), total: picks.len() as u64 });
+        let mut sums = [0f64; 3];
+        let mut steps = 0;
+        for (b, batch) in picks.chunks(cfg.batch).enumerate() {
+            let step = (epoch * steps_per_epoch + b) as f64;
+            let lr = if step < warmup {
+                cfg.lr * (0.1 + 0.9 * step / warmup)
+            } else {
+                cfg.lr * (0.02 + 0.98 * 0.5 * (1.0 + (std::f64::consts::PI * step / total_steps).cos()))
+            };
+            opt.set_learning_rate(lr);
+            let idx = Tensor::new(batch, &Device::Cpu)?;
+            let feats = train_levels.iter().map(|l| l.index_select(&idx, 0)?.to_device(&cfg.device)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+            let batch_assigned: Vec<_> = batch.iter().map(|&i| assigned[i as usize].clone()).collect();
+            let (cls_t, reg_t, ctr_t, pos) = target_tensors(&batch_assigned, k, &cfg.device)?;
+            let out = head.forward(&feats)?;
+            let (l_cls, l_box, l_ctr) = losses(&out, k, &cls_t, &reg_t, &ctr_t, &pos)?;
+            let loss = ((&l_cls + &l_box)? + &l_ctr)?;
+            opt.backward_step(&loss)?;
+            for (s, l) in sums.iter_mut().zip([&l_cls, &l_box, &l_ctr]) {
+                *s += l.to_scalar::<f32>()? as f64;
+            }
+            steps += 1;
+            progress(Progress::Advance(batch.len() as u64));
+        }
+        let n = steps.max(1) as f64;
+        let mut line = format!("epoch {}: loss classes {:.4}, boxes {:.4}, centre-ness {:.4}", epoch + 1, sums[0] / n, sums[1] / n, sums[2] / n);
+        varmap.save(&checkpoint)?;
+        std::fs::write(checkpoint.with_extension("epoch"), (epoch + 1).to_string()).map_err(|e| Error::io(&checkpoint, e))?;
+        if (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs {
+            let summary = validation_ap(&predict(&head, &val_levels, &grid, k, &cfg.device)?, &val_targets, k);
+            let headline = summary.mean_ap50_over(&headline_classes(&categories));
+            line += &format!(
+                "; validation AP {:.3}, AP50 {:.3}, headline AP50 {} ({})",
+                summary.ap,
+                summary.ap50,
+                headline.map_or("-".into(), |h| format!("{h:.3}")),
+                fmt_ap50(&summary, &categories)
+            );
+            last = Some(summary);
+        }
+        progress(Progress::Message(line));
+    }
+    let summary = match last {
+        Some(s) => s,
+        None => validation_ap(&predict(&head, &val_levels, &grid, k, &cfg.device)?, &val_targets, k),
+    };
+    let final_head = head.detached()?;
+    let report = DetectorReport {
+        train_images: train.len(),
+        val_images: val.len(),
+        views: cfg.views,
+        epochs: cfg.epochs,
+        validation: summary.per_class.iter().map(|(c, ap)| (categories[*c].name.clone(), ap.clone())).collect(),
+        ap: summary.ap,
+        ap50: summary.ap50,
+        ap75: summary.ap75,
+        headline_ap50: summary.mean_ap50_over(&headline_classes(&categories)),
+        feature_seconds,
+        train_seconds: train_started.elapsed().as_secs_f64(),
+    };
+    config.version = model_version(&final_head)?;
+    config.training = serde_json::json!({
+        "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "batch": cfg.batch,
+        "lr": cfg.lr, "split": "validation = image id % 5 == 1", "report": &report,
+    });
+    crate::models::detector::GarmentDetector::save_head(&cfg.out, &config, &final_head)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn level_ranges_follow_fcos() {
+        assert_eq!(level_ranges(3), vec![(0.0, 64.0), (64.0, 128.0), (128.0, f32::INFINITY)]);
+    }
+
+    #[test]
+    fn assignment_picks_level_centre_region_and_smallest_box() {
+        let strides = [8, 16, 32];
+        let grid = location_grid(64, &strides);
+        // A 40-pixel box centred at (20, 20): largest distance ≤ 64 → stride 8 only; the
+        // centre region is 1.5 strides (12 px) around the centre.
+        let small = (1usize, [0.0f32, 0.0, 40.0, 40.0]);
+        let a = assign(&grid, &strides, &[small]);
+        let positives: Vec<(f32, f32, f32)> = a.iter().zip(&grid).filter(|(t, _)| t.is_some()).map(|(_, g)| *g).collect();
+        assert!(positives.iter().all(|&(x, y, s)| s == 8.0 && (x - 20.0).abs() < 12.0 && (y - 20.0).abs() < 12.0), "{positives:?}");
+        assert_eq!(positives.len(), 9, "{positives:?}");
+        // At (20, 20): l = t = r = b = 20 px = 2.5 strides, centre-ness 1.
+        let at = grid.iter().position(|&g| g == (20.0, 20.0, 8.0)).unwrap();
+        let (class, d, c) = a[at].unwrap();
+        assert_eq!((class, d, c), (1, [2.5; 4], 1.0));
+        // A large box covering the same place: the small box still wins there.
+        let large = (0usize, [0.0f32, 0.0, 64.0, 64.0]);
+        let b = assign(&grid, &strides, &[large, small]);
+        assert_eq!(b[at].unwrap().0, 1);
+        // The large box's largest distance at the stride-16 centre (24, 24)… is 40 ≤ 64:
+        // no stride-16 location takes it; one stride-32 location near its centre would need
+        // a distance above 128, so the 64-px box is a stride-8 object as well.
+        assert!(b.iter().zip(&grid).filter(|(t, g)| t.is_some() && g.2 > 8.0).count() == 0);
+    }
+
+    #[test]
+    fn losses_fall_when_predictions_match_targets() {
+        let dev = Device::Cpu;
+        let strides = [8usize];
+        let grid = location_grid(32, &strides);
+        let assigned = vec![assign(&grid, &strides, &[(0, [0.0, 0.0, 30.0, 22.0])])];
+        let (cls_t, reg_t, ctr_t, pos) = target_tensors(&assigned, 2, &dev).unwrap();
+        let n = grid.len();
+        // A perfect prediction: logits ±8 by the targets, distances equal, centre-ness logit
+        // of its target.
+        let good_cls = ((cls_t.clone() * 16.0).unwrap() - 8.0).unwrap();
+        let logit = |p: f32| (p.clamp(1e-4, 1.0 - 1e-4) / (1.0 - p.clamp(1e-4, 1.0 - 1e-4))).ln();
+        let ctr_vals: Vec<f32> = ctr_t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(logit).collect();
+        let good = Tensor::cat(&[good_cls, reg_t.clone(), Tensor::from_vec(ctr_vals, (1, 1, n), &dev).unwrap()], 1).unwrap();
+        let bad = Tensor::cat(&[Tensor::zeros((1, 2, n), DType::F32, &dev).unwrap(), (reg_t.clone() * 3.0).unwrap(), Tensor::zeros((1, 1, n), DType::F32, &dev).unwrap()], 1).unwrap();
+        let total = |out: &Tensor| {
+            let (a, b, c) = losses(out, 2, &cls_t, &reg_t, &ctr_t, &pos).unwrap();
+            [a, b, c].map(|t| t.to_scalar::<f32>().unwrap())
+        };
+        let (g, b) = (total(&good), total(&bad));
+        assert!(pos.sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        assert!(g[0] < 0.01 * b[0], "{g:?} {b:?}");
+        assert!(g[1].abs() < 1e-5 && b[1] > 0.3, "{g:?} {b:?}");
+        assert!(g[2] < b[2], "{g:?} {b:?}");
+    }
+
+    #[test]
+    fn views_move_boxes_with_the_pixels() {
+        // A black square on white: after any view, the box still frames black pixels.
+        let mut img = RgbImage::from_pixel(120, 80, Rgb([255, 255, 255]));
+        for y in 20..50 {
+            for x in 30..70 {
+                img.put_pixel(x, y, Rgb([0, 0, 0]));
+            }
+        }
+        let pre = Preprocess { size: 64, normalisation: Normalisation::TfLite, pad_rgb: [255, 255, 255] };
+        let boxes = [(0usize, BBox::new(30.0, 20.0, 70.0, 50.0))];
+        for view in 0..12 {
+            let (v, t) = make_view(&img, &boxes, view, 7 + view as u64, &pre);
+            assert_eq!(v.dimensions(), (64, 64));
+            for (_, b) in t {
+                let (cx, cy) = (((b[0] + b[2]) / 2.0) as u32, ((b[1] + b[3]) / 2.0) as u32);
+                assert!(v.get_pixel(cx, cy).0.iter().all(|&c| c < 110), "view {view}: centre of {b:?} is {:?}", v.get_pixel(cx, cy));
+            }
+        }
+        let (_, mirrored) = make_view(&img, &boxes, 1, 0, &pre);
+        let (_, plain) = make_view(&img, &boxes, 0, 0, &pre);
+        assert!((mirrored[0].1[0] - (64.0 - plain[0].1[2])).abs() < 1e-3);
+    }
+}

@@ -1,10 +1,14 @@
 //! Network forward passes on the CPU: the EfficientNet-Lite0 backbone at batch 1 and 8
-//! (224×224, the shipped ImageNet weights) and the garment embedder at batch 1 and 8.
+//! (224×224, the shipped ImageNet weights), the garment embedder at batch 1 and 8, and the
+//! garment detector on one real street photo scaled to 640 pixels on its long side
+//! (`$SHOPLENS_DATA/street2shop-ccp/user/image/000001.jpg`, default `../shared/data`;
+//! skipped with a message when the data is absent).
 
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use shoplens::models::detector::GarmentDetector;
 use shoplens::models::efficientnet_lite::EfficientNetLite;
 use shoplens::models::embedder::GarmentEmbedder;
 
@@ -32,6 +36,37 @@ fn bench(c: &mut Criterion) {
             b.iter(|| embedder.embed_batch(&x).unwrap())
         });
     }
+    group.finish();
+
+    let data = std::env::var("SHOPLENS_DATA").map(std::path::PathBuf::from).unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    let photo = data.join("street2shop-ccp/user/image/000001.jpg");
+    let Ok(original) = image::open(&photo) else {
+        eprintln!("detector benchmark skipped: {} not found (set SHOPLENS_DATA)", photo.display());
+        return;
+    };
+    let (w, h) = (original.width(), original.height());
+    let scale = 640.0 / w.max(h) as f32;
+    let image = original.resize_exact((w as f32 * scale).round() as u32, (h as f32 * scale).round() as u32, image::imageops::FilterType::Triangle).to_rgb8();
+    let detector = GarmentDetector::load(&weights.with_file_name("detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    let mut jpeg = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    let mut group = c.benchmark_group("detector");
+    group.sample_size(20);
+    let size = detector.config().preprocess.size;
+    let id = format!("{}x{},input={size},threads={}", image.width(), image.height(), rayon::current_num_threads());
+    group.bench_function(BenchmarkId::new("detect", &id), |b| b.iter(|| detector.detect(&image).unwrap()));
+    group.bench_function(BenchmarkId::new("decode_jpeg+detect", &id), |b| {
+        b.iter(|| detector.detect(&shoplens::vision::decode_image(&jpeg, Default::default()).unwrap()).unwrap())
+    });
+    // Detection and the embedding of what it found: the engine's work for one photo
+    // before the ANN search.
+    group.bench_function(BenchmarkId::new("detect+embed_garments", &id), |b| {
+        b.iter(|| {
+            let found = detector.detect(&image).unwrap();
+            let boxes: Vec<Option<shoplens::geometry::BBox>> = found.iter().map(|d| Some(d.bbox)).collect();
+            embedder.embed_crops(&image, &boxes).unwrap()
+        })
+    });
     group.finish();
 }
 

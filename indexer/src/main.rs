@@ -3,6 +3,7 @@
 
 mod commands;
 mod progress;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use shoplens::datasets::synth::{self, SynthConfig};
 use shoplens::datasets::{Df2Annotation, Df2Folder, read_gallery_gt, read_query_gt};
@@ -25,11 +25,29 @@ pub enum DatasetCommand {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Assemble the validation gallery of the retrieval evaluation: the shop images of the
+    /// validation pairs (`pair_id % 5 == 1`) as a DeepFashion2 shop folder, and catalog
+    /// distractors (senders with `sender_id % 5` in {1, 3}, as in embedder training, so
+    /// none was trained on) as a CSV catalog. Files are symbolic links to the originals.
+    /// Then: `indexer build --catalog OUT/shop --catalog OUT/distractors/catalog.csv`.
+    EvalGallery {
+        /// DeepFashion2-format consumer-to-shop set (shop/ with its annotations).
+        #[arg(long)]
+        data: PathBuf,
+        /// Catalog folder with catalog.csv (sku, image, label, sender_id).
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        distractors: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub fn run(cmd: DatasetCommand) -> Result<()> {
     match cmd {
         DatasetCommand::Check { data } => check(&data),
+        DatasetCommand::EvalGallery { data, catalog, distractors, out } => eval_gallery(&data, &catalog, distractors, &out),
         DatasetCommand::Synth { out, images, seed } => {
             let summary = synth::generate(&out, &SynthConfig { images, seed, ..SynthConfig::default() })?;
             println!(
@@ -86,5 +104,56 @@ fn check(data: &Path) -> Result<()> {
             println!("{name}: {n} entries");
         }
     }
+    Ok(())
+}
+
+fn link(from: &Path, to: &Path) -> Result<()> {
+    let from = std::fs::canonicalize(from).with_context(|| format!("{}", from.display()))?;
+    if to.exists() {
+        std::fs::remove_file(to)?;
+    }
+    std::os::unix::fs::symlink(&from, to).with_context(|| format!("linking {}", to.display()))
+}
+
+fn eval_gallery(data: &Path, catalog: &Path, distractors: usize, out: &Path) -> Result<()> {
+    let shop = Df2Folder::open(data.join("shop"))?;
+    for sub in ["shop/image", "shop/annos", "distractors/images"] {
+        std::fs::create_dir_all(out.join(sub))?;
+    }
+    let mut shop_images = 0;
+    for image in shop.images() {
+        let anno = Df2Annotation::read(&image.annotation)?;
+        if anno.pair_id % 5 != 1 {
+            continue;
+        }
+        let name = image.image.file_name().context("image file name")?;
+        link(&image.image, &out.join("shop/image").join(name))?;
+        link(&image.annotation, &out.join("shop/annos").join(image.annotation.file_name().context("annotation file name")?))?;
+        shop_images += 1;
+    }
+    let csv_path = catalog.join("catalog.csv");
+    let mut reader = csv::Reader::from_path(&csv_path).with_context(|| format!("{}", csv_path.display()))?;
+    let headers = reader.headers()?.clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).with_context(|| format!("{}: no column {name}", csv_path.display()));
+    let (sku_col, image_col, sender_col) = (col("sku")?, col("image")?, col("sender_id")?);
+    let label_col = headers.iter().position(|h| h == "label");
+    let mut rows: Vec<csv::StringRecord> = reader.records().collect::<std::result::Result<_, _>>()?;
+    rows.sort_by(|a, b| a.get(sku_col).cmp(&b.get(sku_col)));
+    let mut writer = csv::Writer::from_path(out.join("distractors/catalog.csv"))?;
+    writer.write_record(["sku", "image", "label"])?;
+    let mut taken = 0;
+    for row in rows {
+        let sender: u64 = row.get(sender_col).and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        if taken == distractors || !(sender % 5 == 1 || sender % 5 == 3) {
+            continue;
+        }
+        let source = catalog.join(row.get(image_col).unwrap_or_default());
+        let name = format!("images/{}", source.file_name().and_then(|n| n.to_str()).context("image file name")?);
+        link(&source, &out.join("distractors").join(&name))?;
+        writer.write_record([row.get(sku_col).unwrap_or_default(), name.as_str(), label_col.and_then(|c| row.get(c)).unwrap_or_default()])?;
+        taken += 1;
+    }
+    writer.flush()?;
+    println!("{shop_images} validation shop images in {}, {taken} distractors in {}", out.join("shop").display(), out.join("distractors/catalog.csv").display());
     Ok(())
 }

@@ -14,6 +14,7 @@ use shoplens::models::embedder::GarmentEmbedder;
 
 use super::status::open_existing;
 use crate::progress::Reporter;
+use crate::report;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum EvalBoxes {
@@ -56,7 +57,8 @@ pub enum EvalCommand {
         /// Where the report goes.
         #[arg(long, default_value = "report.json")]
         out: PathBuf,
-        /// Also write the DeepFashion2 submission file (top-20 per detected query).
+        /// Where the DeepFashion2 submission file (top-20 per detected query) goes
+        /// [default: beside --out, `*-submission.json`].
         #[arg(long)]
         submission: Option<PathBuf>,
     },
@@ -73,6 +75,8 @@ pub enum EvalCommand {
         #[arg(long, default_value = "report.json")]
         out: PathBuf,
     },
+    /// Two reports of the same protocol side by side, with differences (b − a).
+    Compare { a: PathBuf, b: PathBuf },
 }
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
@@ -81,6 +85,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             retrieval(db, queries, query_gt, gallery_gt, boxes, split, embedder, detector, out, submission)
         }
         EvalCommand::Detection { data, weights, split, out } => detection(data, weights, split, out),
+        EvalCommand::Compare { a, b } => {
+            print!("{}", report::compare(&a, &b)?);
+            Ok(())
+        }
     }
 }
 
@@ -92,6 +100,7 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
     let report = evaluate_detector(&detector, &folder, &keep, &mut |e| reporter.handle(e))?;
     reporter.finish();
     std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    let written = report::detection(&out, &report, &command_line())?;
     println!("{} images, detector {} at {}²: AP {:.3}, AP50 {:.3}, AP75 {:.3}", report.images, report.detector, report.input_size, report.ap, report.ap50, report.ap75);
     for (name, c) in &report.per_category {
         println!("  {name:<12} {:>5} instances  AP {:.3}  AP50 {:.3}  AP75 {:.3}", c.instances, c.ap, c.ap50, c.ap75);
@@ -99,7 +108,12 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
     if let Some(h) = report.headline_ap50 {
         println!("mean AP50 over top, outer, dress, pants, skirt, shorts, footwear, bag: {h:.3}");
     }
-    println!("{:.1} ms per image (decode + detect); report: {}", report.ms_per_image, out.display());
+    println!(
+        "{:.1} ms per image (decode + detect); report: {}; also {}",
+        report.ms_per_image,
+        out.display(),
+        written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
     Ok(())
 }
 
@@ -131,12 +145,19 @@ fn retrieval(
     let inputs = RetrievalInputs { store: &store, index: &index, embedder: &embedder, queries: &folder, query_gt: &query_gt, gallery_gt: &gallery_gt };
     let mut reporter = Reporter::default();
     let query_boxes = detector.as_ref().map_or(QueryBoxes::GroundTruth, QueryBoxes::Detected);
-    let (report, entries) = evaluate(&inputs, query_boxes, &mut |e| reporter.handle(e))?;
+    let output = evaluate(&inputs, query_boxes, &mut |e| reporter.handle(e))?;
     reporter.finish();
-    std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
-    if let Some(path) = submission {
-        std::fs::write(&path, serde_json::to_vec(&entries)?).with_context(|| format!("writing {}", path.display()))?;
-    }
+    let report = &output.report;
+    std::fs::write(&out, serde_json::to_vec_pretty(report)?).with_context(|| format!("writing {}", out.display()))?;
+    let submission = submission.unwrap_or_else(|| report::sibling(&out, "-submission.json"));
+    std::fs::write(&submission, serde_json::to_vec(&output.submission)?).with_context(|| format!("writing {}", submission.display()))?;
+    let mut written = report::retrieval(&out, report, &command_line())?;
+    // Gallery images by sku come from the generation's serving snapshot.
+    let snapshot = shoplens::serving::snapshot::Snapshot::read(&shoplens::store::serving_dir(&db).join(shoplens::serving::snapshot::file_name(report.generation))).ok();
+    let gallery: std::collections::HashMap<String, PathBuf> =
+        snapshot.map(|s| s.items.into_iter().map(|i| (i.metadata.sku, i.image_path)).collect()).unwrap_or_default();
+    written.push(report::worst_queries(&out, &output.details, &|id| folder.image(id).map(|i| i.image.clone()), &|sku| gallery.get(sku).cloned(), 40)?);
+    written.push(submission);
     println!(
         "{} queries ({} missed) against {} gallery garments: {}",
         report.queries,
@@ -147,6 +168,13 @@ fn retrieval(
     for (category, g) in &report.per_category {
         println!("  {category:<12} {:>5} queries  top-1 {:.3}  top-20 {:.3}", g.queries, g.top_k["1"], g.top_k["20"]);
     }
-    println!("report: {}", out.display());
+    println!("report: {}; also {}", out.display(), written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     Ok(())
+}
+
+/// The command as typed, for the reports.
+fn command_line() -> String {
+    let mut args = std::env::args();
+    let program = args.next().map(|p| PathBuf::from(&p).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or(p)).unwrap_or_default();
+    std::iter::once(program).chain(args).collect::<Vec<_>>().join(" ")
 }

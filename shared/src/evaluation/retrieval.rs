@@ -114,6 +114,28 @@ struct Scored {
     detected: bool,
 }
 
+/// One scored query, for reports that show individual queries (the worst ones).
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryDetail {
+    pub query_image_id: u64,
+    pub category: String,
+    /// The ground-truth box of the item.
+    pub gt_bbox: [f32; 4],
+    /// The detection used as its query; `None` for a miss.
+    pub query_bbox: Option<[f32; 4]>,
+    /// Rank (0-based) of the first hit within the top 20.
+    pub first_hit: Option<usize>,
+    /// The first five results: sku, garment box, score.
+    pub retrieved: Vec<(String, [f32; 4], f32)>,
+}
+
+/// Everything an evaluation produces.
+pub struct RetrievalOutput {
+    pub report: RetrievalReport,
+    pub submission: Vec<SubmissionEntry>,
+    pub details: Vec<QueryDetail>,
+}
+
 fn group(rows: &[&Scored]) -> GroupAccuracy {
     let n = rows.len();
     GroupAccuracy {
@@ -148,11 +170,12 @@ pub enum QueryBoxes<'a> {
 
 /// Runs the protocol with ground-truth boxes as detections.
 pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn) -> Result<(RetrievalReport, Vec<SubmissionEntry>)> {
-    evaluate(inputs, QueryBoxes::GroundTruth, progress)
+    let out = evaluate(inputs, QueryBoxes::GroundTruth, progress)?;
+    Ok((out.report, out.submission))
 }
 
 /// Runs the protocol with query garments from `boxes`.
-pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: ProgressFn) -> Result<(RetrievalReport, Vec<SubmissionEntry>)> {
+pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: ProgressFn) -> Result<RetrievalOutput> {
     let started = Instant::now();
     let mut gallery_of: HashMap<(u64, u32), Vec<(u64, BBox)>> = HashMap::new();
     for g in inputs.gallery_gt {
@@ -165,6 +188,7 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
     let max_k = *TOP_K.iter().max().expect("non-empty");
     let mut scored = Vec::new();
     let mut submission = Vec::new();
+    let mut details = Vec::new();
     progress(Progress::Stage { name: "retrieval queries".into(), total: inputs.query_gt.len() as u64 });
     for (image_id, queries) in by_image {
         let entry = inputs.queries.image(image_id).ok_or_else(|| Error::InvalidDatasetLayout {
@@ -193,13 +217,15 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
             let det = item.and_then(|i| assigned[i]);
             let category = item.map(|i| anno.items[i].category_name.clone()).unwrap_or_else(|| q.cls.to_string());
             let scale = item.map_or(0, |i| anno.items[i].scale);
-            todo.push((q, det, category, scale));
+            let gt_bbox = item.map_or(q.bbox, |i| anno.items[i].bbox.to_array());
+            todo.push((q, det, category, scale, gt_bbox));
         }
-        let boxes: Vec<Option<BBox>> = todo.iter().filter_map(|(_, d, _, _)| d.map(|d| Some(detections[d].bbox))).collect();
+        let boxes: Vec<Option<BBox>> = todo.iter().filter_map(|(_, d, _, _, _)| d.map(|d| Some(detections[d].bbox))).collect();
         let mut embeddings = inputs.embedder.embed_crops(&image, &boxes)?.into_iter();
-        for (q, det, category, scale) in todo {
+        for (q, det, category, scale, gt_bbox) in todo {
             progress(Progress::Advance(1));
             let Some(det) = det else {
+                details.push(QueryDetail { query_image_id: image_id, category: category.clone(), gt_bbox, query_bbox: None, first_hit: None, retrieved: Vec::new() });
                 scored.push(Scored { category, scale, first_hit: None, detected: false });
                 continue;
             };
@@ -208,8 +234,12 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
             let right = gallery_of.get(&(q.pair_id, q.style)).map(Vec::as_slice).unwrap_or(&[]);
             let mut first_hit = None;
             let (mut ids, mut bboxes) = (Vec::new(), Vec::new());
+            let mut retrieved = Vec::new();
             for (rank, hit) in hits.iter().enumerate() {
                 let garment = inputs.store.garment(hit.garment)?;
+                if rank < 5 {
+                    retrieved.push((garment.sku.clone(), garment.bbox.to_array(), hit.score));
+                }
                 let gallery_id = garment.sku.parse::<u64>().ok();
                 ids.push(gallery_id.unwrap_or(0));
                 bboxes.push(garment.bbox.to_array());
@@ -226,6 +256,7 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
                 gallery_image_id: ids,
                 gallery_bbox: bboxes,
             });
+            details.push(QueryDetail { query_image_id: image_id, category: category.clone(), gt_bbox, query_bbox: Some(detections[det].bbox.to_array()), first_hit, retrieved });
             scored.push(Scored { category, scale, first_hit, detected: true });
         }
     }
@@ -265,7 +296,7 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
         embedder: inputs.embedder.version().to_string(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((report, submission))
+    Ok(RetrievalOutput { report, submission, details })
 }
 
 #[cfg(test)]

@@ -1,0 +1,284 @@
+//! The HTTP API in process, with the shipped models and a small index of demo catalog
+//! photos built here: searches, every client mistake as a 4xx, load shedding, items and
+//! images with caching, metrics, and the switch to a newly published generation.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use actix_web::{App, test};
+use serde_json::Value;
+use shoplens::catalog::{CatalogSource, LabelMap};
+use shoplens::indexing::{BuildOptions, Models, build_generation};
+use shoplens::models::detector::GarmentDetector;
+use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::serving::engine::{SearchEngine, ServingIndex};
+use shoplens::store::CatalogStore;
+use shoplens::vision::DecodeLimits;
+use shoplens_searcher::app::{configure, record_metrics};
+use shoplens_searcher::pool::SearchPool;
+use shoplens_searcher::state::{SearcherState, spawn_watcher};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Networks, loaded once for all tests.
+fn engine() -> Arc<SearchEngine> {
+    static ENGINE: OnceLock<Arc<SearchEngine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let dev = candle_core::Device::Cpu;
+            let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &dev).unwrap();
+            let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &dev).unwrap();
+            // A low pixel cap so that the decompression-bomb test needs only a small file.
+            Arc::new(SearchEngine { detector: Some(detector), embedder, limits: DecodeLimits { max_pixels: 4_000_000, ..DecodeLimits::default() } })
+        })
+        .clone()
+}
+
+/// The first `n` photos of the demo catalog, copied with a CSV into `dir`.
+fn small_catalog(dir: &Path, n: usize) -> Vec<(String, PathBuf)> {
+    let demo = repo().join("demo/catalog");
+    let text = std::fs::read_to_string(demo.join("catalog.csv")).unwrap();
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let mut csv = String::from("sku,image,label,title,price\n");
+    let mut items = Vec::new();
+    // Spread over the labels: every 25th row.
+    for line in text.lines().skip(1).step_by(25).take(n) {
+        let f: Vec<&str> = line.split(',').collect();
+        std::fs::copy(demo.join(f[1]), dir.join(f[1])).unwrap();
+        csv.push_str(&format!("{},{},{},{},19.90\n", f[0], f[1], f[2], f[3]));
+        items.push((f[0].to_string(), dir.join(f[1])));
+    }
+    std::fs::write(dir.join("catalog.csv"), csv).unwrap();
+    items
+}
+
+fn build(db: &Path, catalog: &Path) {
+    let engine = engine();
+    let store = CatalogStore::open(db).unwrap();
+    let report = build_generation(
+        &store,
+        &[CatalogSource::from_path(catalog).unwrap()],
+        &LabelMap::default(),
+        Models { embedder: &engine.embedder, detector: engine.detector.as_ref() },
+        &BuildOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+    items: Vec<(String, PathBuf)>,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let items = small_catalog(&dir.path().join("catalog"), 8);
+        let db = dir.path().join("db");
+        build(&db, &dir.path().join("catalog/catalog.csv"));
+        Fixture { db, items, _dir: dir }
+    })
+}
+
+fn state_with(pool: SearchPool) -> Arc<SearcherState> {
+    let state = Arc::new(SearcherState::new(Some(engine()), pool, 2 << 20));
+    state.install(ServingIndex::load_current(&fixture().db, Default::default()).unwrap().expect("a published generation"));
+    state
+}
+
+macro_rules! app {
+    ($state:expr) => {
+        test::init_service(App::new().wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure($state.clone()))).await
+    };
+}
+
+fn jpeg_bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[actix_web::test]
+async fn a_shop_photo_finds_its_own_item_first() {
+    let state = state_with(SearchPool::new(2, 8));
+    let app = app!(state);
+    let (sku, path) = &fixture().items[3];
+    let req = test::TestRequest::post().uri("/v1/search?k=5").set_payload(jpeg_bytes(path)).to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = test::read_body_json(resp).await;
+    let garments = body["garments"].as_array().unwrap();
+    assert!(!garments.is_empty());
+    let top: Vec<&str> = garments.iter().map(|g| g["results"][0]["sku"].as_str().unwrap()).collect();
+    assert!(top.contains(&sku.as_str()), "{sku} not first for any garment: {body}");
+    let first = &garments[0]["results"][0];
+    assert!(first["image_url"].as_str().unwrap().starts_with("/v1/items/"));
+    assert_eq!(first["price"].as_f64(), Some(19.9));
+    assert!(body["timings_ms"]["detect"].as_f64().unwrap() > 0.0);
+    assert!(body["image"]["width"].as_u64().unwrap() > 0);
+
+    // The same photo as a multipart upload, with the shopper's own box.
+    let boundary = "XyZ";
+    let mut form = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").into_bytes();
+    form.extend(jpeg_bytes(path));
+    form.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let req = test::TestRequest::post()
+        .uri("/v1/search?k=3&box=0,0,100,100")
+        .insert_header(("content-type", format!("multipart/form-data; boundary={boundary}")))
+        .set_payload(form)
+        .to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = test::read_body_json(resp).await;
+    assert_eq!(body["garments"].as_array().unwrap().len(), 1);
+    assert_eq!(body["garments"][0]["source"], "region");
+    assert_eq!(body["garments"][0]["box"], serde_json::json!([0.0, 0.0, 100.0, 100.0]));
+    assert_eq!(body["garments"][0]["results"].as_array().unwrap().len(), 3);
+}
+
+/// `(status, error code)` of a POST.
+macro_rules! error_of {
+    ($app:expr, $uri:expr, $body:expr) => {{
+        let resp = test::call_service(&$app, test::TestRequest::post().uri($uri).set_payload($body).to_request()).await;
+        let status = resp.status().as_u16();
+        let body: Value = test::read_body_json(resp).await;
+        (status, body["error"]["code"].as_str().unwrap_or_default().to_string())
+    }};
+}
+
+#[actix_web::test]
+async fn client_mistakes_are_4xx_with_a_code() {
+    let state = state_with(SearchPool::new(1, 4));
+    let app = app!(state);
+    let photo = jpeg_bytes(&fixture().items[0].1);
+    let mut png = Vec::new();
+    // A decompression bomb: 5000 × 5000 pixels (over the 4 M cap) in a few kB.
+    image::GrayImage::new(5000, 5000).write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    assert!(png.len() < 100_000);
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("/v1/search", Vec::new(), 400, "empty_body"),
+        ("/v1/search", b"hello, not an image".to_vec(), 400, "invalid_image"),
+        ("/v1/search", photo[..photo.len() / 3].to_vec(), 400, "invalid_image"),
+        ("/v1/search", b"BM\x3a\x00\x00\x00\x00\x00\x00\x00\x36\x00\x00\x00".to_vec(), 415, "unsupported_image_format"),
+        ("/v1/search", vec![0xFF; (2 << 20) + 10], 413, "body_too_large"),
+        ("/v1/search", png, 413, "image_too_large"),
+        ("/v1/search?k=0", photo.clone(), 400, "invalid_k"),
+        ("/v1/search?k=101", photo.clone(), 400, "invalid_k"),
+        ("/v1/search?k=ten", photo.clone(), 400, "invalid_k"),
+        ("/v1/search?category=spacesuit", photo.clone(), 400, "unknown_category"),
+        ("/v1/search?box=1,2,3", photo.clone(), 400, "invalid_box"),
+        ("/v1/search?box=50,50,10,10", photo.clone(), 400, "invalid_box"),
+        ("/v1/search?box=1e9,1e9,2e9,2e9", photo.clone(), 400, "invalid_box"),
+        ("/v1/search?colour=red", photo.clone(), 400, "invalid_query"),
+    ];
+    for (uri, body, status, code) in cases {
+        let (s, c) = error_of!(app, uri, body);
+        assert_eq!((s, c.as_str()), (status, code), "{uri}");
+    }
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/v1/nothing").to_request()).await;
+    assert_eq!(resp.status(), 404);
+    // After all that, the server still searches.
+    let (s, _) = error_of!(app, "/v1/search", photo);
+    assert_eq!(s, 200);
+}
+
+#[actix_web::test]
+async fn a_full_pool_answers_503_with_retry_after_at_once() {
+    let state = state_with(SearchPool::new(1, 0));
+    let app = app!(state);
+    // Occupy the only search thread.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let blocker = {
+        let state = state.clone();
+        actix_web::rt::spawn(async move { state.pool.run(move || rx.recv_timeout(Duration::from_secs(30))).await })
+    };
+    actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let req = test::TestRequest::post().uri("/v1/search").set_payload(jpeg_bytes(&fixture().items[0].1)).to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tx.send(()).unwrap();
+    let _ = blocker.await;
+    let text = String::from_utf8(test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await.to_vec()).unwrap();
+    assert!(text.contains("shoplens_search_rejected_total 1"), "{text}");
+    assert!(text.contains("route=\"/v1/search\",status=\"503\""), "{text}");
+}
+
+#[actix_web::test]
+async fn items_images_metrics_and_docs() {
+    let state = state_with(SearchPool::new(1, 4));
+    let app = app!(state);
+    let (sku, _) = &fixture().items[1];
+    let body: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri(&format!("/v1/items/{sku}")).to_request()).await;
+    assert_eq!(body["sku"], sku.as_str());
+    assert!(!body["garments"].as_array().unwrap().is_empty());
+    let resp = test::call_service(&app, test::TestRequest::get().uri(&format!("/v1/items/{sku}/image")).to_request()).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("content-type").unwrap(), "image/jpeg");
+    assert!(resp.headers().get("cache-control").unwrap().to_str().unwrap().contains("max-age"));
+    let etag = resp.headers().get("etag").unwrap().clone();
+    let resp = test::call_service(&app, test::TestRequest::get().uri(&format!("/v1/items/{sku}/image")).insert_header(("if-none-match", etag)).to_request()).await;
+    assert_eq!(resp.status(), 304);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/v1/items/no-such-sku").to_request()).await;
+    assert_eq!(resp.status(), 404);
+
+    let spec: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/v1/openapi.json").to_request()).await;
+    assert!(spec["paths"]["/v1/search"]["post"].is_object());
+    let page = test::call_and_read_body(&app, test::TestRequest::get().uri("/").to_request()).await;
+    assert!(String::from_utf8_lossy(&page).contains("/v1/search"));
+    let cats: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/v1/categories").to_request()).await;
+    assert!(cats["detector"].as_array().unwrap().iter().any(|c| c == "top"));
+    let text = String::from_utf8(test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await.to_vec()).unwrap();
+    assert!(text.contains("route=\"/v1/items/{sku}\",status=\"200\""), "{text}");
+    assert!(text.contains("route=\"/v1/items/{sku}\",status=\"404\""), "{text}");
+    assert!(!text.contains("no-such-sku"), "raw paths must not become labels");
+}
+
+#[actix_web::test]
+async fn a_newly_published_generation_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = small_catalog(&dir.path().join("catalog"), 4);
+    let db = dir.path().join("db");
+    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), 2 << 20));
+    spawn_watcher(db.clone(), state.clone(), Duration::from_millis(50));
+    let app = app!(state);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(resp.status(), 503);
+    build(&db, &dir.path().join("catalog/catalog.csv"));
+    let wait_for = |generation: u64| {
+        let state = state.clone();
+        async move {
+            for _ in 0..200 {
+                if state.current.load().as_ref().map(|i| i.generation()) == Some(generation) {
+                    return;
+                }
+                actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("generation {generation} never served");
+        }
+    };
+    wait_for(1).await;
+    let held = state.current.load_full().unwrap();
+    // Drop one item from the catalog and rebuild: generation 2 replaces it.
+    let csv = std::fs::read_to_string(dir.path().join("catalog/catalog.csv")).unwrap();
+    let kept: Vec<&str> = csv.lines().filter(|l| !l.starts_with(&items[0].0)).collect();
+    std::fs::write(dir.path().join("catalog/catalog.csv"), kept.join("\n") + "\n").unwrap();
+    build(&db, &dir.path().join("catalog/catalog.csv"));
+    wait_for(2).await;
+    // A search that held generation 1 still completes on it.
+    let photo = image::open(&items[1].1).unwrap().to_rgb8();
+    let request = shoplens::serving::engine::SearchRequest { k: 3, category: None, region: None };
+    assert_eq!(engine().search_image(&held, &photo, &request).unwrap().generation, 1);
+    let resp = test::call_service(&app, test::TestRequest::get().uri(&format!("/v1/items/{}", items[0].0)).to_request()).await;
+    assert_eq!(resp.status(), 404, "the removed item is gone from generation 2");
+    let body: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(body["generation"], 2);
+}

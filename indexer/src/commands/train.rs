@@ -85,6 +85,10 @@ pub enum TrainCommand {
         /// 3×3 convolutions in the shared tower.
         #[arg(long, default_value_t = 2)]
         tower: usize,
+        /// Feed the backbone's 1280-d head features (ImageNet semantics) as the coarsest
+        /// level instead of the last block's output.
+        #[arg(long)]
+        semantic_top: bool,
         /// Validate every this many epochs.
         #[arg(long, default_value_t = 4)]
         eval_every: usize,
@@ -99,10 +103,10 @@ pub enum TrainCommand {
 
 pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
-        TrainCommand::Detector { data, backbone, out, cache, epochs, seed, views, batch, lr, size, channels, tower, eval_every, resume, cpu } => {
+        TrainCommand::Detector { data, backbone, out, cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, cpu } => {
             let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
             eprintln!("training on {}", describe(&device));
-            let cfg = DetectorTraining { data, backbone, out: out.clone(), cache, epochs, seed, views, batch, lr, size, channels, tower, eval_every, resume, device };
+            let cfg = DetectorTraining { data, backbone, out: out.clone(), cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, device };
             let mut reporter = Reporter::default();
             let report = train_detector(&cfg, &mut |event| reporter.handle(event))?;
             reporter.finish();

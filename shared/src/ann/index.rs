@@ -76,23 +76,11 @@ impl GarmentIndex {
     /// Loads the generation's graph from `dump_dir` when its dump is valid for these vectors
     /// and parameters; otherwise builds it and (with a directory) dumps it.
     pub fn open(dump_dir: Option<&Path>, generation: u64, vectors: GarmentVectors, params: AnnParams) -> Result<(Self, LoadOutcome)> {
-        params.validate()?;
-        if vectors.len() < params.exact_below {
-            return Ok((Self::assemble(generation, vectors, params, None), LoadOutcome::ExactOnly));
-        }
-        let reason = match dump_dir {
-            None => "no dump directory".to_string(),
-            Some(dir) => match graph::load(dir, generation, &vectors, &params) {
-                Ok(graph) => return Ok((Self::assemble(generation, vectors, params, Some(graph)), LoadOutcome::Loaded)),
-                Err(reason) => reason,
-            },
-        };
-        tracing::info!(generation, garments = vectors.len(), %reason, "building the ANN graph");
-        let index = Self::build(generation, vectors, params)?;
-        if let Some(dir) = dump_dir {
+        let (index, outcome) = Self::open_read_only(dump_dir, generation, vectors, params)?;
+        if let (LoadOutcome::Built { .. }, Some(dir)) = (&outcome, dump_dir) {
             index.dump(dir)?;
         }
-        Ok((index, LoadOutcome::Built { reason }))
+        Ok((index, outcome))
     }
 
     /// Like [`Self::open`] but never writes: a reader (the searcher) loads the dump the
@@ -109,7 +97,7 @@ impl GarmentIndex {
                 Err(reason) => reason,
             },
         };
-        tracing::warn!(generation, garments = vectors.len(), %reason, "no usable graph dump; building the ANN graph in memory");
+        tracing::info!(generation, garments = vectors.len(), %reason, "no usable graph dump; building the ANN graph");
         Ok((Self::build(generation, vectors, params)?, LoadOutcome::Built { reason }))
     }
 

@@ -107,6 +107,12 @@ pub fn assign_queries(items: &[(BBox, u32, u32)], detections: &[Detection]) -> V
     best
 }
 
+/// Step 3: a retrieved shop garment (its gallery image and box) is a hit when it is one
+/// of the item's ground-truth gallery images with IoU ≥ 0.5 against that image's box.
+pub fn is_hit(gallery_image: u64, garment_box: &BBox, right: &[(u64, BBox)]) -> bool {
+    right.iter().any(|(id, b)| *id == gallery_image && garment_box.iou(b) >= 0.5)
+}
+
 struct Scored {
     category: String,
     scale: u8,
@@ -243,7 +249,7 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
                 let gallery_id = garment.sku.parse::<u64>().ok();
                 ids.push(gallery_id.unwrap_or(0));
                 bboxes.push(garment.bbox.to_array());
-                let is_hit = gallery_id.is_some_and(|g| right.iter().any(|(id, b)| *id == g && garment.bbox.iou(b) >= 0.5));
+                let is_hit = gallery_id.is_some_and(|g| is_hit(g, &garment.bbox, right));
                 if is_hit && first_hit.is_none() {
                     first_hit = Some(rank);
                 }
@@ -324,5 +330,30 @@ mod tests {
         // Detection 4 has IoU 0 with every item; arg-max without minimum ties to the first
         // item (class 1), so it is not C's either.
         assert_eq!(q[2], None);
+    }
+
+    #[test]
+    fn a_hit_needs_the_right_gallery_image_and_iou_of_one_half() {
+        let right = [(7u64, BBox::new(0.0, 0.0, 100.0, 100.0))];
+        // IoU of [0,0,100,h] with the 100×100 box is h/100.
+        assert!(is_hit(7, &BBox::new(0.0, 0.0, 100.0, 51.0), &right));
+        assert!(!is_hit(7, &BBox::new(0.0, 0.0, 100.0, 49.0), &right));
+        assert!(!is_hit(8, &BBox::new(0.0, 0.0, 100.0, 100.0), &right), "another gallery image");
+        assert!(!is_hit(7, &BBox::new(0.0, 0.0, 100.0, 100.0), &[]), "an item without gallery images");
+    }
+
+    #[test]
+    fn misses_stay_in_the_denominator() {
+        // Four query items: hits at rank 0 and 4, one retrieved but never hit, one with no
+        // detection at all. top-1 = 1/4, top-5 = 2/4, top-20 = 2/4.
+        let rows = [
+            Scored { category: "top".into(), scale: 2, first_hit: Some(0), detected: true },
+            Scored { category: "top".into(), scale: 2, first_hit: Some(4), detected: true },
+            Scored { category: "top".into(), scale: 2, first_hit: None, detected: true },
+            Scored { category: "top".into(), scale: 2, first_hit: None, detected: false },
+        ];
+        let g = group(&rows.iter().collect::<Vec<_>>());
+        assert_eq!((g.queries, g.misses), (4, 1));
+        assert_eq!((g.top_k["1"], g.top_k["5"], g.top_k["20"]), (0.25, 0.5, 0.5));
     }
 }

@@ -59,6 +59,10 @@ pub struct DetectorConfig {
     pub groups: usize,
     /// Strides of the pyramid levels, finest first.
     pub strides: Vec<usize>,
+    /// The coarsest level is the backbone's 1280-channel head features (its ImageNet
+    /// semantics) instead of the last block's output.
+    #[serde(default)]
+    pub semantic_top: bool,
     /// Default post-processing for serving and indexing.
     pub postprocess: Postprocess,
     /// Recorded with every garment it finds; a change means re-detecting.
@@ -317,6 +321,29 @@ pub fn decode(output: &[f32], num_classes: usize, grid: &[(f32, f32, f32)], post
     kept
 }
 
+/// Channels of the head's inputs for `config` on `backbone`.
+pub fn input_channels(backbone: &EfficientNetLite, config: &DetectorConfig) -> Vec<usize> {
+    let mut channels = backbone.pyramid_channels();
+    if config.semantic_top {
+        if let Some(last) = channels.last_mut() {
+            *last = super::efficientnet_lite::FEATURE_DIM;
+        }
+    }
+    channels
+}
+
+/// The head's inputs from the backbone's pyramid (f32): the coarsest level through the
+/// backbone's head convolution when the config asks for it. Training applies it to cached
+/// pyramids the same way.
+pub fn head_inputs(backbone: &EfficientNetLite, config: &DetectorConfig, mut levels: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    if config.semantic_top {
+        if let Some(last) = levels.pop() {
+            levels.push(backbone.head_features(&last)?);
+        }
+    }
+    Ok(levels)
+}
+
 /// Backbone + head, ready to detect.
 #[derive(Debug, Clone)]
 pub struct GarmentDetector {
@@ -336,7 +363,7 @@ impl GarmentDetector {
         let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights {
             reason: format!("{}: {e}", path.display()),
         })?;
-        let head = DetectorHead::build(&config, &backbone.pyramid_channels(), &mut |name, shape, _| {
+        let head = DetectorHead::build(&config, &input_channels(&backbone, &config), &mut |name, shape, _| {
             let t = tensors.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("{}: {name} missing", path.display()) })?;
             if t.dims() != shape {
                 return Err(Error::InvalidWeights { reason: format!("{}: {name} has shape {:?}, expected {shape:?}", path.display(), t.dims()) });
@@ -382,7 +409,7 @@ impl GarmentDetector {
     pub fn detect_with(&self, image: &RgbImage, post: &Postprocess) -> Result<Vec<Detection>> {
         let pre = &self.config.preprocess;
         let input = pre.crop_to_tensor(image, None, &self.device)?.unsqueeze(0)?;
-        let raw = self.head.forward(&self.backbone.pyramid(&input)?)?;
+        let raw = self.head.forward(&head_inputs(&self.backbone, &self.config, self.backbone.pyramid(&input)?)?)?;
         let raw = raw.squeeze(0)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let geometry = LetterboxGeometry::new(image.width(), image.height(), pre.size);
         Ok(decode(&raw, self.config.num_classes(), &self.grid, post)

@@ -226,6 +226,12 @@ impl EfficientNetLite {
         Ok(levels)
     }
 
+    /// The 1×1 head convolution (with BatchNorm and ReLU6) applied to the last pyramid
+    /// level: `[n, 320, h, w]` → `[n, 1280, h, w]`, the ImageNet-trained semantic features.
+    pub fn head_features(&self, last_level: &Tensor) -> Result<Tensor> {
+        relu6(&self.head.forward(last_level)?)
+    }
+
     /// Channels of each [`Self::pyramid`] level, finest first.
     pub fn pyramid_channels(&self) -> Vec<usize> {
         let blocks = &self.config.blocks;

@@ -36,7 +36,7 @@ use super::{Progress, ProgressFn, augment};
 use crate::datasets::{Df2Annotation, Df2Folder};
 use crate::evaluation::detection::{self, ApSummary, HEADLINE};
 use crate::geometry::BBox;
-use crate::models::detector::{Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, location_grid};
+use crate::models::detector::{Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, head_inputs, input_channels, location_grid};
 use crate::models::efficientnet_lite::EfficientNetLite;
 use crate::vision::{DecodeLimits, LetterboxGeometry, Normalisation, Preprocess, decode_image};
 use crate::{Error, Result};
@@ -64,6 +64,8 @@ pub struct DetectorTraining {
     pub size: u32,
     pub channels: usize,
     pub tower: usize,
+    /// Coarsest level from the backbone's 1280-d head features.
+    pub semantic_top: bool,
     /// Validate every this many epochs (and after the last).
     pub eval_every: usize,
     pub resume: bool,
@@ -424,13 +426,14 @@ fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rng, device: 
 }
 
 /// Runs `head` on cached features and returns each view's detections in input coordinates.
-fn predict(head: &DetectorHead, levels: &[Tensor], grid: &[(f32, f32, f32)], k: usize, device: &Device) -> Result<Vec<Vec<(BBox, usize, f32)>>> {
+fn predict(backbone: &EfficientNetLite, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], grid: &[(f32, f32, f32)], device: &Device) -> Result<Vec<Vec<(BBox, usize, f32)>>> {
+    let k = config.num_classes();
     let n = levels[0].dim(0)?;
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(32) {
         let len = 32.min(n - start);
         let feats = levels.iter().map(|l| l.narrow(0, start, len)?.to_device(device)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
-        let raw = head.forward(&feats)?.to_device(&Device::Cpu)?;
+        let raw = head.forward(&head_inputs(backbone, config, feats)?)?.to_device(&Device::Cpu)?;
         for i in 0..len {
             let v = raw.get(i)?.flatten_all()?.to_vec1::<f32>()?;
             out.push(decode(&v, k, grid, &Postprocess::EVALUATION));
@@ -501,6 +504,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         tower: cfg.tower,
         groups: 16.min(cfg.channels).max(1),
         strides: vec![8, 16, 32],
+        semantic_top: cfg.semantic_top,
         postprocess: Postprocess { min_score: 0.3, nms_iou: 0.6, max_detections: 10 },
         version: String::new(),
         training: serde_json::Value::Null,
@@ -509,7 +513,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         config.groups -= 1;
     }
     config.validate()?;
-    let in_channels = backbone.pyramid_channels();
+    let in_channels = input_channels(&backbone, &config);
     if in_channels.len() != config.strides.len() {
         return Err(Error::InvalidWeights { reason: format!("the backbone gives {} pyramid levels, expected 3", in_channels.len()) });
     }
@@ -575,6 +579,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
             opt.set_learning_rate(lr);
             let idx = Tensor::new(batch, &Device::Cpu)?;
             let feats = train_levels.iter().map(|l| l.index_select(&idx, 0)?.to_device(&cfg.device)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+            let feats = head_inputs(&backbone, &config, feats)?;
             let batch_assigned: Vec<_> = batch.iter().map(|&i| assigned[i as usize].clone()).collect();
             let (cls_t, reg_t, ctr_t, pos) = target_tensors(&batch_assigned, k, &cfg.device)?;
             let out = head.forward(&feats)?;
@@ -592,7 +597,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         varmap.save(&checkpoint)?;
         std::fs::write(checkpoint.with_extension("epoch"), (epoch + 1).to_string()).map_err(|e| Error::io(&checkpoint, e))?;
         if (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs {
-            let summary = validation_ap(&predict(&head, &val_levels, &grid, k, &cfg.device)?, &val_targets, k);
+            let summary = validation_ap(&predict(&backbone, &config, &head, &val_levels, &grid, &cfg.device)?, &val_targets, k);
             let headline = summary.mean_ap50_over(&headline_classes(&categories));
             line += &format!(
                 "; validation AP {:.3}, AP50 {:.3}, headline AP50 {} ({})",
@@ -607,7 +612,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     }
     let summary = match last {
         Some(s) => s,
-        None => validation_ap(&predict(&head, &val_levels, &grid, k, &cfg.device)?, &val_targets, k),
+        None => validation_ap(&predict(&backbone, &config, &head, &val_levels, &grid, &cfg.device)?, &val_targets, k),
     };
     let final_head = head.detached()?;
     let report = DetectorReport {
@@ -626,7 +631,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     config.version = model_version(&final_head)?;
     config.training = serde_json::json!({
         "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "batch": cfg.batch,
-        "lr": cfg.lr, "split": "validation = image id % 5 == 1", "report": &report,
+        "lr": cfg.lr, "semantic_top": cfg.semantic_top, "split": "validation = image id % 5 == 1", "report": &report,
     });
     crate::models::detector::GarmentDetector::save_head(&cfg.out, &config, &final_head)?;
     Ok(report)

@@ -92,7 +92,16 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     }
 }
 
+/// Creates the directory `out` goes into.
+fn prepare_out(out: &std::path::Path) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Result<()> {
+    prepare_out(&out)?;
     let detector = GarmentDetector::load(&weights, &select_device(DevicePreference::Auto)?).context("loading the detector")?;
     let folder = Df2Folder::open(&data)?;
     let keep = |id: u64| matches!(split, Split::All) || id % 5 == 1;
@@ -120,6 +129,7 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
 #[allow(clippy::too_many_arguments)]
 fn retrieval(
     db: PathBuf, queries: PathBuf, query_gt: PathBuf, gallery_gt: PathBuf, boxes: EvalBoxes, split: Split, embedder: PathBuf, detector: PathBuf, out: PathBuf, submission: Option<PathBuf>) -> Result<()> {
+    prepare_out(&out)?;
     let store = open_existing(&db)?;
     let device = select_device(DevicePreference::Auto)?;
     let embedder = GarmentEmbedder::load(&embedder, &device).context("loading the embedder")?;

@@ -31,11 +31,18 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage> {
         return Err(Error::ImageDecode { reason: "empty input".into() });
     }
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::ImageDecode { reason: e.to_string() })?;
-    let format = reader.format().ok_or(Error::UnsupportedImageFormat {
-        format: "unknown (not JPEG, PNG, WebP, GIF or TIFF)".into(),
+    // Bytes of no known image format are not an image at all (a client error of another
+    // kind than a real format we do not take, such as BMP).
+    let format = reader.format().ok_or(Error::ImageDecode {
+        reason: "not an image: the bytes match no known image format (send JPEG, PNG, WebP, GIF or TIFF)".into(),
     })?;
     if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Tiff) {
         return Err(Error::UnsupportedImageFormat { format: format!("{format:?}") });
+    }
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills a cut-off scan with grey instead of failing; an upload that
+        // lost its end must not be searched as a half-grey photo.
+        return Err(Error::ImageDecode { reason: "truncated JPEG: the data ends before the end-of-image marker".into() });
     }
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(e))?;
     let (width, height) = decoder.dimensions();
@@ -53,6 +60,18 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage> {
     let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
     image.apply_orientation(orientation);
     Ok(image.into_rgb8())
+}
+
+/// True when the last scan (SOS marker `FF DA`) is followed by an end-of-image marker
+/// (`FF D9`). Inside entropy-coded data a `FF` byte is always followed by `00` or a restart
+/// marker, so neither pair can appear there; an EXIF thumbnail's markers come before the
+/// main image's scans.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
 }
 
 fn decode_error(e: image::ImageError) -> Error {
@@ -79,9 +98,17 @@ mod tests {
         let ok = decode_image(&png(5, 3), DecodeLimits::default()).unwrap();
         assert_eq!(ok.dimensions(), (5, 3));
         assert!(matches!(decode_image(&[], DecodeLimits::default()), Err(Error::ImageDecode { .. })));
-        assert!(matches!(decode_image(b"hello world, not an image", DecodeLimits::default()), Err(Error::UnsupportedImageFormat { .. })));
+        assert!(matches!(decode_image(b"hello world, not an image", DecodeLimits::default()), Err(Error::ImageDecode { .. })));
+        assert!(matches!(decode_image(b"BM\x3a\x00\x00\x00\x00\x00\x00\x00\x36\x00\x00\x00", DecodeLimits::default()), Err(Error::UnsupportedImageFormat { .. })));
         let bytes = png(50, 50);
         assert!(decode_image(&bytes[..bytes.len() / 2], DecodeLimits::default()).unwrap_err().is_user_error());
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]))
+            .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
+        assert!(decode_image(&jpeg, DecodeLimits::default()).is_ok());
+        let cut = decode_image(&jpeg[..jpeg.len() * 2 / 3], DecodeLimits::default()).unwrap_err();
+        assert!(cut.to_string().contains("truncated"), "{cut}");
         let small = DecodeLimits { max_pixels: 100, max_side: 1000 };
         assert!(matches!(decode_image(&bytes, small), Err(Error::ImageTooLarge { width: 50, height: 50, .. })));
     }

@@ -52,6 +52,20 @@ enum Command {
     /// Train a network.
     #[command(subcommand)]
     Train(commands::train::TrainCommand),
+    /// Detect the garments of photos with the shipped detector (boxes in pixels).
+    Detect {
+        /// Image files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long, env = "SHOPLENS_DETECTOR", default_value = "models/detector-lite0.safetensors")]
+        detector: PathBuf,
+        /// Score threshold [default: the weights' own].
+        #[arg(long)]
+        min_score: Option<f32>,
+        /// One JSON object per image.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove old generations and the items and garments only they referenced.
     Prune {
         #[arg(long, env = "SHOPLENS_DB")]
@@ -77,6 +91,7 @@ fn main() -> ExitCode {
         Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Weights(cmd) => commands::weights::run(cmd),
         Command::Prune { db, retain } => commands::status::prune(&db, retain),
+        Command::Detect { images, detector, min_score, json } => commands::detect::run(&images, &detector, min_score, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

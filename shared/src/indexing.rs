@@ -10,9 +10,9 @@
 //! published generation only moves in the final transaction.
 //!
 //! Garments ([`item_garments`]): the detector's confident garments; a catalog item with a
-//! category keeps the detections of that category (a shirt's photo on a model also shows
-//! trousers, which must not be sold as the shirt), a DeepFashion2 gallery image keeps all
-//! of them, and an item without any becomes one whole-image garment with its catalog
+//! category keeps its best detection of that category (a shirt's photo on a model also
+//! shows trousers, which must not be sold as the shirt), a DeepFashion2 gallery image keeps
+//! all of them, and an item without any becomes one whole-image garment with its catalog
 //! category. Without a detector every item is one whole-image garment;
 //! `BoxMode::Gt` uses the annotated boxes of DeepFashion2 folders instead.
 
@@ -143,7 +143,9 @@ pub struct ItemGarment {
 pub fn item_garments(category: Option<&str>, gallery: bool, detections: &[Detection], width: u32, height: u32) -> Vec<ItemGarment> {
     let whole = BBox::new(0.0, 0.0, width as f32, height as f32);
     let keep: Vec<&Detection> = match category {
-        Some(c) if !gallery => detections.iter().filter(|d| d.category == c).collect(),
+        // One sku, one garment: the best detection of the item's category (a pair of
+        // shoes, or a garment found twice, must not become several garments).
+        Some(c) if !gallery => detections.iter().filter(|d| d.category == c).max_by(|a, b| a.score.total_cmp(&b.score)).into_iter().collect(),
         _ => detections.iter().collect(),
     };
     if keep.is_empty() {
@@ -367,7 +369,7 @@ mod tests {
     fn catalog_items_keep_detections_of_their_category_else_the_whole_image() {
         let found = [det("top", 0.0, 0.9), det("pants", 20.0, 0.8), det("top", 40.0, 0.5)];
         let g = item_garments(Some("top"), false, &found, 100, 50);
-        assert_eq!(g.iter().map(|g| (g.category.as_str(), g.bbox.x1)).collect::<Vec<_>>(), [("top", 0.0), ("top", 40.0)]);
+        assert_eq!(g.iter().map(|g| (g.category.as_str(), g.bbox.x1)).collect::<Vec<_>>(), [("top", 0.0)], "the best top only");
         assert_eq!(g[0].crop, Some(found[0].bbox));
         // No detection of the item's category: the whole image, with the catalog category.
         let g = item_garments(Some("skirt"), false, &found, 100, 50);

@@ -3,6 +3,7 @@
 pub mod ann;
 pub mod build;
 pub mod dataset;
+pub mod detect;
 pub mod eval;
 pub mod status;
 pub mod train;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use shoplens::models::detector::GarmentDetector;
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
 use shoplens::models::torch_import::import_wheel;
@@ -39,10 +40,40 @@ pub enum WeightsCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Set the detector's serving post-processing (score threshold, suppression, garments
+    /// per photo) in its weights file, without retraining. The version changes with it, so
+    /// the next build re-detects the catalog.
+    RetuneDetector {
+        #[arg(long, default_value = "models/detector-lite0.safetensors")]
+        weights: PathBuf,
+        #[arg(long)]
+        min_score: Option<f32>,
+        #[arg(long)]
+        nms_iou: Option<f32>,
+        #[arg(long)]
+        cross_class_iou: Option<f32>,
+        #[arg(long)]
+        max_detections: Option<usize>,
+    },
 }
 
 pub fn run(cmd: WeightsCommand) -> Result<()> {
-    let WeightsCommand::Import { variant, wheel, out } = cmd;
+    let (variant, wheel, out) = match cmd {
+        WeightsCommand::Import { variant, wheel, out } => (variant, wheel, out),
+        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, max_detections } => {
+            let detector = GarmentDetector::load(&weights, &candle_core::Device::Cpu).with_context(|| format!("loading {}", weights.display()))?;
+            let mut config = detector.config().clone();
+            let p = &mut config.postprocess;
+            p.min_score = min_score.unwrap_or(p.min_score);
+            p.nms_iou = nms_iou.unwrap_or(p.nms_iou);
+            p.cross_class_iou = cross_class_iou.unwrap_or(p.cross_class_iou);
+            p.max_detections = max_detections.unwrap_or(p.max_detections);
+            let config = config.versioned(detector.head())?;
+            GarmentDetector::save_head(&weights, &config, detector.head())?;
+            println!("{}: post-processing {:?}, version {}", weights.display(), config.postprocess, config.version);
+            return Ok(());
+        }
+    };
     let download = tempfile::tempdir()?;
     let wheel = match wheel {
         Some(w) => w,

@@ -31,8 +31,8 @@ try {
   await page.setInputFiles("#file", photo);
   const response = await searched;
   expect(response.status() === 200, "the search answers 200, got " + response.status());
-  const answer = await response.json();
   await page.waitForSelector("#stage .box", { timeout: 30000 });
+  const answer = await page.evaluate(() => window.shoplensAnswer);
   const boxes = await page.locator("#stage .box").count();
   expect(boxes === answer.garments.length && boxes > 0, `one box per garment (${boxes} boxes, ${answer.garments.length} garments)`);
   console.log(`uploaded: ${boxes} garments (${answer.garments.map((g) => g.category).join(", ")})`);
@@ -56,9 +56,10 @@ try {
   await page.mouse.down();
   await page.mouse.move(img.x + img.width * 0.7, img.y + img.height * 0.6, { steps: 5 });
   await page.mouse.up();
-  const region = await (await drawn).json();
-  expect(region.garments.length === 1 && region.garments[0].source === "region", "a drawn box searches that region");
-  await page.waitForFunction(() => document.querySelectorAll("#stage .box").length === 1);
+  expect((await drawn).status() === 200, "the region search answers 200");
+  await page.waitForFunction(() => window.shoplensAnswer.garments.length === 1 && document.querySelectorAll("#stage .box").length === 1);
+  const region = await page.evaluate(() => window.shoplensAnswer);
+  expect(region.garments[0].source === "region", "a drawn box searches that region");
   console.log("drawn region searched");
 
   // The category filter: only that category's garments and items come back.
@@ -66,7 +67,9 @@ try {
   expect(options.includes("top"), "the filter lists the taxonomy");
   const filtered = page.waitForResponse((r) => r.url().includes("category=footwear"), { timeout: 60000 });
   await page.selectOption("#category", "footwear");
-  const f = await (await filtered).json();
+  expect((await filtered).status() === 200, "the filtered search answers 200");
+  await page.waitForFunction(() => window.shoplensAnswer.garments.every((g) => g.category === "footwear"));
+  const f = await page.evaluate(() => window.shoplensAnswer);
   expect(f.garments.every((g) => g.results.every((r) => r.category === "footwear")), "filtered results are footwear");
   console.log(`filter: ${f.garments.length} garments, all results footwear`);
 

@@ -65,7 +65,8 @@ pub struct DetectorConfig {
     pub semantic_top: bool,
     /// Default post-processing for serving and indexing.
     pub postprocess: Postprocess,
-    /// Recorded with every garment it finds; a change means re-detecting.
+    /// Recorded with every garment it finds; a change means re-detecting. A hash of the
+    /// weights and of `postprocess` (see [`DetectorConfig::versioned`]).
     pub version: String,
     /// How the weights were trained (data, command, seed, validation AP).
     #[serde(default)]
@@ -75,6 +76,23 @@ pub struct DetectorConfig {
 impl DetectorConfig {
     pub fn num_classes(&self) -> usize {
         self.categories.len()
+    }
+
+    /// The config with `version` set from the head's weights and the post-processing, so
+    /// that retuning thresholds also re-detects the catalog.
+    pub fn versioned(mut self, head: &DetectorHead) -> Result<Self> {
+        let mut hasher = blake3::Hasher::new();
+        let mut named: Vec<(String, Tensor)> = head.tensors().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in named {
+            hasher.update(name.as_bytes());
+            for v in t.flatten_all()?.to_vec1::<f32>()? {
+                hasher.update(&v.to_le_bytes());
+            }
+        }
+        hasher.update(serde_json::to_string(&self.postprocess).expect("postprocess serialises").as_bytes());
+        self.version = format!("detector-lite0-fcos-{}", &hasher.finalize().to_hex()[..12]);
+        Ok(self)
     }
 
     /// Checks what the network's shapes depend on.
@@ -105,11 +123,22 @@ pub struct Postprocess {
     pub nms_iou: f32,
     /// At most this many garments per photo, best first.
     pub max_detections: usize,
+    /// Two boxes of different categories overlapping more than this: one garment seen
+    /// twice (a top that might be a dress); the lower-scoring one goes. 1 turns it off.
+    #[serde(default = "no_cross_class_suppression")]
+    pub cross_class_iou: f32,
+}
+
+fn no_cross_class_suppression() -> f32 {
+    1.0
 }
 
 impl Postprocess {
-    /// For measuring AP: everything down to a low score, as COCO evaluations do.
-    pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100 };
+    /// For measuring AP: everything down to a low score, class by class, as COCO
+    /// evaluations do.
+    pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0 };
+    /// For shoppers and indexing: confident garments, each once.
+    pub const SERVING: Postprocess = Postprocess { min_score: 0.35, nms_iou: 0.6, max_detections: 8, cross_class_iou: 0.8 };
 }
 
 /// One garment found in a photo, in the photo's pixel coordinates.
@@ -314,7 +343,10 @@ pub fn decode(output: &[f32], num_classes: usize, grid: &[(f32, f32, f32)], post
         if kept.len() >= post.max_detections {
             break;
         }
-        if kept.iter().all(|k| k.1 != c.1 || k.0.iou(&c.0) <= post.nms_iou) {
+        if kept.iter().all(|k| {
+            let iou = k.0.iou(&c.0);
+            if k.1 == c.1 { iou <= post.nms_iou } else { iou <= post.cross_class_iou }
+        }) {
             kept.push(c);
         }
     }
@@ -392,6 +424,10 @@ impl GarmentDetector {
         &self.config
     }
 
+    pub fn head(&self) -> &DetectorHead {
+        &self.head
+    }
+
     pub fn version(&self) -> &str {
         &self.config.version
     }
@@ -463,7 +499,7 @@ mod tests {
             [big, big, big],    // centre-ness
         ]
         .concat();
-        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10 };
+        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0 };
         let mut d = decode(&out, 2, &grid, &post);
         d.sort_by(|a, b| (a.1, a.0.x1 as i32).cmp(&(b.1, b.0.x1 as i32)));
         // Class 0: locations 0 and 1 decode to the same box [0,0,16,16]: one survives.
@@ -475,6 +511,9 @@ mod tests {
         let capped = decode(&out, 2, &grid, &Postprocess { max_detections: 1, ..post });
         assert_eq!(capped.len(), 1);
         assert!(decode(&out, 2, &grid, &Postprocess { min_score: 0.9999999, ..post }).is_empty());
+        // Across classes: the class-1 box at location 1 is the class-0 box seen again.
+        let merged = decode(&out, 2, &grid, &Postprocess { cross_class_iou: 0.8, ..post });
+        assert_eq!(merged.len(), 2, "{merged:?}");
     }
 
     #[test]

@@ -462,19 +462,6 @@ pub fn fmt_ap50(summary: &ApSummary, categories: &[Category]) -> String {
     summary.per_class.iter().map(|(c, ap)| format!("{} {:.2}", categories[*c].name, ap.ap50)).collect::<Vec<_>>().join(", ")
 }
 
-fn model_version(head: &DetectorHead) -> Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    let mut named: Vec<(String, Tensor)> = head.tensors().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, t) in named {
-        hasher.update(name.as_bytes());
-        for v in t.flatten_all()?.to_vec1::<f32>()? {
-            hasher.update(&v.to_le_bytes());
-        }
-    }
-    Ok(format!("detector-lite0-fcos-{}", &hasher.finalize().to_hex()[..12]))
-}
-
 /// Trains the head and writes the final weights to `cfg.out`.
 pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<DetectorReport> {
     if cfg.epochs == 0 || cfg.batch == 0 || cfg.views < 2 || cfg.eval_every == 0 {
@@ -505,7 +492,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         groups: 16.min(cfg.channels).max(1),
         strides: vec![8, 16, 32],
         semantic_top: cfg.semantic_top,
-        postprocess: Postprocess { min_score: 0.3, nms_iou: 0.6, max_detections: 10 },
+        postprocess: Postprocess::SERVING,
         version: String::new(),
         training: serde_json::Value::Null,
     };
@@ -628,7 +615,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         feature_seconds,
         train_seconds: train_started.elapsed().as_secs_f64(),
     };
-    config.version = model_version(&final_head)?;
+    let mut config = config.versioned(&final_head)?;
     config.training = serde_json::json!({
         "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "batch": cfg.batch,
         "lr": cfg.lr, "semantic_top": cfg.semantic_top, "split": "validation = image id % 5 == 1", "report": &report,

@@ -14,7 +14,8 @@
 //! shows trousers, which must not be sold as the shirt), a DeepFashion2 gallery image keeps
 //! all of them, and an item without any becomes one whole-image garment with its catalog
 //! category. Without a detector every item is one whole-image garment;
-//! `BoxMode::Gt` uses the annotated boxes of DeepFashion2 folders instead.
+//! `BoxMode::Gt` uses the annotated boxes of DeepFashion2 folders instead (other catalogs
+//! in the same build are detected as usual).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -46,7 +47,7 @@ const CHUNK: usize = 32;
 pub enum BoxMode {
     /// The detector's boxes (whole-image garments when no detector is given).
     Detected,
-    /// The annotated boxes of DeepFashion2 folders (CSV/JSONL items stay whole-image).
+    /// The annotated boxes of DeepFashion2 folders (CSV/JSONL items are detected as usual).
     Gt,
 }
 
@@ -107,13 +108,14 @@ struct Pending {
 
 fn spec_for(embedder: &GarmentEmbedder, detector: Option<&GarmentDetector>, boxes: BoxMode) -> GenerationSpec {
     let detector = match (boxes, detector) {
-        (BoxMode::Detected, Some(d)) => d.version(),
-        (BoxMode::Detected, None) => "none: whole-image garments",
-        (BoxMode::Gt, _) => "ground-truth boxes",
+        (BoxMode::Detected, Some(d)) => d.version().to_string(),
+        (BoxMode::Detected, None) => "none: whole-image garments".to_string(),
+        (BoxMode::Gt, Some(d)) => format!("ground-truth boxes; {}", d.version()),
+        (BoxMode::Gt, None) => "ground-truth boxes; whole-image garments".to_string(),
     };
     GenerationSpec {
         dim: embedder.dim() as u32,
-        models: BTreeMap::from([("embedder".to_string(), embedder.version().to_string()), ("detector".to_string(), detector.to_string())]),
+        models: BTreeMap::from([("embedder".to_string(), embedder.version().to_string()), ("detector".to_string(), detector)]),
     }
 }
 
@@ -270,7 +272,9 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
                     (BoxMode::Gt, _) if !p.entry.boxes.is_empty() => {
                         p.entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect()
                     }
-                    (BoxMode::Detected, Some(d)) => {
+                    // Items without annotated boxes (CSV/JSONL catalogs) are detected in
+                    // both modes.
+                    (_, Some(d)) => {
                         let found = d.detect(&image).map_err(|e| e.to_string())?;
                         item_garments(p.entry.metadata.category.as_deref(), !p.entry.boxes.is_empty(), &found, image.width(), image.height())
                     }

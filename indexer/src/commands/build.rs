@@ -20,7 +20,7 @@ pub enum Boxes {
     /// The detector's garments (`--detector`); items without a confident one are indexed
     /// as one whole-image garment with their catalog category.
     Detected,
-    /// The annotated boxes of DeepFashion2 folders (CSV/JSONL catalogs stay whole-image).
+    /// The annotated boxes of DeepFashion2 folders (CSV/JSONL catalogs are detected).
     Gt,
 }
 
@@ -73,8 +73,9 @@ pub fn run(args: BuildArgs) -> Result<()> {
     };
     let device = select_device(if args.cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
     let embedder = GarmentEmbedder::load(&args.embedder, &device).with_context(|| format!("loading the embedder {}", args.embedder.display()))?;
+    // With --boxes gt the detector still serves the catalogs without annotated boxes.
     let detector = match (args.boxes, args.no_detector) {
-        (Boxes::Detected, false) => {
+        (_, false) => {
             Some(GarmentDetector::load(&args.detector, &device).with_context(|| format!("loading the detector {} (or pass --no-detector)", args.detector.display()))?)
         }
         _ => None,

@@ -138,7 +138,7 @@ impl Postprocess {
     /// evaluations do.
     pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0 };
     /// For shoppers and indexing: confident garments, each once.
-    pub const SERVING: Postprocess = Postprocess { min_score: 0.35, nms_iou: 0.6, max_detections: 8, cross_class_iou: 0.8 };
+    pub const SERVING: Postprocess = Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7 };
 }
 
 /// One garment found in a photo, in the photo's pixel coordinates.

@@ -16,9 +16,9 @@ pub fn env_usize(name: &str, default: usize) -> usize {
 
 /// `20000` → `20k`, for benchmark names that carry their parameters.
 pub fn short(n: usize) -> String {
-    if n >= 1_000_000 && n % 1_000_000 == 0 {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
         format!("{}M", n / 1_000_000)
-    } else if n >= 1000 && n % 1000 == 0 {
+    } else if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()

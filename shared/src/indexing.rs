@@ -228,13 +228,12 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
         };
         let hash = ContentHash::of_bytes(&bytes);
         let same_as = |item: &ItemRecord| item.content_hash == hash && item.models == spec.models;
-        if let Some((_, done)) = builder.member(&sku)? {
-            if same_as(&done) && done.metadata == entry.metadata {
+        if let Some((_, done)) = builder.member(&sku)?
+            && same_as(&done) && done.metadata == entry.metadata {
                 // Written by the interrupted run this build resumes.
                 if old.as_ref().is_some_and(|(_, o)| same_as(o) && o.metadata == entry.metadata) { unchanged += 1 } else if old.is_some() { updated += 1 } else { added += 1 }
                 continue;
             }
-        }
         match &old {
             Some((rev, item)) if same_as(item) && item.metadata == entry.metadata => {
                 builder.carry_item(&sku, *rev)?;

@@ -38,11 +38,10 @@ fn post(stream: &mut BufReader<TcpStream>, addr: &str, path: &str, body: &[u8]) 
         if h.is_empty() {
             break;
         }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length") {
                 length = v.trim().parse().unwrap_or(0);
             }
-        }
     }
     let mut body = vec![0; length];
     stream.read_exact(&mut body)?;

@@ -67,12 +67,11 @@ fn top_k_of(scored: impl Iterator<Item = (u32, f32)>, k: usize) -> Vec<(u32, f32
     for (row, score) in scored {
         if heap.len() < k {
             heap.push(Worst(score, row));
-        } else if let Some(worst) = heap.peek() {
-            if score > worst.0 || (score == worst.0 && row < worst.1) {
+        } else if let Some(worst) = heap.peek()
+            && (score > worst.0 || (score == worst.0 && row < worst.1)) {
                 heap.pop();
                 heap.push(Worst(score, row));
             }
-        }
     }
     let mut out: Vec<(u32, f32)> = heap.into_iter().map(|Worst(s, r)| (r, s)).collect();
     sort_hits(&mut out);

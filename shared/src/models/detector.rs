@@ -101,10 +101,10 @@ impl DetectorConfig {
         if self.categories.is_empty() {
             return bad("no categories".into());
         }
-        if self.preprocess.size == 0 || self.preprocess.size % 32 != 0 {
+        if self.preprocess.size == 0 || !self.preprocess.size.is_multiple_of(32) {
             return bad(format!("input size {} is not a positive multiple of 32", self.preprocess.size));
         }
-        if self.channels == 0 || self.groups == 0 || self.channels % self.groups != 0 {
+        if self.channels == 0 || self.groups == 0 || !self.channels.is_multiple_of(self.groups) {
             return bad(format!("{} channels do not split into {} groups", self.channels, self.groups));
         }
         if self.strides.is_empty() {
@@ -211,10 +211,13 @@ pub enum ParamInit {
     Values(Vec<f32>),
 }
 
+/// Supplies a parameter by name, shape and initialisation.
+pub type ParamSource<'a> = dyn FnMut(&str, &[usize], ParamInit) -> Result<Tensor> + 'a;
+
 impl DetectorHead {
     /// Builds the head, asking `param(name, shape, init)` for each tensor: a variable store
     /// when training, a weights file when loading.
-    pub fn build(config: &DetectorConfig, in_channels: &[usize], param: &mut dyn FnMut(&str, &[usize], ParamInit) -> Result<Tensor>) -> Result<Self> {
+    pub fn build(config: &DetectorConfig, in_channels: &[usize], param: &mut ParamSource<'_>) -> Result<Self> {
         config.validate()?;
         if in_channels.len() != config.strides.len() {
             return Err(Error::InvalidWeights {
@@ -222,7 +225,7 @@ impl DetectorHead {
             });
         }
         let c = config.channels;
-        let conv = |param: &mut dyn FnMut(&str, &[usize], ParamInit) -> Result<Tensor>, name: &str, out: usize, inp: usize, k: usize, std: f64, bias: ParamInit| -> Result<Conv> {
+        let conv = |param: &mut ParamSource<'_>, name: &str, out: usize, inp: usize, k: usize, std: f64, bias: ParamInit| -> Result<Conv> {
             Ok(Conv {
                 weight: param(&format!("{name}.weight"), &[out, inp, k, k], ParamInit::Normal(std))?,
                 bias: param(&format!("{name}.bias"), &[out], bias)?,
@@ -376,11 +379,10 @@ pub fn decode(output: &[f32], num_classes: usize, grid: &[(f32, f32, f32)], post
 /// Channels of the head's inputs for `config` on `backbone`.
 pub fn input_channels(backbone: &EfficientNetLite, config: &DetectorConfig) -> Vec<usize> {
     let mut channels = backbone.pyramid_channels();
-    if config.semantic_top {
-        if let Some(last) = channels.last_mut() {
+    if config.semantic_top
+        && let Some(last) = channels.last_mut() {
             *last = super::efficientnet_lite::FEATURE_DIM;
         }
-    }
     channels
 }
 
@@ -388,11 +390,10 @@ pub fn input_channels(backbone: &EfficientNetLite, config: &DetectorConfig) -> V
 /// backbone's head convolution when the config asks for it. Training applies it to cached
 /// pyramids the same way.
 pub fn head_inputs(backbone: &EfficientNetLite, config: &DetectorConfig, mut levels: Vec<Tensor>) -> Result<Vec<Tensor>> {
-    if config.semantic_top {
-        if let Some(last) = levels.pop() {
+    if config.semantic_top
+        && let Some(last) = levels.pop() {
             levels.push(backbone.head_features(&last)?);
         }
-    }
     Ok(levels)
 }
 
@@ -521,7 +522,7 @@ mod tests {
         .concat();
         let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0 };
         let mut d = decode(&out, 2, &grid, &post);
-        d.sort_by(|a, b| (a.1, a.0.x1 as i32).cmp(&(b.1, b.0.x1 as i32)));
+        d.sort_by_key(|a| (a.1, a.0.x1 as i32));
         // Class 0: locations 0 and 1 decode to the same box [0,0,16,16]: one survives.
         // Class 1: location 1's box and location 2's box [32,32,48,48] do not overlap.
         assert_eq!(d.len(), 3, "{d:?}");

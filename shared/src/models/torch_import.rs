@@ -307,7 +307,7 @@ impl<'a> Machine<'a> {
     }
 
     fn dict_insert(&mut self, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(bad("odd number of dict items"));
         }
         let Some(Value::Dict(d)) = self.stack.last_mut() else { return Err(bad("SETITEM on a non-dict")) };

@@ -183,11 +183,10 @@ impl SearchEngine {
                 return Err(Error::UnknownCategory(c.clone()));
             }
         }
-        if let Some(b) = req.region {
-            if !b.is_valid() {
+        if let Some(b) = req.region
+            && !b.is_valid() {
                 return Err(Error::InvalidBox { reason: format!("{:?} is not a box with x1 < x2 and y1 < y2", b.to_array()) });
             }
-        }
         Ok(())
     }
 

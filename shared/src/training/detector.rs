@@ -303,9 +303,13 @@ fn level_ranges(levels: usize) -> Vec<(f32, f32)> {
         .collect()
 }
 
+/// What a location must predict: `(class, [l, t, r, b] in strides, centre-ness)`, or
+/// background.
+pub type LocationTarget = Option<(usize, [f32; 4], f32)>;
+
 /// FCOS targets of one view at every location: `(class, [l, t, r, b] in strides,
 /// centre-ness)` for positives.
-pub fn assign(grid: &[(f32, f32, f32)], strides: &[usize], targets: &[(usize, [f32; 4])]) -> Vec<Option<(usize, [f32; 4], f32)>> {
+pub fn assign(grid: &[(f32, f32, f32)], strides: &[usize], targets: &[(usize, [f32; 4])]) -> Vec<LocationTarget> {
     const RADIUS: f32 = 1.5;
     let ranges = level_ranges(strides.len());
     grid.iter()
@@ -342,7 +346,7 @@ pub fn assign(grid: &[(f32, f32, f32)], strides: &[usize], targets: &[(usize, [f
 
 /// Dense target tensors of a batch: one-hot classes `[b, k, n]`, distances `[b, 4, n]`
 /// (1 at negatives), centre-ness `[b, 1, n]`, positive mask `[b, 1, n]`.
-fn target_tensors(assigned: &[Vec<Option<(usize, [f32; 4], f32)>>], k: usize, device: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+fn target_tensors(assigned: &[Vec<LocationTarget>], k: usize, device: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let (b, n) = (assigned.len(), assigned.first().map_or(0, Vec::len));
     let mut cls = vec![0f32; b * k * n];
     let mut reg = vec![1f32; b * 4 * n];
@@ -496,7 +500,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         version: String::new(),
         training: serde_json::Value::Null,
     };
-    while config.channels % config.groups != 0 {
+    while !config.channels.is_multiple_of(config.groups) {
         config.groups -= 1;
     }
     config.validate()?;

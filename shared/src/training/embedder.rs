@@ -164,12 +164,11 @@ fn features(backbone: &EfficientNetLite, backbone_hash: &blake3::Hash, specs: &[
     hasher.update(serde_json::to_string(specs).expect("specs serialise").as_bytes());
     let key = &hasher.finalize().to_hex()[..16];
     let file = cache.join(format!("{name}-{key}.safetensors"));
-    if let Ok(mut cached) = candle_core::safetensors::load(&file, &Device::Cpu) {
-        if let Some(t) = cached.remove("features") {
+    if let Ok(mut cached) = candle_core::safetensors::load(&file, &Device::Cpu)
+        && let Some(t) = cached.remove("features") {
             progress(Progress::Message(format!("{name}: {} cached feature maps from {}", specs.len(), file.display())));
             return Ok(t);
         }
-    }
     progress(Progress::Stage { name: format!("backbone features: {name}"), total: specs.len() as u64 });
     let preprocess = Preprocess::LITE0;
     let mut maps = Vec::with_capacity(specs.len());

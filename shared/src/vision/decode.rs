@@ -44,7 +44,7 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage> {
         // lost its end must not be searched as a half-grey photo.
         return Err(Error::ImageDecode { reason: "truncated JPEG: the data ends before the end-of-image marker".into() });
     }
-    let mut decoder = reader.into_decoder().map_err(|e| decode_error(e))?;
+    let mut decoder = reader.into_decoder().map_err(decode_error)?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(Error::ImageDecode { reason: format!("image of {width}×{height} pixels") });

@@ -48,7 +48,7 @@ fn item(sku: &str, title: &str) -> ItemMetadata {
 fn garment(seed: usize) -> NewGarment {
     NewGarment {
         bbox: BBox::new(seed as f32, 2.0, 50.0 + seed as f32, 80.0),
-        category: if seed % 2 == 0 { "top".into() } else { "pants".into() },
+        category: if seed.is_multiple_of(2) { "top".into() } else { "pants".into() },
         score: 0.5 + seed as f32 / 100.0,
         embedding: embedding(seed),
     }

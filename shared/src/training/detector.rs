@@ -32,6 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::Checkpoint;
 use super::{Progress, ProgressFn, augment};
 use crate::datasets::{Df2Annotation, Df2Folder};
 use crate::evaluation::detection::{self, ApSummary, HEADLINE};
@@ -536,13 +537,8 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
             Ok(t)
         })?
     };
-    let checkpoint = cfg.out.with_extension("ckpt.safetensors");
-    let mut first_epoch = 0;
-    if cfg.resume && checkpoint.is_file() {
-        varmap.load(&checkpoint)?;
-        first_epoch = std::fs::read_to_string(checkpoint.with_extension("epoch")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        progress(Progress::Message(format!("resumed from {} after epoch {first_epoch} (optimizer moments restart)", checkpoint.display())));
-    }
+    let checkpoint = Checkpoint::beside(&cfg.out);
+    let first_epoch = checkpoint.resume(cfg.resume, &mut varmap, progress)?;
     let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
     let total_steps = (steps_per_epoch * cfg.epochs) as f64;
@@ -585,8 +581,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         }
         let n = steps.max(1) as f64;
         let mut line = format!("epoch {}: loss classes {:.4}, boxes {:.4}, centre-ness {:.4}", epoch + 1, sums[0] / n, sums[1] / n, sums[2] / n);
-        varmap.save(&checkpoint)?;
-        std::fs::write(checkpoint.with_extension("epoch"), (epoch + 1).to_string()).map_err(|e| Error::io(&checkpoint, e))?;
+        checkpoint.save(&varmap, epoch + 1)?;
         if (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs {
             let summary = validation_ap(&predict(&backbone, &config, &head, &val_levels, &grid, &cfg.device)?, &val_targets, k);
             let headline = summary.mean_ap50_over(&headline_classes(&categories));

@@ -28,6 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::retrieval::top_k_accuracy;
+use super::checkpoint::Checkpoint;
 use super::{Progress, ProgressFn, augment};
 use crate::datasets::{Df2Annotation, Df2Folder, read_gallery_gt};
 use crate::geometry::BBox;
@@ -288,13 +289,8 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
         weight: vb.get_with_hints((cfg.dim, FEATURE_DIM), "proj.weight", Init::Randn { mean: 0.0, stdev: (1.0 / FEATURE_DIM as f64).sqrt() })?,
         bias: vb.get_with_hints(cfg.dim, "proj.bias", Init::Const(0.0))?,
     };
-    let checkpoint = cfg.out.with_extension("ckpt.safetensors");
-    let mut first_epoch = 0;
-    if cfg.resume && checkpoint.is_file() {
-        varmap.load(&checkpoint)?;
-        first_epoch = std::fs::read_to_string(checkpoint.with_extension("epoch")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        progress(Progress::Message(format!("resumed from {} after epoch {first_epoch}", checkpoint.display())));
-    }
+    let checkpoint = Checkpoint::beside(&cfg.out);
+    let first_epoch = checkpoint.resume(cfg.resume, &mut varmap, progress)?;
     let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
 
     let n = train_a.len();
@@ -333,8 +329,7 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
             let copy = EmbeddingHead { p: frozen.p.copy()?, weight: frozen.weight.copy()?, bias: frozen.bias.copy()? };
             best = Some((score.0, score.1, epoch + 1, acc, copy));
         }
-        varmap.save(&checkpoint)?;
-        std::fs::write(checkpoint.with_extension("epoch"), (epoch + 1).to_string()).map_err(|e| Error::io(&checkpoint, e))?;
+        checkpoint.save(&varmap, epoch + 1)?;
     }
     let (_, _, best_epoch, top_k, best_head) = best.ok_or_else(|| Error::InvalidSetting { name: "epochs", reason: "no epoch left to run (resumed past --epochs)".into() })?;
     let report = TrainingReport {

@@ -283,3 +283,73 @@ async fn a_newly_published_generation_is_served_without_a_restart() {
     let body: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
     assert_eq!(body["generation"], 2);
 }
+
+/// The committed hostile-input corpus (`tests/hostile/`, written by its `make.py`) and
+/// hostile requests built here: each gets its status and stable error code, and the server
+/// keeps serving.
+#[actix_web::test]
+async fn the_hostile_corpus_gets_4xx_and_the_server_keeps_serving() {
+    let state = state_with(SearchPool::new(1, 4));
+    let app = app!(state);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile");
+    let file = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let files: [(&str, &str, u16, &str); 12] = [
+        ("zero.bin", "/v1/search", 400, "empty_body"),
+        ("random.bin", "/v1/search", 400, "invalid_image"),
+        ("truncated.jpg", "/v1/search", 400, "invalid_image"),
+        ("truncated.png", "/v1/search", 400, "invalid_image"),
+        ("bomb-100000x100000.png", "/v1/search", 413, "image_too_large"),
+        ("fake.heic", "/v1/search", 415, "unsupported_image_format"),
+        ("small.gif", "/v1/search", 200, ""),
+        ("small.webp", "/v1/search", 200, ""),
+        ("small.tiff", "/v1/search", 200, ""),
+        ("photo.jpg", "/v1/search?k=-1", 400, "invalid_k"),
+        ("photo.jpg", "/v1/search?k=99999999999999999999999", 400, "invalid_k"),
+        ("photo.jpg", "/v1/search?box=1e39,0,2e39,10", 400, "invalid_box"),
+    ];
+    for (name, uri, status, code) in files {
+        let got = error_of!(app, uri, file(name));
+        assert_eq!(got, (status, code.to_string()), "{name} {uri}");
+    }
+    let more: [(&str, u16, &str); 3] = [
+        ("/v1/search?box=5000,5000,6000,6000", 400, "invalid_box"),
+        ("/v1/search?category=", 200, ""),
+        ("/v1/search?k=3&k=4&category=top&category=dress", 200, ""),
+    ];
+    for (uri, status, code) in more {
+        assert_eq!(error_of!(app, uri, file("photo.jpg")), (status, code.to_string()), "{uri}");
+    }
+
+    // EXIF orientation 6: stored 64×80, searched upright as 80×64.
+    let body: Value = test::call_and_read_body_json(&app, test::TestRequest::post().uri("/v1/search?k=1").set_payload(file("exif-rotated.jpg")).to_request()).await;
+    assert_eq!((body["image"]["width"].as_u64(), body["image"]["height"].as_u64()), (Some(80), Some(64)));
+    // A wrong content type does not matter: the bytes are sniffed.
+    let req = test::TestRequest::post().uri("/v1/search?k=1").insert_header(("content-type", "text/plain")).set_payload(file("photo.jpg")).to_request();
+    assert_eq!(test::call_service(&app, req).await.status(), 200);
+
+    let multipart = |parts: Vec<(String, Vec<u8>)>| {
+        let mut body = Vec::new();
+        for (disposition, data) in parts {
+            body.extend(format!("--B\r\nContent-Disposition: form-data; {disposition}\r\n\r\n").into_bytes());
+            body.extend(data);
+            body.extend(b"\r\n");
+        }
+        body.extend(b"--B--\r\n");
+        test::TestRequest::post().uri("/v1/search").insert_header(("content-type", "multipart/form-data; boundary=B")).set_payload(body).to_request()
+    };
+    // A file part over the 2 MB limit.
+    let resp = test::call_service(&app, multipart(vec![("name=\"image\"; filename=\"a.jpg\"".into(), vec![0xFF; (2 << 20) + 1])])).await;
+    assert_eq!(resp.status(), 413);
+    // A thousand tiny text parts and no file.
+    let parts = (0..1000).map(|i| (format!("name=\"f{i}\""), b"x".to_vec())).collect();
+    let resp = test::call_service(&app, multipart(parts)).await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = test::read_body_json(resp).await;
+    assert_eq!(body["error"]["code"], "empty_body");
+    // A broken multipart body.
+    let req = test::TestRequest::post().uri("/v1/search").insert_header(("content-type", "multipart/form-data; boundary=B")).set_payload(b"--B\r\ngarbage".to_vec()).to_request();
+    assert!(test::call_service(&app, req).await.status().is_client_error());
+
+    // Still serving.
+    assert_eq!(error_of!(app, "/v1/search", file("photo.jpg")).0, 200);
+}

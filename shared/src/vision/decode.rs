@@ -30,6 +30,14 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::ImageDecode { reason: "empty input".into() });
     }
+    // HEIC/HEIF and AVIF (ISO-BMFF brands): real photo formats, from phones above all, that
+    // we cannot decode here; say so rather than "not an image".
+    if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
+        let brand = &bytes[8..12];
+        if [b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"].iter().any(|b| brand == *b) {
+            return Err(Error::UnsupportedImageFormat { format: format!("{} (HEIF/AVIF; send JPEG, PNG, WebP, GIF or TIFF)", String::from_utf8_lossy(brand)) });
+        }
+    }
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::ImageDecode { reason: e.to_string() })?;
     // Bytes of no known image format are not an image at all (a client error of another
     // kind than a real format we do not take, such as BMP).

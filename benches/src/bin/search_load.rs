@@ -8,6 +8,8 @@
 //!     --addr 127.0.0.1:8080 --photo PHOTO.jpg --clients 16 --requests 400
 //! ```
 //!
+//! `--seconds S` runs the clients for S seconds instead of a request count.
+//!
 //! A plain HTTP/1.1 client over `TcpStream`: enough for one route, and no client library's
 //! pooling or retries between us and what the server does.
 
@@ -63,6 +65,8 @@ fn main() {
     let photo = arg("--photo", "");
     let clients: usize = arg("--clients", "1").parse().expect("--clients N");
     let requests: usize = arg("--requests", "100").parse().expect("--requests N");
+    // With --seconds the clients run for that long instead of a request count.
+    let seconds: f64 = arg("--seconds", "0").parse().expect("--seconds S");
     let warmup: usize = arg("--warmup", "5").parse().expect("--warmup N");
     let query = arg("--query", "k=10");
     let body = Arc::new(std::fs::read(&photo).unwrap_or_else(|e| panic!("--photo {photo:?}: {e}")));
@@ -83,7 +87,11 @@ fn main() {
             std::thread::spawn(move || {
                 let mut conn = BufReader::new(TcpStream::connect(&addr).expect("connect"));
                 let mut out = Vec::new();
-                while next.fetch_add(1, Ordering::SeqCst) < requests {
+                let until = (seconds > 0.0).then(|| Instant::now() + Duration::from_secs_f64(seconds));
+                while match until {
+                    Some(t) => Instant::now() < t,
+                    None => next.fetch_add(1, Ordering::SeqCst) < requests,
+                } {
                     let t = Instant::now();
                     let answer = match post(&mut conn, &addr, &path, &body) {
                         Ok(a) => a,

@@ -18,7 +18,7 @@
 //! taxonomy, input size and preprocessing, thresholds and the training record.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor};
 use image::RgbImage;
@@ -411,8 +411,7 @@ impl GarmentDetector {
     /// Loads a detector weights file and the backbone it names.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let config: DetectorConfig = weights_file::read_config(path)?;
-        let backbone_path = path.parent().unwrap_or(Path::new(".")).join(&config.backbone);
-        let backbone = EfficientNetLite::load(&backbone_path, device)?;
+        let backbone = EfficientNetLite::load(&weights_file::sibling(path, &config.backbone), device)?;
         let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights {
             reason: format!("{}: {e}", path.display()),
         })?;
@@ -429,11 +428,6 @@ impl GarmentDetector {
     pub fn new(config: DetectorConfig, backbone: EfficientNetLite, head: DetectorHead, device: &Device) -> Self {
         let grid = location_grid(config.preprocess.size as usize, &config.strides);
         Self { config, backbone, head, grid, device: device.clone() }
-    }
-
-    /// Where the backbone named by `config` lives for the weights file `path`.
-    pub fn backbone_path(path: &Path, config: &DetectorConfig) -> PathBuf {
-        path.parent().unwrap_or(Path::new(".")).join(&config.backbone)
     }
 
     /// Writes the head and the configuration (the backbone file is not copied).

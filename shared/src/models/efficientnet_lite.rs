@@ -212,18 +212,31 @@ impl EfficientNetLite {
     /// `[n, 320, 10, 10]`), finest first. The 1×1 head convolution is not applied: its
     /// 1280 channels would cost more than the blocks' own outputs give a detector.
     pub fn pyramid(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let taps = self.pyramid_taps();
         let mut x = relu6(&self.stem.forward(x)?)?;
-        let mut stride = 2;
         let mut levels = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x)?;
-            stride *= self.config.blocks[i].stride;
-            let next_downsamples = self.config.blocks.get(i + 1).is_none_or(|b| b.stride > 1);
-            if stride >= 8 && next_downsamples {
+            if taps.contains(&i) {
                 levels.push(x.clone());
             }
         }
         Ok(levels)
+    }
+
+    /// Blocks whose output is a pyramid level: the last block at each resolution from
+    /// stride 8 down.
+    fn pyramid_taps(&self) -> Vec<usize> {
+        let blocks = &self.config.blocks;
+        let mut stride = 2;
+        let mut taps = Vec::new();
+        for (i, b) in blocks.iter().enumerate() {
+            stride *= b.stride;
+            if stride >= 8 && blocks.get(i + 1).is_none_or(|n| n.stride > 1) {
+                taps.push(i);
+            }
+        }
+        taps
     }
 
     /// The 1×1 head convolution (with BatchNorm and ReLU6) applied to the last pyramid
@@ -234,16 +247,7 @@ impl EfficientNetLite {
 
     /// Channels of each [`Self::pyramid`] level, finest first.
     pub fn pyramid_channels(&self) -> Vec<usize> {
-        let blocks = &self.config.blocks;
-        let mut stride = 2;
-        let mut channels = Vec::new();
-        for (i, b) in blocks.iter().enumerate() {
-            stride *= b.stride;
-            if stride >= 8 && blocks.get(i + 1).is_none_or(|n| n.stride > 1) {
-                channels.push(b.out_channels);
-            }
-        }
-        channels
+        self.pyramid_taps().into_iter().map(|i| self.config.blocks[i].out_channels).collect()
     }
 
     /// The global-average-pooled 1280-d feature, `[n, 1280]`.

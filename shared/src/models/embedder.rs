@@ -121,7 +121,7 @@ impl GarmentEmbedder {
 
     /// Where the backbone named by `config` lives for the weights file `path`.
     pub fn backbone_path(path: &Path, config: &EmbedderConfig) -> PathBuf {
-        path.parent().unwrap_or(Path::new(".")).join(&config.backbone)
+        weights_file::sibling(path, &config.backbone)
     }
 
     /// Writes the head and the configuration (the backbone file is not copied).

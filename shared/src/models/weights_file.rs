@@ -30,6 +30,11 @@ pub fn save<C: Serialize>(path: &Path, tensors: &HashMap<String, Tensor>, config
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// A file a weights file names in its config (the backbone), resolved beside it.
+pub fn sibling(weights: &Path, name: &str) -> std::path::PathBuf {
+    weights.parent().unwrap_or(Path::new(".")).join(name)
+}
+
 /// Reads the configuration stored by [`save`].
 pub fn read_config<C: DeserializeOwned>(path: &Path) -> Result<C> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -92,6 +92,11 @@ impl ServingIndex {
         }
     }
 
+    /// Whether any indexed garment has `category`.
+    pub fn has_category(&self, category: &str) -> bool {
+        self.index.categories().any(|(c, _)| c == category)
+    }
+
     /// Category names of the indexed garments with their counts.
     pub fn categories(&self) -> Vec<(String, usize)> {
         self.index.categories().map(|(c, n)| (c.to_string(), n)).collect()
@@ -178,7 +183,7 @@ impl SearchEngine {
             return Err(Error::InvalidK { k: req.k, max: MAX_RESULTS });
         }
         if let Some(c) = &req.category {
-            let known = self.detector.as_ref().is_some_and(|d| d.config().categories.iter().any(|k| &k.name == c)) || index.categories().iter().any(|(k, _)| k == c);
+            let known = self.detector.as_ref().is_some_and(|d| d.config().categories.iter().any(|k| &k.name == c)) || index.has_category(c);
             if !known {
                 return Err(Error::UnknownCategory(c.clone()));
             }
@@ -239,7 +244,7 @@ impl SearchEngine {
 
         // Category filter of the results: the request's; absent from this index → none.
         let filter = req.category.as_deref();
-        let present = filter.is_none_or(|c| index.categories().iter().any(|(k, _)| k == c));
+        let present = filter.is_none_or(|c| index.has_category(c));
         let mut results = Vec::with_capacity(garments.len());
         for ((bbox, category, score, source), embedding) in garments.into_iter().zip(embeddings) {
             let t = Instant::now();

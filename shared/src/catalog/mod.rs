@@ -6,4 +6,4 @@ mod labels;
 mod sources;
 
 pub use labels::LabelMap;
-pub use sources::{CatalogEntry, CatalogSource, RowError, read_catalog};
+pub use sources::{CatalogEntry, CatalogSource, RowError, parse_csv, parse_jsonl, read_catalog};

@@ -121,7 +121,15 @@ fn root_of(path: &Path) -> PathBuf {
 }
 
 fn read_csv(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).map_err(|e| Error::MalformedDataset { file: path.to_path_buf(), field: "(document)".into(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_csv(&bytes, path, labels)
+}
+
+/// Parses a CSV catalog held in memory; `path` names it in messages and its folder is the
+/// root image paths resolve in. (Separate from the file read so the fuzz target
+/// `catalog_parsers` reaches it without a file system.)
+pub fn parse_csv(bytes: &[u8], path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(bytes);
     let headers: Vec<String> = reader
         .headers()
         .map_err(|e| Error::MalformedDataset { file: path.to_path_buf(), field: "(header)".into(), reason: e.to_string() })?
@@ -162,6 +170,11 @@ fn read_csv(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<Ro
 
 fn read_jsonl(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(parse_jsonl(&text, path, labels))
+}
+
+/// Parses a JSON-lines catalog held in memory (see [`parse_csv`]).
+pub fn parse_jsonl(text: &str, path: &Path, labels: &LabelMap) -> (Vec<CatalogEntry>, Vec<RowError>) {
     let root = root_of(path);
     let (mut entries, mut errors) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
@@ -196,7 +209,7 @@ fn read_jsonl(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<
             Err(e) => errors.push(e),
         }
     }
-    Ok((entries, errors))
+    (entries, errors)
 }
 
 fn read_df2(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {

@@ -11,4 +11,4 @@ mod retrieval_gt;
 pub mod synth;
 
 pub use deepfashion2::{Df2Annotation, Df2Folder, Df2Image, Df2Item, Source};
-pub use retrieval_gt::{GalleryGt, QueryGt, read_gallery_gt, read_query_gt};
+pub use retrieval_gt::{GalleryGt, QueryGt, parse_list, read_gallery_gt, read_query_gt};

@@ -42,7 +42,12 @@ impl GalleryGt {
 
 fn read_list<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let raw: Vec<serde_json::Value> = serde_json::from_slice(&bytes).map_err(|e| Error::MalformedDataset {
+    parse_list(&bytes, path)
+}
+
+/// Parses a ground-truth list held in memory; `path` names it in messages.
+pub fn parse_list<T: for<'de> Deserialize<'de>>(bytes: &[u8], path: &Path) -> Result<Vec<T>> {
+    let raw: Vec<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| Error::MalformedDataset {
         file: path.to_path_buf(),
         field: "(document)".into(),
         reason: format!("expected a JSON list: {e}"),

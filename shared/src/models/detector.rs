@@ -460,7 +460,7 @@ impl GarmentDetector {
     pub fn detect_with(&self, image: &RgbImage, post: &Postprocess) -> Result<Vec<Detection>> {
         let pre = &self.config.preprocess;
         let input = pre.crop_to_tensor(image, None, &self.device)?.unsqueeze(0)?;
-        let raw = self.head.forward(&head_inputs(&self.backbone, &self.config, self.backbone.pyramid(&input)?)?)?;
+        let raw = self.forward(&input)?;
         let raw = raw.squeeze(0)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let geometry = LetterboxGeometry::new(image.width(), image.height(), pre.size);
         Ok(decode(&raw, self.config.num_classes(), &self.grid, post)
@@ -470,6 +470,12 @@ impl GarmentDetector {
                 bbox.is_valid().then(|| Detection { bbox, class, category: self.config.categories[class].name.clone(), score })
             })
             .collect())
+    }
+
+    /// The network alone: preprocessed inputs `[n, 3, size, size]` → raw outputs
+    /// `[n, num_classes + 5, locations]` (see [`DetectorHead::forward`]).
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.head.forward(&head_inputs(&self.backbone, &self.config, self.backbone.pyramid(input)?)?)
     }
 
     /// Head outputs of pre-computed pyramid features (training and evaluation reuse them).

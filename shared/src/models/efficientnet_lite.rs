@@ -124,10 +124,20 @@ impl MbConv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(e) => relu6(&e.forward(x)?)?,
+            Some(e) => e.forward_with(x, true, None)?,
             None => x.clone(),
         };
-        let h = self.project.forward(&self.depthwise.forward(&h)?)?;
+        self.project.forward_with(&self.depthwise.forward(&h)?, false, self.residual.then_some(x))
+    }
+
+    /// [`Self::forward`] with candle's own convolutions only (see
+    /// [`EfficientNetLite::feature_map_reference`]).
+    fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.expand {
+            Some(e) => relu6(&e.forward_reference(x)?)?,
+            None => x.clone(),
+        };
+        let h = self.project.forward_reference(&self.depthwise.forward_reference(&h)?)?;
         Ok(if self.residual { (h + x)? } else { h })
     }
 
@@ -200,11 +210,22 @@ impl EfficientNetLite {
     /// The head's feature map after BatchNorm and ReLU6: `[n, 3, h, w]` normalised input →
     /// `[n, 1280, h/32, w/32]`.
     pub fn feature_map(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = relu6(&self.stem.forward(x)?)?;
+        let mut x = self.stem.forward_with(x, true, None)?;
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
-        relu6(&self.head.forward(&x)?)
+        self.head.forward_with(&x, true, None)
+    }
+
+    /// [`Self::feature_map`] computed the plain way, with candle's own `conv2d` for every
+    /// convolution (grouped for the depthwise ones; BatchNorm folded all the same): slow,
+    /// and the oracle the fast path is tested against and the "before" of its benchmarks.
+    pub fn feature_map_reference(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = relu6(&self.stem.forward_reference(x)?)?;
+        for block in &self.blocks {
+            x = block.forward_reference(&x)?;
+        }
+        relu6(&self.head.forward_reference(&x)?)
     }
 
     /// Multi-scale features for detection: the output of the last block at each resolution
@@ -213,7 +234,7 @@ impl EfficientNetLite {
     /// 1280 channels would cost more than the blocks' own outputs give a detector.
     pub fn pyramid(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let taps = self.pyramid_taps();
-        let mut x = relu6(&self.stem.forward(x)?)?;
+        let mut x = self.stem.forward_with(x, true, None)?;
         let mut levels = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x)?;
@@ -242,7 +263,7 @@ impl EfficientNetLite {
     /// The 1×1 head convolution (with BatchNorm and ReLU6) applied to the last pyramid
     /// level: `[n, 320, h, w]` → `[n, 1280, h, w]`, the ImageNet-trained semantic features.
     pub fn head_features(&self, last_level: &Tensor) -> Result<Tensor> {
-        relu6(&self.head.forward(last_level)?)
+        self.head.forward_with(last_level, true, None)
     }
 
     /// Channels of each [`Self::pyramid`] level, finest first.

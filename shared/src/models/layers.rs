@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Tensor};
 
+use super::epilogue::Epilogue;
 use crate::{Error, Result};
 
 /// Named tensors of a weights file.
@@ -55,6 +56,8 @@ pub struct ConvBn {
     weight: Tensor,
     /// `[out]`.
     bias: Tensor,
+    /// The bias (and what may follow it) applied in place after the product.
+    epilogue: Epilogue,
     kernel: usize,
     stride: usize,
     out_channels: usize,
@@ -68,6 +71,7 @@ impl ConvBn {
         let weight = weight.broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?;
         Ok(Self {
             weight: weight.contiguous()?,
+            epilogue: Epilogue::new(&shift, false)?,
             bias: shift,
             kernel,
             stride,
@@ -80,12 +84,18 @@ impl ConvBn {
         Ok(Self {
             weight: self.weight.to_device(device)?,
             bias: self.bias.to_device(device)?,
+            epilogue: self.epilogue.to_device(device)?,
             ..self.clone()
         })
     }
 
     /// `x`: `[n, in, h, w]` → `[n, out, ceil(h/s), ceil(w/s)]`, TF "SAME" padded.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false, None)
+    }
+
+    /// [`Self::forward`], then `+ residual` and ReLU6 if asked, fused into the bias pass.
+    pub fn forward_with(&self, x: &Tensor, relu6: bool, residual: Option<&Tensor>) -> Result<Tensor> {
         let y = if self.kernel == 1 && self.stride == 1 {
             // A 1×1 convolution is a matrix product over the channel axis: no im2col copy.
             let (n, c, h, w) = x.dims4()?;
@@ -99,6 +109,17 @@ impl ConvBn {
             let x = x.pad_with_zeros(D::Minus2, pt, pb)?.pad_with_zeros(D::Minus1, pl, pr)?;
             x.conv2d(&self.weight, 0, self.stride, 1, 1)?
         };
+        self.epilogue.with_relu6(relu6).apply(y, residual)
+    }
+
+    /// The same convolution with candle's own `conv2d` whatever the kernel: the plain path
+    /// our optimised one is measured and tested against.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (pt, pb) = same_padding(h, self.kernel, self.stride);
+        let (pl, pr) = same_padding(w, self.kernel, self.stride);
+        let x = x.pad_with_zeros(D::Minus2, pt, pb)?.pad_with_zeros(D::Minus1, pl, pr)?;
+        let y = x.conv2d(&self.weight, 0, self.stride, 1, 1)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, self.out_channels, 1, 1))?)?)
     }
 }

@@ -5,6 +5,7 @@ pub mod depthwise;
 pub mod efficientnet_lite;
 pub mod detector;
 pub mod embedder;
+pub mod epilogue;
 pub mod layers;
 pub mod torch_import;
 pub mod weights_file;

@@ -110,6 +110,22 @@ fn batches_give_the_same_features_as_single_images() {
 }
 
 #[test]
+fn the_fast_path_equals_candles_plain_convolutions_on_odd_sizes_and_batches() {
+    let net = model();
+    // Odd sides exercise TF-SAME's extra bottom/right pixel at every stride-2 stage; the
+    // batch of 2 checks that planes of different images do not mix.
+    for (n, h, w) in [(1usize, 224usize, 224usize), (2, 97, 131), (1, 33, 65)] {
+        let x = Tensor::randn(0f32, 1., (n, 3, h, w), &candle_core::Device::Cpu).unwrap();
+        let fast = net.feature_map(&x).unwrap();
+        let plain = net.feature_map_reference(&x).unwrap();
+        assert_eq!(fast.dims(), plain.dims());
+        let scale = plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let diff = (fast - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-4 * scale, "{n}×{h}×{w}: max difference {diff} (values up to {scale})");
+    }
+}
+
+#[test]
 fn the_preprocessing_path_from_the_jpeg_stays_close_to_the_reference_input() {
     // PIL's resize is not the image crate's: close, not float-exact (reference README).
     let dir = repo().join("shared/tests/fixtures/lite0");

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for a bounded time and summarises what each found.
+#
+#   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default 600 s, all four targets)
+#
+# Needs a nightly toolchain and cargo-fuzz (installed here when missing). Seeds: the
+# committed ones in fuzz/seeds/, the server's hostile-input corpus and the CC0 fixtures.
+# Crashes land in fuzz/artifacts/TARGET/; each one found becomes a regression test (see
+# fuzz/README.md). Logs: fuzz/logs/TARGET.log; summary: fuzz/logs/summary.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+secs=${1:-600}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(image_decode search_request df2_annotation catalog_parsers)
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+seed() {
+  local target=$1
+  shift
+  mkdir -p "corpus/$target"
+  for f in "$@"; do
+    [ -f "$f" ] && cp -n "$f" "corpus/$target/" || true
+  done
+}
+hostile=(../searcher/tests/hostile/*.{jpg,png,gif,tiff,webp,heic,bin} ../shared/tests/fixtures/lite0/*.{jpg,png})
+seed image_decode "${hostile[@]}"
+mkdir -p corpus/search_request
+for q in "k=5" "k=3&box=10,10,40,40&category=top" "box=0,0,1e9,1e9" "k=-1&k=101&x=1" "category=&box=1,2,3"; do
+  { printf '%s\n' "$q"; cat ../searcher/tests/hostile/photo.jpg; } > "corpus/search_request/$(echo "$q" | tr -c 'a-z0-9' '_')"
+done
+seed df2_annotation seeds/df2_annotation/*
+seed catalog_parsers seeds/catalog_parsers/*
+
+mkdir -p logs
+{
+  echo "# Fuzz run $(date -u +%Y-%m-%dT%H:%MZ), ${secs} s per target, $(rustc +nightly --version)"
+  echo
+  echo "| target | executions | exec/s | coverage (edges) | corpus | crashes |"
+  echo "|---|---|---|---|---|---|"
+} > logs/summary.md
+for target in "${targets[@]}"; do
+  echo "== $target (${secs} s)" >&2
+  mkdir -p "artifacts/$target"
+  before=$(ls "artifacts/$target" | wc -l)
+  # -O: optimised with debug assertions; one worker (the machine has two cores).
+  status=0
+  cargo +nightly fuzz run -O "$target" "corpus/$target" -- \
+    -max_total_time="$secs" -rss_limit_mb=2048 -max_len=262144 -timeout=30 -print_final_stats=1 \
+    > "logs/$target.log" 2>&1 || status=$?
+  after=$(ls "artifacts/$target" | wc -l)
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "logs/$target.log" | grep -o '[0-9]*$' || echo '?')
+  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "logs/$target.log" | grep -o '[0-9]*$' || echo '?')
+  cov=$(grep -o 'cov: [0-9]*' "logs/$target.log" | tail -1 | grep -o '[0-9]*' || echo '?')
+  corpus=$(ls "corpus/$target" | wc -l)
+  echo "| $target | $execs | $rate | $cov | $corpus | $((after - before)) new (exit $status) |" >> logs/summary.md
+done
+cat logs/summary.md

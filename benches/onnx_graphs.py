@@ -87,7 +87,7 @@ class Graph:
             self.nodes,
             "shoplens",
             [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, x_shape)],
-            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, [f"{o}_d{i}" for i in range(rank)]) for o, rank in outputs],
             self.inits,
         )
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="shoplens-side-by-side")
@@ -166,7 +166,7 @@ def backbone_model(backbone_path, size=224):
     y, hw, _ = backbone(g, t, "input", size)
     y, hw = head_features(g, t, y, hw)
     out = g.op("Flatten", [g.op("GlobalAveragePool", [y])], axis=1)
-    return g.model("input", ["n", 3, size, size], [out])
+    return g.model("input", ["n", 3, size, size], [(out, 2)])
 
 
 def embedder_model(embedder_path, backbone_path, size=224):
@@ -184,7 +184,7 @@ def embedder_model(embedder_path, backbone_path, size=224):
     flat = g.op("Flatten", [gem], axis=1)
     proj = g.op("Gemm", [flat, g.const(head["proj.weight"]), g.const(head["proj.bias"])], transB=1)
     out = g.op("LpNormalization", [proj], axis=1, p=2)
-    return g.model("input", ["n", 3, size, size], [out])
+    return g.model("input", ["n", 3, size, size], [(out, 2)])
 
 
 def detector_model(detector_path, backbone_path):
@@ -234,4 +234,4 @@ def detector_model(detector_path, backbone_path):
         dist = g.op("Exp", [g.op("Clip", [scaled, g.const(np.float32(-MAX_LOG_DISTANCE)), g.const(np.float32(MAX_LOG_DISTANCE))])])
         outputs.append(g.op("Concat", [cls, dist, ctr], axis=1))
     out = g.op("Concat", outputs, axis=2)
-    return g.model("input", ["n", 3, size, size], [out])
+    return g.model("input", ["n", 3, size, size], [(out, 3)])

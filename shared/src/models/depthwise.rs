@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::layers::{Weights, fold_batchnorm, same_padding, take};
+use super::planes::PlaneGeometry;
 use crate::Result;
 
 /// A depthwise convolution with its BatchNorm folded in.
@@ -131,73 +132,6 @@ impl CustomOp1 for DepthwiseKernel {
 
 /// Outputs per rayon task at least.
 const MIN_TASK_OUTPUTS: usize = 4096;
-
-/// One input plane's layout for a k×k, stride-s, TF-"SAME" depthwise convolution.
-///
-/// The plane is copied once into `s²` zero-padded *phase planes*: phase `(py, px)` holds
-/// the padded rows `py, py + s, ...` and columns `px, px + s, ...`, all `wph` wide. Output
-/// `(oy, ox)` reads tap `(ky, kx)` at `(oy + ky / s, ox + kx / s)` of phase
-/// `(ky % s, kx % s)`. With the output kept `wph` wide too, each tap is then one
-/// contiguous multiply-add over the whole plane (the extra columns are computed and
-/// dropped), with no bounds to check: long runs the compiler vectorises, for 7×7 planes and
-/// stride 2 as well.
-#[derive(Debug, Clone, Copy)]
-struct PlaneGeometry {
-    h: usize,
-    w: usize,
-    k: usize,
-    s: usize,
-    ho: usize,
-    wo: usize,
-    /// Padding above and left.
-    pt: usize,
-    pl: usize,
-    /// Rows and columns of each phase plane.
-    hph: usize,
-    wph: usize,
-}
-
-impl PlaneGeometry {
-    fn new(h: usize, w: usize, k: usize, s: usize) -> Self {
-        let (ho, wo) = (h.div_ceil(s), w.div_ceil(s));
-        let (pt, _) = same_padding(h, k, s);
-        let (pl, _) = same_padding(w, k, s);
-        Self { h, w, k, s, ho, wo, pt, pl, hph: ho + (k - 1) / s, wph: wo + (k - 1) / s }
-    }
-
-    fn phase_len(&self) -> usize {
-        self.hph * self.wph
-    }
-
-    /// Phase planes, then the wide accumulator.
-    fn scratch_len(&self) -> usize {
-        self.s * self.s * self.phase_len() + self.ho * self.wph
-    }
-
-    /// Writes the phase planes of `src` into the front of `scratch` (zeros where the
-    /// padding is).
-    fn fill_phases(&self, src: &[f32], scratch: &mut [f32]) {
-        let s = self.s;
-        for py in 0..s {
-            for px in 0..s {
-                let phase = &mut scratch[(py * s + px) * self.phase_len()..][..self.phase_len()];
-                for (i, row) in phase.chunks_exact_mut(self.wph).enumerate() {
-                    // Phase row i is padded row i·s + py, input row i·s + py − pt.
-                    let y = (i * s + py) as isize - self.pt as isize;
-                    if y < 0 || y >= self.h as isize {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let src_row = &src[y as usize * self.w..(y as usize + 1) * self.w];
-                    for (j, v) in row.iter_mut().enumerate() {
-                        let x = (j * s + px) as isize - self.pl as isize;
-                        *v = if x >= 0 && (x as usize) < self.w { src_row[x as usize] } else { 0.0 };
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// The multiply-add loops, compiled once per instruction set and chosen at run time: the
 /// crate is built for baseline x86-64 (SSE2), and this loop is where wider vectors pay.

@@ -7,5 +7,6 @@ pub mod detector;
 pub mod embedder;
 pub mod epilogue;
 pub mod layers;
+mod planes;
 pub mod torch_import;
 pub mod weights_file;

@@ -42,6 +42,9 @@ struct DepthwiseKernel {
 impl DepthwiseConvBn {
     /// Loads `{conv}.weight` `[c,1,k,k]` and folds `{bn}.*` into it.
     pub fn load(weights: &Weights, conv: &str, bn: &str, channels: usize, kernel: usize, stride: usize, relu6: bool, eps: f64) -> Result<Self> {
+        if !(1..=MAX_KERNEL).contains(&kernel) || stride == 0 {
+            return Err(crate::Error::InvalidWeights { reason: format!("{conv}: depthwise kernel {kernel}×{kernel}, stride {stride}: kernels from 1 to {MAX_KERNEL}, stride ≥ 1") });
+        }
         let weight = take(weights, &format!("{conv}.weight"), &[channels, 1, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, channels, eps)?;
         let weight = weight.broadcast_mul(&scale.reshape((channels, 1, 1, 1))?)?.contiguous()?;
@@ -182,24 +185,49 @@ unsafe fn taps_avx512(g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bi
     taps(g, scratch, filter, bias, relu6, out)
 }
 
-/// One output plane: the wide accumulator starts at the bias, takes each of the k×k taps
-/// as one multiply-add over a contiguous run of a phase plane, and its valid columns go to
-/// `out` through ReLU6.
+/// Largest kernel side of the CPU kernel (EfficientNet uses 3 and 5).
+const MAX_KERNEL: usize = 7;
+
+/// Outputs accumulated in registers at once: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
+
+/// One output plane. The plane is computed `wph` wide (see [`PlaneGeometry`]): output
+/// position `p` of the wide plane takes tap `t` from `phases[start[t] + p]`, so every tap
+/// of a run of positions is a contiguous slice. Each run of [`LANES`] positions keeps its
+/// sums in registers across all k² taps (one load per tap, one store at the end), then the
+/// valid columns go to `out` through ReLU6.
 #[inline(always)]
 fn taps(g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
     let (phases, acc) = scratch.split_at_mut(g.s * g.s * g.phase_len());
-    let run = (g.ho - 1) * g.wph + g.wo;
-    let acc = &mut acc[..run];
-    acc.fill(bias);
+    let taps = g.k * g.k;
+    let mut starts = [0usize; MAX_KERNEL * MAX_KERNEL];
     for ky in 0..g.k {
         for kx in 0..g.k {
-            let phase = ((ky % g.s) * g.s + kx % g.s) * g.phase_len();
-            let start = phase + (ky / g.s) * g.wph + kx / g.s;
-            let wt = filter[ky * g.k + kx];
-            for (a, i) in acc.iter_mut().zip(&phases[start..start + run]) {
-                *a += wt * i;
+            starts[ky * g.k + kx] = ((ky % g.s) * g.s + kx % g.s) * g.phase_len() + (ky / g.s) * g.wph + kx / g.s;
+        }
+    }
+    let (starts, filter) = (&starts[..taps], &filter[..taps]);
+    let run = (g.ho - 1) * g.wph + g.wo;
+    let acc = &mut acc[..run];
+    let mut chunks = acc.chunks_exact_mut(LANES);
+    for (c, chunk) in (&mut chunks).enumerate() {
+        let base = c * LANES;
+        let mut sums = [bias; LANES];
+        for (&start, &wt) in starts.iter().zip(filter) {
+            let src: &[f32; LANES] = phases[start + base..start + base + LANES].try_into().expect("LANES values");
+            for (s, x) in sums.iter_mut().zip(src) {
+                *s += wt * x;
             }
         }
+        chunk.copy_from_slice(&sums);
+    }
+    let base = run - chunks.into_remainder().len();
+    for p in base..run {
+        let mut sum = bias;
+        for (&start, &wt) in starts.iter().zip(filter) {
+            sum += wt * phases[start + p];
+        }
+        acc[p] = sum;
     }
     for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
         let wide = &acc[oy * g.wph..oy * g.wph + g.wo];

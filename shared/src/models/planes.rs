@@ -72,8 +72,9 @@ impl PlaneGeometry {
                         if s == 1 {
                             inside.copy_from_slice(&src_row[first..first + inside.len()]);
                         } else {
-                            for (v, x) in inside.iter_mut().zip(src_row[first..].iter().step_by(s)) {
-                                *v = *x;
+                            // The first value of each s-wide chunk (`step_by` did not vectorise).
+                            for (v, chunk) in inside.iter_mut().zip(src_row[first..].chunks(s)) {
+                                *v = chunk[0];
                             }
                         }
                     }

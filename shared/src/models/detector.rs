@@ -475,7 +475,7 @@ impl GarmentDetector {
     /// The network alone: preprocessed inputs `[n, 3, size, size]` → raw outputs
     /// `[n, num_classes + 5, locations]` (see [`DetectorHead::forward`]).
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        self.head.forward(&head_inputs(&self.backbone, &self.config, self.backbone.pyramid(input)?)?)
+        super::on_pool(|| self.head.forward(&head_inputs(&self.backbone, &self.config, self.backbone.pyramid(input)?)?))
     }
 
     /// Head outputs of pre-computed pyramid features (training and evaluation reuse them).

@@ -210,11 +210,13 @@ impl EfficientNetLite {
     /// The head's feature map after BatchNorm and ReLU6: `[n, 3, h, w]` normalised input →
     /// `[n, 1280, h/32, w/32]`.
     pub fn feature_map(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.stem.forward_with(x, true, None)?;
-        for block in &self.blocks {
-            x = block.forward(&x)?;
-        }
-        self.head.forward_with(&x, true, None)
+        super::on_pool(|| {
+            let mut x = self.stem.forward_with(x, true, None)?;
+            for block in &self.blocks {
+                x = block.forward(&x)?;
+            }
+            self.head.forward_with(&x, true, None)
+        })
     }
 
     /// [`Self::feature_map`] computed the plain way, with candle's own `conv2d` for every
@@ -233,16 +235,18 @@ impl EfficientNetLite {
     /// `[n, 320, 10, 10]`), finest first. The 1×1 head convolution is not applied: its
     /// 1280 channels would cost more than the blocks' own outputs give a detector.
     pub fn pyramid(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let taps = self.pyramid_taps();
-        let mut x = self.stem.forward_with(x, true, None)?;
-        let mut levels = Vec::new();
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x)?;
-            if taps.contains(&i) {
-                levels.push(x.clone());
+        super::on_pool(|| {
+            let taps = self.pyramid_taps();
+            let mut x = self.stem.forward_with(x, true, None)?;
+            let mut levels = Vec::new();
+            for (i, block) in self.blocks.iter().enumerate() {
+                x = block.forward(&x)?;
+                if taps.contains(&i) {
+                    levels.push(x.clone());
+                }
             }
-        }
-        Ok(levels)
+            Ok(levels)
+        })
     }
 
     /// Blocks whose output is a pyramid level: the last block at each resolution from

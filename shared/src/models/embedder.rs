@@ -147,8 +147,10 @@ impl GarmentEmbedder {
 
     /// Embeds `[n, 3, s, s]` preprocessed inputs into `n` unit vectors.
     pub fn embed_batch(&self, inputs: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let fmap = self.backbone.feature_map(&inputs.to_device(&self.device)?)?;
-        Ok(self.head.forward(&fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+        super::on_pool(|| {
+            let fmap = self.backbone.feature_map(&inputs.to_device(&self.device)?)?;
+            Ok(self.head.forward(&fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+        })
     }
 
     /// Embeds garments of one image: each box (or the whole image for `None`) goes through

@@ -10,3 +10,14 @@ pub mod layers;
 mod planes;
 pub mod torch_import;
 pub mod weights_file;
+
+/// Runs a forward pass on a worker of rayon's global pool (directly when already on one).
+///
+/// Our kernels and gemm parallelise each operation with rayon. Called from a thread outside
+/// the pool, every one of the ~100 operations of a pass would hand its work to the pool and
+/// put the caller to sleep until done: a cross-thread wake-up per operation, which the
+/// profile showed as scheduler time and which kept two threads no faster than one. On a
+/// worker, an operation's first half runs where it is and only the rest is stolen.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
+}

@@ -133,6 +133,129 @@ impl CustomOp1 for DepthwiseKernel {
     }
 }
 
+/// An MBConv block's expand convolution (1×1, bias, ReLU6) and its depthwise convolution
+/// fused on the CPU, per group of channels: a task multiplies its rows of the expand
+/// weight by the block's input (one single-threaded gemm call), adds the bias, clamps,
+/// and runs the depthwise kernel on those planes while they are still in its core's cache.
+///
+/// Unfused, the expanded activation (the largest tensor of the block, 4.8 MB for Lite0's
+/// second block) is written by one parallel operation and read back by three more, each
+/// handing its work across threads; fused, it never leaves the task that made it.
+#[derive(Debug, Clone)]
+pub(crate) struct ExpandDepthwise {
+    /// `[hidden, in]`, row-major, BatchNorm folded.
+    expand_weight: Arc<Vec<f32>>,
+    expand_bias: Arc<Vec<f32>>,
+    in_channels: usize,
+    depthwise: DepthwiseKernel,
+}
+
+/// Expanded values a fused task holds at most (about 128 KB: within a core's L2).
+const FUSED_TASK_VALUES: usize = 32 * 1024;
+
+impl ExpandDepthwise {
+    /// `expand_weight` `[hidden, in, 1, 1]` and `expand_bias` `[hidden]` (folded) before
+    /// `depthwise`.
+    pub fn new(expand_weight: &Tensor, expand_bias: &Tensor, depthwise: &DepthwiseConvBn) -> Result<Self> {
+        let (hidden, in_channels, kh, kw) = expand_weight.dims4()?;
+        if hidden != depthwise.op.channels || kh != 1 || kw != 1 {
+            return Err(crate::Error::InvalidWeights {
+                reason: format!("expand {hidden}×{in_channels}×{kh}×{kw} does not feed a depthwise convolution of {} channels", depthwise.op.channels),
+            });
+        }
+        Ok(Self {
+            expand_weight: Arc::new(expand_weight.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
+            expand_bias: Arc::new(expand_bias.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?),
+            in_channels,
+            depthwise: depthwise.op.clone(),
+        })
+    }
+
+    /// `x` `[n, in, h, w]` on the CPU → the depthwise output `[n, hidden, ho, wo]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op1_no_bwd(self)?)
+    }
+}
+
+impl CustomOp1 for ExpandDepthwise {
+    fn name(&self) -> &'static str {
+        "expand-depthwise"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("expand-depthwise expects f32 input");
+        };
+        let (n, cin, h, w) = layout.shape().dims4()?;
+        if cin != self.in_channels {
+            candle_core::bail!("expand convolution has {} inputs, the tensor has {cin}", self.in_channels);
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("expand-depthwise expects a contiguous input");
+        };
+        let input = &data[start..end];
+        let dw = &self.depthwise;
+        let hidden = dw.channels;
+        let g = PlaneGeometry::new(h, w, dw.kernel, dw.stride);
+        let (plane_in, plane_out) = (h * w, g.ho * g.wo);
+        let mut out = vec![0f32; n * hidden * plane_out];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((n, hidden, g.ho, g.wo))));
+        }
+        // Channels per task from the sizes alone (never from the thread count), so the
+        // results do not depend on how many threads run them; at least 4 tasks per image.
+        let group = (FUSED_TASK_VALUES / plane_in).clamp(1, hidden.div_ceil(4).max(1));
+        let kernel = Kernel::detect();
+        let k2 = dw.kernel * dw.kernel;
+        out.par_chunks_mut(hidden * plane_out).enumerate().for_each(|(image, out_image)| {
+            let x = &input[image * cin * plane_in..(image + 1) * cin * plane_in];
+            out_image.par_chunks_mut(group * plane_out).enumerate().for_each_init(
+                || (vec![0f32; group * plane_in], vec![0f32; g.scratch_len()]),
+                |(expanded, scratch), (task, out_chunk)| {
+                    let c0 = task * group;
+                    let channels = out_chunk.len() / plane_out;
+                    let expanded = &mut expanded[..channels * plane_in];
+                    let weight = &self.expand_weight[c0 * cin..(c0 + channels) * cin];
+                    // SAFETY: expanded is channels×plane_in, weight channels×cin and x
+                    // cin×plane_in, all row-major and in bounds as sliced above; with
+                    // read_dst false the destination is only written.
+                    unsafe {
+                        gemm::gemm(
+                            channels,
+                            plane_in,
+                            cin,
+                            expanded.as_mut_ptr(),
+                            1,
+                            plane_in as isize,
+                            false,
+                            weight.as_ptr(),
+                            1,
+                            cin as isize,
+                            x.as_ptr(),
+                            1,
+                            plane_in as isize,
+                            0.0f32,
+                            1.0f32,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    for (j, (plane, out)) in expanded.chunks_exact_mut(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {
+                        let ch = c0 + j;
+                        let b = self.expand_bias[ch];
+                        plane.iter_mut().for_each(|v| *v = (*v + b).clamp(0.0, 6.0));
+                        g.fill_phases(plane, scratch);
+                        kernel.run(&g, scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
+                    }
+                },
+            );
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, hidden, g.ho, g.wo))))
+    }
+}
+
 /// Outputs per rayon task at least.
 const MIN_TASK_OUTPUTS: usize = 4096;
 

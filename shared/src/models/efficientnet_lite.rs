@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::{D, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::depthwise::DepthwiseConvBn;
+use super::depthwise::{DepthwiseConvBn, ExpandDepthwise};
 use super::layers::{ConvBn, Weights, relu6, take};
 use crate::{Error, Result};
 
@@ -103,6 +103,8 @@ impl Config {
 struct MbConv {
     expand: Option<ConvBn>,
     depthwise: DepthwiseConvBn,
+    /// Expand and depthwise fused, for the CPU.
+    fused: Option<ExpandDepthwise>,
     project: ConvBn,
     residual: bool,
 }
@@ -114,20 +116,30 @@ impl MbConv {
         let expand = (cfg.expand != 1)
             .then(|| ConvBn::load(weights, &format!("{p}_expand_conv"), &format!("{p}_bn0"), cfg.in_channels, hidden, 1, 1, BN_EPS))
             .transpose()?;
+        let depthwise = DepthwiseConvBn::load(weights, &format!("{p}_depthwise_conv"), &format!("{p}_bn1"), hidden, cfg.kernel, cfg.stride, true, BN_EPS)?;
+        let fused = expand
+            .as_ref()
+            .map(|e| {
+                let (w, b) = e.parameters();
+                ExpandDepthwise::new(w, b, &depthwise)
+            })
+            .transpose()?;
         Ok(Self {
             expand,
-            depthwise: DepthwiseConvBn::load(weights, &format!("{p}_depthwise_conv"), &format!("{p}_bn1"), hidden, cfg.kernel, cfg.stride, true, BN_EPS)?,
+            depthwise,
+            fused,
             project: ConvBn::load(weights, &format!("{p}_project_conv"), &format!("{p}_bn2"), hidden, cfg.out_channels, 1, 1, BN_EPS)?,
             residual: cfg.stride == 1 && cfg.in_channels == cfg.out_channels,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = match &self.expand {
-            Some(e) => e.forward_with(x, true, None)?,
-            None => x.clone(),
+        let h = match (&self.fused, &self.expand) {
+            (Some(fused), _) if x.device().is_cpu() => fused.forward(x)?,
+            (_, Some(e)) => self.depthwise.forward(&e.forward_with(x, true, None)?)?,
+            (_, None) => self.depthwise.forward(x)?,
         };
-        self.project.forward_with(&self.depthwise.forward(&h)?, false, self.residual.then_some(x))
+        self.project.forward_with(&h, false, self.residual.then_some(x))
     }
 
     /// [`Self::forward`] with candle's own convolutions only (see
@@ -145,6 +157,7 @@ impl MbConv {
         Ok(Self {
             expand: self.expand.as_ref().map(|e| e.to_device(device)).transpose()?,
             depthwise: self.depthwise.to_device(device)?,
+            fused: self.fused.clone(),
             project: self.project.to_device(device)?,
             residual: self.residual,
         })

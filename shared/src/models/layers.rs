@@ -81,6 +81,11 @@ impl ConvBn {
         })
     }
 
+    /// The folded weight `[out, in, k, k]` and bias `[out]`.
+    pub(crate) fn parameters(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
     /// Moves the parameters to `device`.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(Self {

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
 use super::planes::PlaneGeometry;
+use super::pointwise::Pointwise;
 use crate::{Error, Result};
 
 /// Named tensors of a weights file.
@@ -60,6 +61,8 @@ pub struct ConvBn {
     bias: Tensor,
     /// The bias (and what may follow it) applied in place after the product.
     epilogue: Epilogue,
+    /// The CPU kernel of a 1×1, stride-1 convolution.
+    pointwise: Option<Pointwise>,
     kernel: usize,
     stride: usize,
     out_channels: usize,
@@ -71,9 +74,21 @@ impl ConvBn {
         let weight = take(weights, &format!("{conv}.weight"), &[out_channels, in_channels, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, out_channels, eps)?;
         let weight = weight.broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?;
+        let pointwise = (kernel == 1 && stride == 1)
+            .then(|| -> Result<Pointwise> {
+                Ok(Pointwise {
+                    weight: std::sync::Arc::new(weight.flatten_all()?.to_vec1::<f32>()?),
+                    bias: std::sync::Arc::new(shift.to_vec1::<f32>()?),
+                    out_channels,
+                    in_channels,
+                    relu6: false,
+                })
+            })
+            .transpose()?;
         Ok(Self {
             weight: weight.contiguous()?,
             epilogue: Epilogue::new(&shift, false)?,
+            pointwise,
             bias: shift,
             kernel,
             stride,
@@ -103,6 +118,16 @@ impl ConvBn {
 
     /// [`Self::forward`], then `+ residual` and ReLU6 if asked, fused into the bias pass.
     pub fn forward_with(&self, x: &Tensor, relu6: bool, residual: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(p) = &self.pointwise
+            && x.device().is_cpu()
+        {
+            let op = Pointwise { relu6, ..p.clone() };
+            let x = x.contiguous()?;
+            return Ok(match residual {
+                None => x.apply_op1_no_bwd(&op)?,
+                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+            });
+        }
         let y = if self.kernel == 1 && self.stride == 1 {
             // A 1×1 convolution is a matrix product over the channel axis: no im2col copy.
             let (n, c, h, w) = x.dims4()?;

@@ -8,6 +8,7 @@ pub mod embedder;
 pub mod epilogue;
 pub mod layers;
 mod planes;
+mod pointwise;
 pub mod torch_import;
 pub mod weights_file;
 

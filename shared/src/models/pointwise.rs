@@ -1,0 +1,143 @@
+//! 1×1 convolutions on the CPU: the destination is written with the bias (and the
+//! residual) first, then cut into blocks of output channels × positions, each one
+//! single-threaded `gemm` call that accumulates the product onto it (`dst += W·x`), ReLU6
+//! applied to the block while it is in cache.
+//!
+//! Through candle's `matmul` the same layer was a zero-filled destination, gemm's own
+//! threading inside each call, then the epilogue as a separate parallel pass: three hand-offs
+//! between threads per layer and two passes over the activation. Blocks are sized from the
+//! matrix shapes alone, so results do not depend on the thread count.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
+use rayon::prelude::*;
+
+/// Output channels per block.
+const BLOCK_ROWS: usize = 64;
+/// Positions per block.
+const BLOCK_COLS: usize = 1024;
+
+/// `W [out, in]` times `[n, in, hw]` plus bias (plus residual), optionally ReLU6.
+#[derive(Debug, Clone)]
+pub(crate) struct Pointwise {
+    /// Row-major `[out, in]`.
+    pub weight: Arc<Vec<f32>>,
+    pub bias: Arc<Vec<f32>>,
+    pub out_channels: usize,
+    pub in_channels: usize,
+    pub relu6: bool,
+}
+
+fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what} must be f32");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// A raw pointer that may cross threads: each block writes a disjoint rectangle of the
+/// destination.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl Pointwise {
+    fn run(&self, x: &[f32], shape: &Shape, residual: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = shape.dims();
+        if dims.len() < 2 || dims[1] != self.in_channels {
+            candle_core::bail!("1×1 convolution with {} inputs applied to shape {dims:?}", self.in_channels);
+        }
+        let (n, hw) = (dims[0], dims[2..].iter().product::<usize>());
+        let (out, inp) = (self.out_channels, self.in_channels);
+        let len = n * out * hw;
+        let mut out_dims = dims.to_vec();
+        out_dims[1] = out;
+        if let Some(r) = residual
+            && r.len() != len
+        {
+            candle_core::bail!("residual of {} values for an output of {len}", r.len());
+        }
+        let mut dst: Vec<f32> = match residual {
+            Some(r) => r.to_vec(),
+            None => vec![0f32; len],
+        };
+        if len == 0 {
+            return Ok((CpuStorage::F32(dst), Shape::from(out_dims)));
+        }
+        let (row_blocks, col_blocks) = (out.div_ceil(BLOCK_ROWS), hw.div_ceil(BLOCK_COLS));
+        let base = SendPtr(dst.as_mut_ptr());
+        (0..n * row_blocks * col_blocks).into_par_iter().for_each(|block| {
+            let image = block / (row_blocks * col_blocks);
+            let (rb, cb) = ((block / col_blocks) % row_blocks, block % col_blocks);
+            let (r0, r1) = (rb * BLOCK_ROWS, ((rb + 1) * BLOCK_ROWS).min(out));
+            let (c0, c1) = (cb * BLOCK_COLS, ((cb + 1) * BLOCK_COLS).min(hw));
+            let base = base;
+            // SAFETY: blocks are disjoint rectangles of image `image`'s out×hw matrix, so
+            // no two tasks touch the same value; every index below is within `len`.
+            unsafe {
+                let d = base.0.add(image * out * hw + r0 * hw + c0);
+                for r in r0..r1 {
+                    let b = self.bias[r];
+                    let row = std::slice::from_raw_parts_mut(d.add((r - r0) * hw), c1 - c0);
+                    row.iter_mut().for_each(|v| *v += b);
+                }
+                gemm::gemm(
+                    r1 - r0,
+                    c1 - c0,
+                    inp,
+                    d,
+                    1,
+                    hw as isize,
+                    true,
+                    self.weight.as_ptr().add(r0 * inp),
+                    1,
+                    inp as isize,
+                    x.as_ptr().add(image * inp * hw + c0),
+                    1,
+                    hw as isize,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                if self.relu6 {
+                    for r in 0..r1 - r0 {
+                        let row = std::slice::from_raw_parts_mut(d.add(r * hw), c1 - c0);
+                        row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
+    }
+}
+
+impl CustomOp1 for Pointwise {
+    fn name(&self) -> &'static str {
+        "pointwise-conv"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(contiguous(storage, layout, "the input")?, layout.shape(), None)
+    }
+}
+
+impl CustomOp2 for Pointwise {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-residual"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape().dims().first() != l2.shape().dims().first() {
+            candle_core::bail!("input and residual differ in batch size");
+        }
+        self.run(contiguous(s1, l1, "the input")?, l1.shape(), Some(contiguous(s2, l2, "the residual")?))
+    }
+}

@@ -239,6 +239,26 @@ mod tests {
     }
 
     #[test]
+    fn pointwise_blocks_with_residual_and_relu6_equal_candles_ops() {
+        // 70 outputs and 33×40 positions: several blocks in both directions, ragged edges.
+        let dev = Device::Cpu;
+        let mut w = Weights::new();
+        w.insert("c.weight".into(), Tensor::randn(0f32, 1., (70, 5, 1, 1), &dev).unwrap());
+        w.insert("b.weight".into(), Tensor::rand(0.5f32, 1.5, 70, &dev).unwrap());
+        w.insert("b.bias".into(), Tensor::randn(0f32, 1., 70, &dev).unwrap());
+        w.insert("b.running_mean".into(), Tensor::randn(0f32, 1., 70, &dev).unwrap());
+        w.insert("b.running_var".into(), Tensor::rand(0.5f32, 2., 70, &dev).unwrap());
+        let conv = ConvBn::load(&w, "c", "b", 5, 70, 1, 1, 1e-3).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 5, 33, 40), &dev).unwrap();
+        let r = Tensor::randn(0f32, 2., (2, 70, 33, 40), &dev).unwrap();
+        let fast = conv.forward_with(&x, true, Some(&r)).unwrap();
+        let plain = (conv.forward_reference(&x).unwrap() + &r).unwrap().clamp(0f32, 6f32).unwrap();
+        let diff = (fast - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        assert!(conv.forward_with(&x, false, Some(&x)).is_err(), "a residual of the wrong shape is refused");
+    }
+
+    #[test]
     fn pointwise_path_equals_the_general_convolution() {
         let dev = Device::Cpu;
         let mut w = Weights::new();

@@ -28,6 +28,9 @@ use shoplens_benches::{resident_bytes, short};
 
 const K: usize = 10;
 
+/// One network's forward pass on a prepared input.
+type Forward = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(command) = args.first() else {
@@ -100,7 +103,7 @@ fn models_case(models: &Path, case: &str, batch: usize, runs: usize, dump_dir: O
     let size = if case == "detector" { 320 } else { 224 };
     let x = fixed_input((batch, 3, size, size))?;
     let rss_before = resident_bytes().unwrap_or(0);
-    let forward: Box<dyn Fn(&Tensor) -> Result<Tensor>> = match case {
+    let forward: Forward = match case {
         "backbone-plain" => {
             let net = EfficientNetLite::load(&backbone, &cpu)?;
             Box::new(move |x| Ok(net.feature_map_reference(x)?.mean(3)?.mean(2)?))

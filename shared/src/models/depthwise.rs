@@ -96,17 +96,11 @@ impl CustomOp1 for DepthwiseKernel {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("depthwise conv expects f32 input");
-        };
+        let input = super::cpu_values(storage, layout, "depthwise conv")?;
         let (n, c, h, w) = layout.shape().dims4()?;
         if c != self.channels {
             candle_core::bail!("depthwise conv has {} channels, input has {c}", self.channels);
         }
-        let input = match layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => candle_core::bail!("depthwise conv expects a contiguous input"),
-        };
         let geometry = PlaneGeometry::new(h, w, self.kernel, self.stride);
         let (ho, wo) = (geometry.ho, geometry.wo);
         let mut out = vec![0f32; n * c * ho * wo];
@@ -183,17 +177,11 @@ impl CustomOp1 for ExpandDepthwise {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("expand-depthwise expects f32 input");
-        };
+        let input = super::cpu_values(storage, layout, "expand-depthwise")?;
         let (n, cin, h, w) = layout.shape().dims4()?;
         if cin != self.in_channels {
             candle_core::bail!("expand convolution has {} inputs, the tensor has {cin}", self.in_channels);
         }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("expand-depthwise expects a contiguous input");
-        };
-        let input = &data[start..end];
         let dw = &self.depthwise;
         let hidden = dw.channels;
         let g = PlaneGeometry::new(h, w, dw.kernel, dw.stride);

@@ -178,14 +178,8 @@ impl CustomOp1 for Unfold {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("unfold expects f32 input");
-        };
+        let input = super::cpu_values(storage, layout, "unfold")?;
         let (n, c, h, w) = layout.shape().dims4()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("unfold expects a contiguous input");
-        };
-        let input = &data[start..end];
         let g = PlaneGeometry::new(h, w, self.kernel, self.stride);
         let rows = self.kernel * self.kernel * g.ho * g.wo;
         let mut out = vec![0f32; n * c * rows];

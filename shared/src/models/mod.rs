@@ -22,3 +22,14 @@ pub mod weights_file;
 pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
 }
+
+/// The f32 values of a custom op's contiguous CPU input; `op` names it in errors.
+pub(crate) fn cpu_values<'a>(storage: &'a candle_core::CpuStorage, layout: &candle_core::Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} expects f32 input");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} expects a contiguous input"),
+    }
+}

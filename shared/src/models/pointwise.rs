@@ -29,22 +29,20 @@ pub(crate) struct Pointwise {
     pub relu6: bool,
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{what} must be f32");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{what} must be contiguous"),
-    }
-}
-
 /// A raw pointer that may cross threads: each block writes a disjoint rectangle of the
 /// destination.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Through a method, so closures capture the whole wrapper (which is `Send`), not its
+    /// raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 impl Pointwise {
     fn run(&self, x: &[f32], shape: &Shape, residual: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -76,11 +74,10 @@ impl Pointwise {
             let (rb, cb) = ((block / col_blocks) % row_blocks, block % col_blocks);
             let (r0, r1) = (rb * BLOCK_ROWS, ((rb + 1) * BLOCK_ROWS).min(out));
             let (c0, c1) = (cb * BLOCK_COLS, ((cb + 1) * BLOCK_COLS).min(hw));
-            let base = base;
             // SAFETY: blocks are disjoint rectangles of image `image`'s out×hw matrix, so
             // no two tasks touch the same value; every index below is within `len`.
             unsafe {
-                let d = base.0.add(image * out * hw + r0 * hw + c0);
+                let d = base.get().add(image * out * hw + r0 * hw + c0);
                 for r in r0..r1 {
                     let b = self.bias[r];
                     let row = std::slice::from_raw_parts_mut(d.add((r - r0) * hw), c1 - c0);
@@ -125,7 +122,7 @@ impl CustomOp1 for Pointwise {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run(contiguous(storage, layout, "the input")?, layout.shape(), None)
+        self.run(super::cpu_values(storage, layout, "1×1 convolution")?, layout.shape(), None)
     }
 }
 
@@ -138,6 +135,6 @@ impl CustomOp2 for Pointwise {
         if l1.shape().dims().first() != l2.shape().dims().first() {
             candle_core::bail!("input and residual differ in batch size");
         }
-        self.run(contiguous(s1, l1, "the input")?, l1.shape(), Some(contiguous(s2, l2, "the residual")?))
+        self.run(super::cpu_values(s1, l1, "1×1 convolution")?, l1.shape(), Some(super::cpu_values(s2, l2, "1×1 convolution (residual)")?))
     }
 }

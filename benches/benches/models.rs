@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
     // search, fetch; a synthetic 20k-garment index over the detector's categories.
     let index = synthetic_index(20_000, embedder.dim(), &detector);
     let engine = shoplens::serving::engine::SearchEngine { detector: Some(detector), embedder, limits: Default::default() };
-    let request = shoplens::serving::engine::SearchRequest { k: 10, category: None, region: None };
+    let request = shoplens::serving::engine::SearchRequest { k: 10, category: None, region: None, ranking: Default::default() };
     let mut group = c.benchmark_group("search");
     group.sample_size(20);
     group.bench_function(BenchmarkId::new("engine", format!("{id},garments=20k,k=10")), |b| b.iter(|| engine.search(&index, &jpeg, &request).unwrap()));

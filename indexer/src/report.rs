@@ -12,6 +12,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::Value;
 use shoplens::evaluation::detection::DetectionReport;
+use shoplens::evaluation::relevance::RelevanceReport;
 use shoplens::evaluation::retrieval::{QueryDetail, RetrievalReport, TOP_K};
 use shoplens::geometry::BBox;
 
@@ -145,6 +146,42 @@ pub fn detection(out: &Path, report: &DetectionReport, command: &str) -> Result<
     Ok(vec![md_path, bars])
 }
 
+/// `relevance.json` → Markdown with the per-category table and a bar chart.
+pub fn relevance(out: &Path, report: &RelevanceReport, command: &str) -> Result<Vec<PathBuf>> {
+    let bars = sibling(out, "-categories.svg");
+    let groups: Vec<(String, Vec<f64>)> = report.per_category.iter().map(|(c, r)| (c.clone(), vec![r.precision, r.category_accuracy])).collect();
+    bars_svg(&bars, &format!("category precision@{} per category", report.k), &[&format!("precision@{}", report.k), "category accuracy"], &groups)?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Relevance: category precision@{}\n\nCommand: `{command}`\n", report.k);
+    let _ = writeln!(
+        md,
+        "{} labelled garments, {} boxes, ranking by {}, embedder `{}`{}; catalog generation {} ({} garments).\n\n**precision@{} {:.3}** · category accuracy {:.3}{}\n",
+        report.garments,
+        report.boxes,
+        report.ranking,
+        report.embedder,
+        report.detector.as_ref().map(|d| format!(", detector `{d}`")).unwrap_or_default(),
+        report.generation,
+        report.catalog.values().sum::<usize>(),
+        report.k,
+        report.overall.precision,
+        report.overall.category_accuracy,
+        if report.overall.misses > 0 { format!(" · {} garments missed by the detector (count 0)", report.overall.misses) } else { String::new() }
+    );
+    let _ = writeln!(md, "| category | garments | precision@{} | category accuracy | missed | catalog garments |\n|---|---|---|---|---|---|", report.k);
+    for (c, r) in &report.per_category {
+        let _ = writeln!(md, "| {c} | {} | {:.3} | {:.3} | {} | {} |", r.queries, r.precision, r.category_accuracy, r.misses, report.catalog.get(c).copied().unwrap_or(0));
+    }
+    if !report.absent.is_empty() {
+        let absent: Vec<String> = report.absent.iter().map(|(c, n)| format!("{c} ({n})")).collect();
+        let _ = writeln!(md, "\nLeft out, the catalog has none of their category: {}.", absent.join(", "));
+    }
+    let _ = writeln!(md, "\n![per category]({})", file_name(&bars));
+    let md_path = sibling(out, ".md");
+    std::fs::write(&md_path, md)?;
+    Ok(vec![md_path, bars])
+}
+
 fn file_name(p: &Path) -> String {
     p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string()
 }
@@ -225,6 +262,21 @@ fn metrics(v: &Value) -> BTreeMap<String, f64> {
                 for (c, a) in per {
                     if let Some(x) = a["ap50"].as_f64() {
                         out.insert(format!("{c} ap50"), x);
+                    }
+                }
+            }
+        }
+        Some("category-precision") => {
+            if let Some(x) = v["overall"]["precision"].as_f64() {
+                out.insert("precision".into(), x);
+            }
+            if let Some(x) = v["overall"]["category_accuracy"].as_f64() {
+                out.insert("category accuracy".into(), x);
+            }
+            if let Some(per) = v["per_category"].as_object() {
+                for (c, r) in per {
+                    if let Some(x) = r["precision"].as_f64() {
+                        out.insert(format!("{c} precision"), x);
                     }
                 }
             }

@@ -15,7 +15,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use shoplens::geometry::BBox;
-use shoplens::serving::engine::{MAX_RESULTS, SearchOutcome, SearchRequest};
+use shoplens::serving::engine::{MAX_RESULTS, Ranking, SearchOutcome, SearchRequest};
 
 use crate::state::SearcherState;
 
@@ -158,7 +158,7 @@ fn ready(state: &SearcherState) -> Result<Arc<shoplens::serving::engine::Serving
 
 /// Parses the query string of `/v1/search`, refusing anything unknown or out of range.
 pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
-    let mut req = SearchRequest { k: 10, category: None, region: None };
+    let mut req = SearchRequest { k: 10, category: None, region: None, ranking: Default::default() };
     let pairs: Vec<(String, String)> = web::Query::<Vec<(String, String)>>::from_query(query)
         .map_err(|e| ApiError::bad_request("invalid_query", format!("cannot read the query string: {e}")))?
         .into_inner();
@@ -173,6 +173,13 @@ pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
             }
             "category" if !value.is_empty() => req.category = Some(value),
             "category" => {}
+            "rank" => {
+                req.ranking = match value.as_str() {
+                    "category" => Ranking::SameKindFirst,
+                    "similarity" => Ranking::Similarity,
+                    _ => return Err(ApiError::bad_request("invalid_rank", format!("rank must be category or similarity, got {value:?}"))),
+                }
+            }
             "box" => {
                 let v: Vec<f32> = value.split(',').map(|p| p.trim().parse::<f32>()).collect::<Result<_, _>>().map_err(|_| {
                     ApiError::bad_request("invalid_box", format!("box must be x1,y1,x2,y2 in pixels, got {value:?}"))
@@ -186,7 +193,7 @@ pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
                 }
                 req.region = Some(b);
             }
-            other => return Err(ApiError::bad_request("invalid_query", format!("unknown parameter {other:?}; known: k, category, box"))),
+            other => return Err(ApiError::bad_request("invalid_query", format!("unknown parameter {other:?}; known: k, category, box, rank"))),
         }
     }
     Ok(req)
@@ -261,7 +268,11 @@ fn outcome_json(o: &SearchOutcome) -> Value {
                     v
                 })
                 .collect();
-            json!({"box": g.bbox, "category": g.category, "score": g.score, "source": g.source, "results": results})
+            json!({
+                "box": g.bbox, "category": g.category, "category_source": g.category_source,
+                "category_probability": g.category_probability, "score": g.score, "source": g.source,
+                "ranked_first": g.ranked_first, "results": results,
+            })
         })
         .collect();
     json!({

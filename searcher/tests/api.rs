@@ -140,6 +140,36 @@ async fn a_shop_photo_finds_its_own_item_first() {
     assert_eq!(body["garments"][0]["source"], "region");
     assert_eq!(body["garments"][0]["box"], serde_json::json!([0.0, 0.0, 100.0, 100.0]));
     assert_eq!(body["garments"][0]["results"].as_array().unwrap().len(), 3);
+    // A drawn box's category comes from the embedder's category head; its kind is listed
+    // first when the shop has it.
+    assert_eq!(body["garments"][0]["category_source"], "classifier");
+    assert!(body["garments"][0]["category_probability"].as_f64().is_some_and(|p| p > 0.0 && p <= 1.0), "{body}");
+    let first = &body["garments"][0]["ranked_first"];
+    if !first.is_null() {
+        let kind = first["category"].as_str().unwrap();
+        let listed = first["results"].as_u64().unwrap() as usize;
+        let results = body["garments"][0]["results"].as_array().unwrap();
+        assert!(results[..listed].iter().all(|r| r["category"] == kind), "{body}");
+    }
+}
+
+#[actix_web::test]
+async fn detected_garments_say_where_their_category_came_from_and_rank_can_be_similarity() {
+    let state = state_with(SearchPool::new(1, 4));
+    let app = app!(state);
+    let photo = jpeg_bytes(&fixture().items[0].1);
+    for (uri, ranked_first_null) in [("/v1/search?k=3", false), ("/v1/search?k=3&rank=similarity", true)] {
+        let resp = test::call_service(&app, test::TestRequest::post().uri(uri).set_payload(photo.clone()).to_request()).await;
+        assert_eq!(resp.status(), 200, "{uri}");
+        let body: Value = test::read_body_json(resp).await;
+        for g in body["garments"].as_array().unwrap() {
+            let expected = if g["source"] == "detected" { "detector" } else { "classifier" };
+            assert_eq!(g["category_source"], expected, "{uri}: {g}");
+            if ranked_first_null {
+                assert!(g["ranked_first"].is_null(), "{uri}: {g}");
+            }
+        }
+    }
 }
 
 /// `(status, error code)` of a POST.
@@ -177,6 +207,7 @@ async fn client_mistakes_are_4xx_with_a_code() {
         ("/v1/search?box=50,50,10,10", photo.clone(), 400, "invalid_box"),
         ("/v1/search?box=1e9,1e9,2e9,2e9", photo.clone(), 400, "invalid_box"),
         ("/v1/search?colour=red", photo.clone(), 400, "invalid_query"),
+        ("/v1/search?rank=popularity", photo.clone(), 400, "invalid_rank"),
     ];
     for (uri, body, status, code) in cases {
         let (s, c) = error_of!(app, uri, body);
@@ -276,7 +307,7 @@ async fn a_newly_published_generation_is_served_without_a_restart() {
     wait_for(2).await;
     // A search that held generation 1 still completes on it.
     let photo = image::open(&items[1].1).unwrap().to_rgb8();
-    let request = shoplens::serving::engine::SearchRequest { k: 3, category: None, region: None };
+    let request = shoplens::serving::engine::SearchRequest { k: 3, category: None, region: None, ranking: Default::default() };
     assert_eq!(engine().search_image(&held, &photo, &request).unwrap().generation, 1);
     let resp = test::call_service(&app, test::TestRequest::get().uri(&format!("/v1/items/{}", items[0].0)).to_request()).await;
     assert_eq!(resp.status(), 404, "the removed item is gone from generation 2");

@@ -8,7 +8,10 @@ use shoplens::ann::{AnnParams, open_published};
 use shoplens::datasets::{Df2Folder, read_gallery_gt, read_query_gt};
 use shoplens::device::{DevicePreference, select_device};
 use shoplens::evaluation::detection::evaluate_detector;
+use shoplens::evaluation::relevance::{RelevanceBoxes, RelevanceInputs, evaluate_relevance};
 use shoplens::evaluation::retrieval::{QueryBoxes, RetrievalInputs, TOP_K, evaluate};
+use shoplens::serving::engine::{Ranking, SearchEngine, ServingIndex};
+use shoplens::vision::DecodeLimits;
 use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
 
@@ -75,6 +78,35 @@ pub enum EvalCommand {
         #[arg(long, default_value = "report.json")]
         out: PathBuf,
     },
+    /// Category precision: the share of each labelled garment's first k shop items that are
+    /// of its category, searched as a shopper's request is (no category parameter). Run it
+    /// against a catalog without the exact items (e.g. the validation distractors alone).
+    Relevance {
+        /// Store built from a labelled catalog (CSV/JSONL with labels, through the label map).
+        #[arg(long, env = "SHOPLENS_DB")]
+        db: PathBuf,
+        /// DeepFashion2-format folder of labelled photos (image/ + annos/).
+        #[arg(long)]
+        queries: PathBuf,
+        /// `gt`: each annotated box searched as a drawn box (category from the embedder's
+        /// category head); `detected`: the photo searched as uploaded.
+        #[arg(long, value_enum, default_value = "gt")]
+        boxes: EvalBoxes,
+        #[arg(long, value_enum, default_value = "all")]
+        split: Split,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// Rank by similarity alone instead of the default (items of the garment's category
+        /// first): what the embedding achieves by itself.
+        #[arg(long)]
+        similarity_only: bool,
+        #[arg(long, default_value = "models/embedder-lite0.safetensors")]
+        embedder: PathBuf,
+        #[arg(long, default_value = "models/detector-lite0.safetensors")]
+        detector: PathBuf,
+        #[arg(long, default_value = "report.json")]
+        out: PathBuf,
+    },
     /// Two reports of the same protocol side by side, with differences (b − a).
     Compare { a: PathBuf, b: PathBuf },
 }
@@ -85,6 +117,9 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             retrieval(db, queries, query_gt, gallery_gt, boxes, split, embedder, detector, out, submission)
         }
         EvalCommand::Detection { data, weights, split, out } => detection(data, weights, split, out),
+        EvalCommand::Relevance { db, queries, boxes, split, k, similarity_only, embedder, detector, out } => {
+            relevance(RelevanceArgs { db, queries, boxes, split, k, similarity_only, embedder, detector, out })
+        }
         EvalCommand::Compare { a, b } => {
             print!("{}", report::compare(&a, &b)?);
             Ok(())
@@ -179,6 +214,71 @@ fn retrieval(
         println!("  {category:<12} {:>5} queries  top-1 {:.3}  top-20 {:.3}", g.queries, g.top_k["1"], g.top_k["20"]);
     }
     println!("report: {}; also {}", out.display(), written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+struct RelevanceArgs {
+    db: PathBuf,
+    queries: PathBuf,
+    boxes: EvalBoxes,
+    split: Split,
+    k: usize,
+    similarity_only: bool,
+    embedder: PathBuf,
+    detector: PathBuf,
+    out: PathBuf,
+}
+
+fn relevance(args: RelevanceArgs) -> Result<()> {
+    prepare_out(&args.out)?;
+    let device = select_device(DevicePreference::Auto)?;
+    let embedder = GarmentEmbedder::load(&args.embedder, &device).context("loading the embedder")?;
+    let detector = match args.boxes {
+        EvalBoxes::Detected => Some(GarmentDetector::load(&args.detector, &device).context("loading the detector")?),
+        EvalBoxes::Gt => None,
+    };
+    // Exactly what the searcher serves: the published generation's snapshot and graph.
+    let index = ServingIndex::load_current(&args.db, AnnParams::default())?.with_context(|| format!("{} has no published generation", args.db.display()))?;
+    let indexed_with = index.snapshot().models.get("embedder").cloned();
+    if indexed_with.as_deref() != Some(embedder.version()) {
+        bail!("the index was built with embedder {indexed_with:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder", embedder.version());
+    }
+    let engine = SearchEngine { detector, embedder, limits: DecodeLimits::default() };
+    let folder = Df2Folder::open(&args.queries)?;
+    let keep = |id: u64| matches!(args.split, Split::All) || id % 5 == 1;
+    let inputs = RelevanceInputs {
+        engine: &engine,
+        index: &index,
+        queries: &folder,
+        keep: &keep,
+        boxes: match args.boxes {
+            EvalBoxes::Gt => RelevanceBoxes::GroundTruth,
+            EvalBoxes::Detected => RelevanceBoxes::Detected,
+        },
+        ranking: if args.similarity_only { Ranking::Similarity } else { Ranking::SameKindFirst },
+        k: args.k,
+    };
+    let mut reporter = Reporter::default();
+    let report = evaluate_relevance(&inputs, &mut |e| reporter.handle(e))?;
+    reporter.finish();
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", args.out.display()))?;
+    let written = report::relevance(&args.out, &report, &command_line())?;
+    println!(
+        "{} garments ({} scored, {} of categories the catalog lacks), {} boxes, ranking by {}: category precision@{} {:.3}, category accuracy {:.3}{}",
+        report.garments,
+        report.overall.queries,
+        report.absent.values().sum::<usize>(),
+        report.boxes,
+        report.ranking,
+        report.k,
+        report.overall.precision,
+        report.overall.category_accuracy,
+        if report.overall.misses > 0 { format!(", {} missed by the detector", report.overall.misses) } else { String::new() }
+    );
+    for (category, row) in &report.per_category {
+        println!("  {category:<12} {:>5} garments  precision {:.3}  category accuracy {:.3}", row.queries, row.precision, row.category_accuracy);
+    }
+    println!("report: {}; also {}", args.out.display(), written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use shoplens::device::{DevicePreference, describe, select_device};
 use crate::progress::Reporter;
 use shoplens::training::detector::{DetectorTraining, train_detector};
-use shoplens::training::embedder::{EmbedderTraining, fmt_top_k, train_embedder};
+use shoplens::training::embedder::{EmbedderTraining, PRECISION_K, fmt_top_k, train_embedder};
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCommand {
@@ -32,18 +32,51 @@ pub enum TrainCommand {
         epochs: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 256)]
+        /// Embedding length (instance part + kind part).
+        #[arg(long, default_value_t = 512)]
         dim: usize,
         #[arg(long, default_value_t = 64)]
         batch: usize,
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.07)]
         temperature: f64,
         #[arg(long, default_value_t = 600)]
         augment_items: usize,
         #[arg(long, default_value_t = 1000)]
         distractors: usize,
+        /// Weight of the category cross-entropy (street crops, shop side, labelled catalog
+        /// photos) against the instance pairs.
+        #[arg(long, default_value_t = 1.0)]
+        category_weight: f64,
+        /// Weight of the distillation from the untrained backbone's average-pooled features
+        /// (off by default: on validation it cost proxy top-1 and gave no category precision).
+        #[arg(long, default_value_t = 0.0)]
+        distill_weight: f64,
+        /// Share of instance pairs whose shop side is the cut-out rendered as a catalog photo
+        /// (off by default: on validation it lowered proxy top-1 and did not raise category
+        /// precision; see the model card).
+        #[arg(long, default_value_t = 0.0)]
+        render_share: f64,
+        /// Length of the embedding's kind part (0: one part); the rest is the instance part.
+        #[arg(long, default_value_t = 128)]
+        category_dim: usize,
+        /// The kind part's share of the cosine similarity.
+        #[arg(long, default_value_t = 0.3)]
+        category_share: f64,
+        /// Tagged street photos (ccp-unlabelled: image/ + tags.json): the detector's boxes of
+        /// tagged classes become labelled crops for the category term.
+        #[arg(long)]
+        unlabelled: Option<PathBuf>,
+        /// The detector for those pseudo-labels.
+        #[arg(long, default_value = "models/detector-lite0.safetensors")]
+        detector: PathBuf,
+        #[arg(long, default_value_t = 0.5)]
+        pseudo_min_score: f32,
+        /// Share of validation queries whose best wrong match may pass the exact-match
+        /// threshold (a result above it is listed first whatever its category).
+        #[arg(long, default_value_t = 0.1)]
+        exact_match_false_rate: f64,
         /// Continue from the checkpoint beside --out.
         #[arg(long)]
         resume: bool,
@@ -128,21 +161,48 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
-        TrainCommand::Embedder { data, catalog, backbone, out, cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, resume, cpu } => {
+        TrainCommand::Embedder {
+            data, catalog, backbone, out, cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, category_weight, distill_weight, render_share, category_dim, category_share, unlabelled, detector, pseudo_min_score, exact_match_false_rate, resume, cpu,
+        } => {
             let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
             eprintln!("training on {}", describe(&device));
-            let cfg = EmbedderTraining { data, catalog, backbone, out: out.clone(), cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, resume, device };
+            let cfg = EmbedderTraining {
+                data, catalog, backbone, out: out.clone(), cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, category_weight, distill_weight, render_share, category_dim, category_share, detector: unlabelled.as_ref().map(|_| detector), unlabelled, pseudo_min_score, exact_match_false_rate, resume, device,
+            };
             let mut reporter = Reporter::default();
             let report = train_embedder(&cfg, &mut |event| reporter.handle(event))?;
             reporter.finish();
-            println!("untrained backbone: {}", fmt_top_k(&report.baseline_top_k));
-            println!("trained (epoch {}): {}", report.best_epoch, fmt_top_k(&report.top_k));
             println!(
-                "{} training pairs + {} augmentation pairs; {} validation queries against {} gallery garments; features {:.0} s, training {:.0} s; wrote {}",
+                "untrained backbone: {}; category precision@{PRECISION_K} {:.3}",
+                fmt_top_k(&report.baseline_top_k),
+                report.baseline_precision.mean
+            );
+            println!(
+                "trained (epoch {}): {} (default ranking: {}; exact match ≥ {:.3}); category precision@{PRECISION_K} {:.3} alone, {:.3} with the default ranking; category head accuracy {:.3}",
+                report.best_epoch,
+                fmt_top_k(&report.top_k),
+                fmt_top_k(&report.ranked_top_k),
+                report.exact_match_similarity,
+                report.precision.mean,
+                report.ranked_precision.mean,
+                report.category_accuracy
+            );
+            for (c, (n, p)) in &report.precision.per_category {
+                let name = report.categories.get(*c).map_or("(unseen)", String::as_str);
+                let base = report.baseline_precision.per_category.get(c).map_or(0.0, |b| b.1);
+                let ranked = report.ranked_precision.per_category.get(c).map_or(0.0, |b| b.1);
+                println!("  {name:<12} {n:>4} queries  precision {p:.3}  ranked {ranked:.3}  untrained {base:.3}");
+            }
+            println!(
+                "{} training pairs ({} with a rendered shop side) + {} augmentation pairs, {} labelled catalog photos, {} pseudo-labelled street crops; {} validation queries against {} gallery garments ({} distractors); features {:.0} s, training {:.0} s; wrote {}",
                 report.train_pairs,
+                report.rendered_pairs,
                 report.augment_pairs,
+                report.labelled_catalog,
+                report.pseudo_labelled,
                 report.val_queries,
                 report.gallery,
+                report.distractors,
                 report.feature_seconds,
                 report.train_seconds,
                 out.display()

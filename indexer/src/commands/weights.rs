@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use shoplens::models::detector::GarmentDetector;
+use shoplens::models::embedder::GarmentEmbedder;
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
 use shoplens::models::torch_import::import_wheel;
@@ -40,6 +41,15 @@ pub enum WeightsCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write the untrained-backbone embedder (ImageNet features, average-pooled, 1280-d, no
+    /// category head): the floor trained embedders are measured against. It names the
+    /// backbone by file name, so write it into the backbone's folder.
+    BaselineEmbedder {
+        #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
+        backbone: PathBuf,
+        #[arg(long, default_value = "models/embedder-imagenet-average.safetensors")]
+        out: PathBuf,
+    },
     /// Set the detector's serving post-processing (score threshold, suppression, garments
     /// per photo) in its weights file, without retraining. The version changes with it, so
     /// the next build re-detects the catalog.
@@ -60,6 +70,15 @@ pub enum WeightsCommand {
 pub fn run(cmd: WeightsCommand) -> Result<()> {
     let (variant, wheel, out) = match cmd {
         WeightsCommand::Import { variant, wheel, out } => (variant, wheel, out),
+        WeightsCommand::BaselineEmbedder { backbone, out } => {
+            let name = backbone.file_name().and_then(|n| n.to_str()).context("--backbone needs a file name")?;
+            if !shoplens::models::weights_file::sibling(&out, name).exists() {
+                bail!("{} must sit beside {} (the embedder names its backbone by file name)", name, out.display());
+            }
+            let config = GarmentEmbedder::save_imagenet_baseline(&out, name)?;
+            println!("{}: {}-d, version {}", out.display(), config.dim, config.version);
+            return Ok(());
+        }
         WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, max_detections } => {
             let detector = GarmentDetector::load(&weights, &candle_core::Device::Cpu).with_context(|| format!("loading {}", weights.display()))?;
             let mut config = detector.config().clone();

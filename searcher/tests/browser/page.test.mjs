@@ -60,7 +60,10 @@ try {
   await page.waitForFunction(() => window.shoplensAnswer.garments.length === 1 && document.querySelectorAll("#stage .box").length === 1);
   const region = await page.evaluate(() => window.shoplensAnswer);
   expect(region.garments[0].source === "region", "a drawn box searches that region");
-  console.log("drawn region searched");
+  expect(region.garments[0].category_source === "classifier", "a drawn box's category comes from the category head");
+  const regionHeading = await page.locator("#results h2").textContent();
+  expect(regionHeading.includes(region.garments[0].category) && regionHeading.includes("guessed"), `the heading says the category was guessed: ${regionHeading}`);
+  console.log(`drawn region searched: ${regionHeading}`);
 
   // The category filter: only that category's garments and items come back.
   const options = await page.locator("#category option").evaluateAll((os) => os.map((o) => o.value).filter(Boolean));

@@ -3,6 +3,7 @@
 //! skipped; it never stops the rest.
 
 mod labels;
+pub mod related;
 mod sources;
 
 pub use labels::LabelMap;

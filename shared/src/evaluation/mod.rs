@@ -2,3 +2,4 @@
 
 pub mod detection;
 pub mod retrieval;
+pub mod relevance;

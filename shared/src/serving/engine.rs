@@ -12,7 +12,8 @@ use image::RgbImage;
 use serde::Serialize;
 
 use super::snapshot::{self, ServedGarment, ServedItem, Snapshot};
-use crate::ann::{AnnParams, GarmentIndex, LoadOutcome};
+use crate::ann::{AnnParams, GarmentIndex, LoadOutcome, SearchHit};
+use crate::catalog::related::preferred_category;
 use crate::geometry::BBox;
 use crate::models::detector::GarmentDetector;
 use crate::models::embedder::GarmentEmbedder;
@@ -94,7 +95,45 @@ impl ServingIndex {
 
     /// Whether any indexed garment has `category`.
     pub fn has_category(&self, category: &str) -> bool {
-        self.index.categories().any(|(c, _)| c == category)
+        self.category_garments(Some(category)) > 0
+    }
+
+    /// Indexed garments of `category` (all of them for `None`).
+    pub fn category_garments(&self, category: Option<&str>) -> usize {
+        match category {
+            Some(category) => self.index.categories().find(|(c, _)| *c == category).map_or(0, |(_, n)| n),
+            None => self.garments(),
+        }
+    }
+
+    /// The `k` best distinct items for `embedding`, each with its best-matching garment,
+    /// among garments of `category` (all for `None`), skipping items in `skip`. Over-fetches
+    /// garments until `k` distinct items are found or the category is exhausted: an item may
+    /// own many garments.
+    fn nearest_items(&self, embedding: &[f32], k: usize, category: Option<&str>, skip: &HashSet<u32>) -> Result<Vec<(SearchHit, u32)>> {
+        let available = self.category_garments(category);
+        if available == 0 || k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut fetch = (k + skip.len()).saturating_mul(3).min(available).min(crate::ann::MAX_K);
+        loop {
+            let mut seen = skip.clone();
+            let mut items = Vec::with_capacity(k);
+            for hit in self.index.search(embedding, fetch, category)? {
+                let item = self.snapshot.garments[hit.row as usize].item;
+                if seen.insert(item) {
+                    items.push((hit, item));
+                    if items.len() == k {
+                        break;
+                    }
+                }
+            }
+            let cap = available.min(crate::ann::MAX_K);
+            if items.len() == k || fetch >= cap {
+                return Ok(items);
+            }
+            fetch = fetch.saturating_mul(4).min(cap);
+        }
     }
 
     /// Category names of the indexed garments with their counts.
@@ -112,6 +151,55 @@ pub struct SearchRequest {
     pub category: Option<String>,
     /// The shopper's own box: search this region only, no detection.
     pub region: Option<BBox>,
+    /// How results are ordered when `category` is not given.
+    pub ranking: Ranking,
+}
+
+/// How a garment's shop items are ordered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ranking {
+    /// Items of the garment's category first (a substitute category when the shop has none
+    /// of it), then the rest, each part by similarity: what a shopper expects when the shop
+    /// lacks the exact item. Items above the embedder's exact-match similarity come before
+    /// both: the very item photographed, whatever category it was given.
+    #[default]
+    SameKindFirst,
+    /// Similarity alone.
+    Similarity,
+}
+
+impl Ranking {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ranking::SameKindFirst => "category",
+            Ranking::Similarity => "similarity",
+        }
+    }
+}
+
+/// Where a garment's category came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CategorySource {
+    /// The detector's class.
+    Detector,
+    /// The request's `category`.
+    Request,
+    /// The embedder's category head (a drawn box, the whole photo).
+    Classifier,
+    /// Nothing knew it (an embedder without a category head).
+    Unknown,
+}
+
+/// The category whose items a garment's results list first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankedFirst {
+    pub category: String,
+    /// `same` (the garment's own category) or `substitute` (the shop has none of it),
+    /// `filter` (the request's `category`, results of no other kind).
+    pub relation: &'static str,
+    /// Results of that category listed in that place (after any exact matches).
+    pub results: usize,
 }
 
 /// A shop item found for a garment.
@@ -137,10 +225,16 @@ pub struct GarmentResult {
     #[serde(rename = "box")]
     pub bbox: [f32; 4],
     pub category: String,
+    pub category_source: CategorySource,
+    /// The category head's probability for a classified garment.
+    pub category_probability: Option<f32>,
     /// Detection score (1 for the shopper's own box and the whole-image fallback).
     pub score: f32,
     /// How the garment was found: `detected`, `region` or `whole_image`.
     pub source: &'static str,
+    /// The category listed first; `None` with similarity ranking or when the shop has
+    /// neither the garment's category nor a substitute.
+    pub ranked_first: Option<RankedFirst>,
     pub results: Vec<ItemHit>,
 }
 
@@ -213,26 +307,29 @@ impl SearchEngine {
         self.validate(index, req)?;
         let mut timings = Timings::default();
         let (w, h) = image.dimensions();
-        // Garments: the shopper's box, or the detector's, or the whole photo.
+        // Garments: the shopper's box, or the detector's, or the whole photo. A category
+        // known before embedding (the detector's, the request's) is kept; the others come
+        // from the category head.
         let t = Instant::now();
-        let mut garments: Vec<(BBox, String, f32, &'static str)> = match (req.region, &self.detector) {
+        let requested = req.category.as_ref().map(|c| (c.clone(), CategorySource::Request));
+        let mut garments: Vec<(BBox, Option<(String, CategorySource)>, f32, &'static str)> = match (req.region, &self.detector) {
             (Some(region), _) => {
                 let clipped = region.clip(w, h);
                 if !clipped.is_valid() {
                     return Err(Error::InvalidBox { reason: format!("{:?} lies outside the {w}×{h} photo", region.to_array()) });
                 }
-                vec![(clipped, req.category.clone().unwrap_or_else(|| "any".into()), 1.0, "region")]
+                vec![(clipped, requested.clone(), 1.0, "region")]
             }
             (None, Some(detector)) => detector
                 .detect(image)?
                 .into_iter()
                 .filter(|d| req.category.as_ref().is_none_or(|c| &d.category == c))
-                .map(|d| (d.bbox, d.category, d.score, "detected"))
+                .map(|d| (d.bbox, Some((d.category, CategorySource::Detector)), d.score, "detected"))
                 .collect(),
             (None, None) => Vec::new(),
         };
         if garments.is_empty() {
-            garments.push((BBox::new(0.0, 0.0, w as f32, h as f32), req.category.clone().unwrap_or_else(|| "any".into()), 1.0, "whole_image"));
+            garments.push((BBox::new(0.0, 0.0, w as f32, h as f32), requested, 1.0, "whole_image"));
         }
         timings.detect = ms(t);
 
@@ -242,34 +339,63 @@ impl SearchEngine {
         let embeddings = self.embedder.embed_batch(&Tensor::stack(&crops, 0)?)?;
         timings.embed = ms(t);
 
-        // Category filter of the results: the request's; absent from this index → none.
-        let filter = req.category.as_deref();
-        let present = filter.is_none_or(|c| index.has_category(c));
         let mut results = Vec::with_capacity(garments.len());
-        for ((bbox, category, score, source), embedding) in garments.into_iter().zip(embeddings) {
+        for ((bbox, known, score, source), embedding) in garments.into_iter().zip(embeddings) {
+            let (category, category_source, category_probability) = match known {
+                Some((c, s)) => (c, s, None),
+                None => match self.embedder.guess_category(&embedding) {
+                    Some(g) => (g.category, CategorySource::Classifier, Some(g.probability)),
+                    None => ("any".to_string(), CategorySource::Unknown, None),
+                },
+            };
             let t = Instant::now();
-            // An item may own several garments: fetch extra and keep each item's best.
-            let fetch = (req.k * 3).min(index.garments().max(1)).min(crate::ann::MAX_K);
-            let hits = if present && index.garments() > 0 { index.index.search(&embedding, fetch, filter)? } else { Vec::new() };
+            let (hits, ranked_first) = self.rank(index, &embedding, &category, req)?;
             timings.search += ms(t);
             let t = Instant::now();
-            let mut seen = HashSet::new();
-            let mut items = Vec::new();
-            for hit in hits {
-                let g = &index.snapshot.garments[hit.row as usize];
-                let item = &index.snapshot.items[g.item as usize];
-                if !seen.insert(g.item) {
-                    continue;
-                }
-                items.push(item_hit(&item.metadata, hit.score, g.bbox));
-                if items.len() == req.k {
-                    break;
-                }
-            }
+            let items = hits
+                .iter()
+                .map(|(hit, item)| item_hit(&index.snapshot.items[*item as usize].metadata, hit.score, index.snapshot.garments[hit.row as usize].bbox))
+                .collect();
             timings.fetch += ms(t);
-            results.push(GarmentResult { bbox: bbox.to_array(), category, score, source, results: items });
+            results.push(GarmentResult { bbox: bbox.to_array(), category, category_source, category_probability, score, source, ranked_first, results: items });
         }
         Ok(SearchOutcome { width: w, height: h, generation: index.generation(), garments: results, timings_ms: timings })
+    }
+}
+
+impl SearchEngine {
+    /// A garment's `k` items in the order the request asks: the request's category only;
+    /// or, by default, its own category's items (or a substitute's) first and then the rest;
+    /// or similarity alone.
+    fn rank(&self, index: &ServingIndex, embedding: &[f32], category: &str, req: &SearchRequest) -> Result<(Vec<(SearchHit, u32)>, Option<RankedFirst>)> {
+        let none = HashSet::new();
+        if let Some(filter) = req.category.as_deref() {
+            let hits = index.nearest_items(embedding, req.k, Some(filter), &none)?;
+            let ranked = RankedFirst { category: filter.to_string(), relation: "filter", results: hits.len() };
+            return Ok((hits, Some(ranked)));
+        }
+        let preferred = match req.ranking {
+            Ranking::SameKindFirst => preferred_category(category, |c| index.has_category(c)),
+            Ranking::Similarity => None,
+        };
+        let Some((first, relation)) = preferred else {
+            return Ok((index.nearest_items(embedding, req.k, None, &none)?, None));
+        };
+        // A result so close that it is the very item photographed stays in front whatever its
+        // category (the category may be misjudged; the item cannot be).
+        let mut hits: Vec<(SearchHit, u32)> = match self.embedder.config().exact_match_similarity {
+            Some(threshold) => index.nearest_items(embedding, req.k, None, &none)?.into_iter().take_while(|(hit, _)| hit.score >= threshold).collect(),
+            None => Vec::new(),
+        };
+        let mut taken: HashSet<u32> = hits.iter().map(|(_, item)| *item).collect();
+        let same_kind = index.nearest_items(embedding, req.k - hits.len(), Some(first), &taken)?;
+        let ranked = RankedFirst { category: first.to_string(), relation: relation.as_str(), results: same_kind.len() };
+        hits.extend(same_kind);
+        if hits.len() < req.k {
+            taken = hits.iter().map(|(_, item)| *item).collect();
+            hits.extend(index.nearest_items(embedding, req.k - hits.len(), None, &taken)?);
+        }
+        Ok((hits, Some(ranked)))
     }
 }
 

@@ -1,7 +1,8 @@
 //! Augmentations that turn a clean shop photo into a consumer-like view: background swap
 //! (the white studio background replaced by a random colour and noise, as a street scene
 //! would surround the garment), perspective (the photo seen from a little aside), crop
-//! jitter, horizontal flip, colour jitter and blur.
+//! jitter, horizontal flip, colour jitter and blur; and shop cut-outs rendered as a
+//! consumer's catalog photo (`catalog_render`).
 
 use image::{Rgb, RgbImage, imageops};
 use rand::Rng;
@@ -111,9 +112,8 @@ pub fn colour_jitter(image: &mut RgbImage, rng: &mut ChaCha8Rng) {
     }
 }
 
-/// Replaces near-white pixels connected to the border (the studio background) by a random
-/// colour with noise.
-pub fn background_swap(image: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
+/// Near-white pixels connected to the border: the studio background of a cut-out, row-major.
+pub fn white_surround(image: &RgbImage) -> Vec<bool> {
     let (w, h) = image.dimensions();
     let near_white = |p: &Rgb<u8>| p.0.iter().all(|&c| c > 235);
     let mut background = vec![false; (w * h) as usize];
@@ -145,6 +145,13 @@ pub fn background_swap(image: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
             stack.push((x, y + 1));
         }
     }
+    background
+}
+
+/// Replaces near-white pixels connected to the border (the studio background) by a random
+/// colour with noise.
+pub fn background_swap(image: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
+    let background = white_surround(image);
     let base = [rng.random_range(0..=255u8), rng.random_range(0..=255u8), rng.random_range(0..=255u8)];
     let mut out = image.clone();
     for (i, p) in out.pixels_mut().enumerate() {
@@ -154,6 +161,51 @@ pub fn background_swap(image: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
         }
     }
     out
+}
+
+/// A shop cut-out (one garment on white) rendered as a consumer's catalog photo: the garment
+/// pasted at a random scale and place onto a texture taken from a corner of `backdrop` (a
+/// real catalog photo: floors, beds, doors), seen a little aside, maybe mirrored, re-lit,
+/// blurred and JPEG-compressed. Training pairs a street crop with this rather than with the
+/// cut-out's own pixels, so the match has to come from the garment.
+pub fn catalog_render(cutout: &RgbImage, backdrop: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
+    let (w, h) = cutout.dimensions();
+    let surround = white_surround(cutout);
+    // Canvas 1.0–1.5× the garment, filled with the backdrop's corner stretched over it.
+    let scale = rng.random_range(1.0..1.5f32);
+    let (cw, ch) = (((w as f32 * scale) as u32).max(w), ((h as f32 * scale) as u32).max(h));
+    let (bw, bh) = backdrop.dimensions();
+    let (tw, th) = ((bw / 3).max(1), (bh / 3).max(1));
+    let (tx, ty) = (if rng.random_bool(0.5) { 0 } else { bw - tw }, if rng.random_bool(0.5) { 0 } else { bh - th });
+    let texture = imageops::crop_imm(backdrop, tx, ty, tw, th).to_image();
+    let mut canvas = imageops::resize(&texture, cw, ch, imageops::FilterType::Triangle);
+    let (ox, oy) = (rng.random_range(0..=cw - w), rng.random_range(0..=ch - h));
+    for (i, p) in cutout.pixels().enumerate() {
+        if !surround[i] {
+            let (x, y) = (i as u32 % w, i as u32 / w);
+            canvas.put_pixel(ox + x, oy + y, *p);
+        }
+    }
+    let mut view = perspective(&canvas, rng);
+    if rng.random_bool(0.5) {
+        view = imageops::flip_horizontal(&view);
+    }
+    colour_jitter(&mut view, rng);
+    if rng.random_bool(0.5) {
+        view = imageops::blur(&view, rng.random_range(0.4..1.5));
+    }
+    jpeg_round_trip(&view, rng.random_range(30..90u8))
+}
+
+/// `image` encoded as a JPEG of `quality` and decoded again: the blocking and ringing of a
+/// phone's upload.
+pub fn jpeg_round_trip(image: &RgbImage, quality: u8) -> RgbImage {
+    let mut bytes = Vec::new();
+    let encoded = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality).encode_image(image);
+    match encoded.ok().and_then(|_| image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).ok()) {
+        Some(decoded) => decoded.to_rgb8(),
+        None => image.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +227,25 @@ mod tests {
         assert_ne!(out.get_pixel(0, 0).0, [255, 255, 255]);
         let view = consumer_view(&img, &mut ChaCha8Rng::seed_from_u64(2));
         assert!(view.width() >= 14 && view.height() >= 14);
+    }
+
+    #[test]
+    fn catalog_render_keeps_the_garment_and_replaces_the_white() {
+        let mut cutout = RgbImage::from_pixel(40, 60, Rgb([255, 255, 255]));
+        for y in 10..50 {
+            for x in 10..30 {
+                cutout.put_pixel(x, y, Rgb([200, 20, 20]));
+            }
+        }
+        let backdrop = RgbImage::from_pixel(90, 90, Rgb([20, 60, 160]));
+        let out = catalog_render(&cutout, &backdrop, &mut ChaCha8Rng::seed_from_u64(4));
+        assert!(out.width() >= 40 && out.height() >= 60);
+        let is_red = |p: &Rgb<u8>| p.0[0] > 120 && p.0[1] < 100 && p.0[2] < 100;
+        let is_white = |p: &Rgb<u8>| p.0.iter().all(|&c| c > 235);
+        let red = out.pixels().filter(|p| is_red(p)).count();
+        // The garment survives (some of it may be warped out of frame), the white does not.
+        assert!(red > 200, "{red} red pixels");
+        assert!(out.pixels().filter(|p| is_white(p)).count() < 20);
     }
 
     #[test]

@@ -414,7 +414,7 @@ fn losses(out: &Tensor, k: usize, cls_t: &Tensor, reg_t: &Tensor, ctr_t: &Tensor
 }
 
 /// A tensor drawn from `init` with our seeded generator, so a seed fixes the run.
-fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rng, device: &Device) -> Result<Tensor> {
+pub(super) fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rng, device: &Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let values: Vec<f32> = match init {
         ParamInit::Const(v) => vec![*v as f32; n],

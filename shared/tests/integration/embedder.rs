@@ -20,14 +20,17 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn shipped_embedder_embeds_a_real_photo_consistently() {
     let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
-    assert_eq!(embedder.dim(), 256);
+    assert_eq!(embedder.dim(), 512);
     assert!(embedder.version().starts_with("embedder-lite0-gem-"));
+    // Instance and kind parts, and a category head over the street taxonomy.
+    assert_eq!(embedder.config().parts.iter().map(|p| p.len).sum::<usize>(), 512);
+    assert!(embedder.config().categories.iter().any(|c| c == "top"));
     let photo = decode_image(&std::fs::read(repo().join("shared/tests/fixtures/lite0/catalog-t-shirt-00003aeb.jpg")).unwrap(), DecodeLimits::default()).unwrap();
     let (w, h) = (photo.width() as f32, photo.height() as f32);
     let boxes = [None, Some(BBox::new(0.05 * w, 0.05 * h, 0.95 * w, 0.95 * h)), Some(BBox::new(0.0, 0.0, 0.3 * w, 0.2 * h))];
     let e = embedder.embed_crops(&photo, &boxes).unwrap();
     for v in &e {
-        assert_eq!(v.len(), 256);
+        assert_eq!(v.len(), 512);
         assert!((dot(v, v) - 1.0).abs() < 1e-4, "unit length");
     }
     // The same garment, slightly recropped, stays closer than a corner of the background or

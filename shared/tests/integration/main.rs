@@ -7,4 +7,5 @@ mod datasets;
 mod embedder;
 mod evaluation;
 mod indexing;
+mod ranking;
 mod torch_import;

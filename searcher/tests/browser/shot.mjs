@@ -21,7 +21,8 @@ try {
     await page.waitForSelector("#stage .box", { timeout: 30000 });
     const answer = await page.evaluate(() => window.shoplensAnswer);
     for (let i = 0; i < answer.garments.length; i++) {
-      await page.locator("#stage .box").nth(i).click();
+      // Boxes overlap (a top over a dress): dispatch the click to this box itself.
+      await page.locator("#stage .box").nth(i).dispatchEvent("click");
       await page.waitForFunction(() => [...document.querySelectorAll("#grid img")].every((im) => im.complete), null, { timeout: 30000 });
       const g = answer.garments[i];
       const kinds = g.results.map((r) => r.category).join(",");

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::snapshot::{self, ServedGarment, ServedItem, Snapshot};
 use crate::ann::{AnnParams, GarmentIndex, LoadOutcome, SearchHit};
-use crate::catalog::related::preferred_category;
+use crate::catalog::related::{preferred_category, substitutes};
 use crate::geometry::BBox;
 use crate::models::detector::GarmentDetector;
 use crate::models::embedder::GarmentEmbedder;
@@ -391,9 +391,15 @@ impl SearchEngine {
         let same_kind = index.nearest_items(embedding, req.k - hits.len(), Some(first), &taken)?;
         let ranked = RankedFirst { category: first.to_string(), relation: relation.as_str(), results: same_kind.len() };
         hits.extend(same_kind);
-        if hits.len() < req.k {
+        // Too few of that kind: its substitutes next (a dress after the shop's last skirt),
+        // then anything.
+        let fill = substitutes(category).iter().copied().filter(|c| *c != first).map(Some).chain(std::iter::once(None));
+        for tier in fill {
+            if hits.len() >= req.k {
+                break;
+            }
             taken = hits.iter().map(|(_, item)| *item).collect();
-            hits.extend(index.nearest_items(embedding, req.k - hits.len(), None, &taken)?);
+            hits.extend(index.nearest_items(embedding, req.k - hits.len(), tier, &taken)?);
         }
         Ok((hits, Some(ranked)))
     }

@@ -108,6 +108,21 @@ fn default_ranking_lists_the_garments_category_first() {
 }
 
 #[test]
+fn after_the_last_of_its_kind_come_its_substitutes_then_the_rest() {
+    let engine = engine();
+    let (image, region) = photo();
+    let e = engine.embedder.embed_crops(&image, &[Some(region)]).unwrap().remove(0);
+    let near = engine.embedder.config().exact_match_similarity.unwrap_or(1.0) - 0.05;
+    let index = shop(&[
+        ("pants-1", "pants", vec![at_similarity(&e, near)]),
+        ("top-1", "top", vec![at_similarity(&e, 0.1)]),
+        ("coat-1", "outer", vec![at_similarity(&e, 0.0)]),
+    ]);
+    // A top's substitute is outer: after the shop's only top, the coat, then the pants.
+    assert_eq!(skus(&engine, &index, &image, &request(3, region, Ranking::SameKindFirst)), ["top-1", "coat-1", "pants-1"]);
+}
+
+#[test]
 fn the_very_item_stays_first_whatever_its_category() {
     let engine = engine();
     let exact = engine.embedder.config().exact_match_similarity.expect("the shipped embedder has a calibrated exact-match similarity");

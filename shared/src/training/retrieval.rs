@@ -14,24 +14,26 @@ use crate::evaluation::retrieval::TOP_K;
 /// [`TOP_K`]. `queries` and `gallery` are row-major unit vectors of length `dim`;
 /// `correct[q]` lists the gallery rows that count as hits for query q.
 pub fn top_k_accuracy(queries: &[f32], gallery: &[f32], dim: usize, correct: &[Vec<u32>]) -> BTreeMap<usize, f64> {
-    let n = correct.len();
     let max_k = *TOP_K.iter().max().expect("non-empty");
-    let mut hits = [0usize; TOP_K.len()];
-    for (q, right) in correct.iter().enumerate() {
+    accuracy_from_ranks(correct.iter().enumerate().map(|(q, right)| {
         let ranked = top_k(gallery, dim, &queries[q * dim..(q + 1) * dim], max_k, None);
-        if let Some(rank) = ranked.iter().position(|(row, _)| right.contains(row)) {
-            for (i, k) in TOP_K.iter().enumerate() {
-                if rank < *k {
-                    hits[i] += 1;
-                }
+        ranked.iter().position(|(row, _)| right.contains(row))
+    }))
+}
+
+/// Top-k accuracy for each k of [`TOP_K`] from each query's rank of its first hit (`None`:
+/// no hit).
+fn accuracy_from_ranks(first_hits: impl Iterator<Item = Option<usize>>) -> BTreeMap<usize, f64> {
+    let (mut n, mut hits) = (0usize, [0usize; TOP_K.len()]);
+    for rank in first_hits {
+        n += 1;
+        for (i, k) in TOP_K.iter().enumerate() {
+            if rank.is_some_and(|r| r < *k) {
+                hits[i] += 1;
             }
         }
     }
-    TOP_K
-        .iter()
-        .zip(hits)
-        .map(|(k, h)| (*k, if n == 0 { 0.0 } else { h as f64 / n as f64 }))
-        .collect()
+    TOP_K.iter().zip(hits).map(|(k, h)| (*k, if n == 0 { 0.0 } else { h as f64 / n as f64 })).collect()
 }
 
 /// Gallery rows in the engine's default order for one query: rows at cosine ≥
@@ -56,19 +58,10 @@ pub fn ranked_rows(gallery: &[f32], dim: usize, query: &[f32], categories: &[usi
 
 /// [`top_k_accuracy`] with the engine's default order ([`ranked_rows`]).
 pub fn ranked_top_k_accuracy(queries: &[f32], gallery: &[f32], dim: usize, correct: &[Vec<u32>], categories: &[usize], preferred: &[Option<usize>], exact_above: Option<f32>) -> BTreeMap<usize, f64> {
-    let n = correct.len();
-    let mut hits = [0usize; TOP_K.len()];
-    for (q, right) in correct.iter().enumerate() {
+    accuracy_from_ranks(correct.iter().enumerate().map(|(q, right)| {
         let rows = ranked_rows(gallery, dim, &queries[q * dim..(q + 1) * dim], categories, preferred[q], exact_above);
-        if let Some(rank) = rows.iter().position(|row| right.contains(row)) {
-            for (i, k) in TOP_K.iter().enumerate() {
-                if rank < *k {
-                    hits[i] += 1;
-                }
-            }
-        }
-    }
-    TOP_K.iter().zip(hits).map(|(k, h)| (*k, if n == 0 { 0.0 } else { h as f64 / n as f64 })).collect()
+        rows.iter().position(|row| right.contains(row))
+    }))
 }
 
 /// Category precision: the mean share of a query's first k results that are of its
@@ -154,6 +147,11 @@ mod tests {
         assert_eq!(exact.mean, 0.5);
         assert_eq!(ranked_rows(&gallery, 3, &query, &g_cats, Some(0), Some(0.9)), [2, 0, 1]);
         assert_eq!(ranked_rows(&gallery, 3, &query, &g_cats, Some(0), None), [0, 1, 2]);
+        // The exact item (row 2) loses top-1 to its kind-first order unless it passes the
+        // exact-match similarity.
+        let kind_first = ranked_top_k_accuracy(&query, &gallery, 3, &[vec![2]], &g_cats, &[Some(0)], None);
+        let excepted = ranked_top_k_accuracy(&query, &gallery, 3, &[vec![2]], &g_cats, &[Some(0)], Some(0.9));
+        assert_eq!((kind_first[&1], kind_first[&5], excepted[&1]), (0.0, 1.0, 1.0));
         // A query of a category the gallery lacks is left out, not counted as zero.
         let absent = category_precision(&query, &[7], &gallery, &g_cats, 3, 2, None, None);
         assert_eq!((absent.queries, absent.absent, absent.mean), (0, 1, 0.0));

@@ -335,11 +335,24 @@ async fn item_image(req: HttpRequest, path: web::Path<String>, state: web::Data<
     if req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
         return Ok(HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish());
     }
+    // Serve what was indexed, and only that: the same link-, device- and FIFO-refusing read
+    // as the indexer's, and the bytes must still hash to the indexed content (a file
+    // replaced since — by a link to /etc/passwd or a new photo — is not served).
     let file = item.image_path.clone();
-    let bytes = web::block(move || std::fs::read(file))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "reading the image failed"))?
-        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "image_missing", format!("the image of {sku:?} is no longer on disk")))?;
+    let expected = item.content_hash.clone();
+    let bytes = web::block(move || {
+        let bytes = shoplens::catalog::files::read_catalog_file(&file, None, shoplens::indexing::MAX_IMAGE_BYTES)?;
+        if shoplens::store::ContentHash::of_bytes(&bytes).to_string() != expected {
+            return Err(format!("{} changed since it was indexed", file.display()));
+        }
+        Ok(bytes)
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "reading the image failed"))?
+    .map_err(|reason| {
+        tracing::warn!(sku = %sku, %reason, "item image not served");
+        ApiError::new(StatusCode::NOT_FOUND, "image_missing", format!("the image of {sku:?} is no longer on disk as it was indexed"))
+    })?;
     let mime = match image::guess_format(&bytes) {
         Ok(image::ImageFormat::Png) => "image/png",
         Ok(image::ImageFormat::WebP) => "image/webp",

@@ -384,3 +384,35 @@ async fn the_hostile_corpus_gets_4xx_and_the_server_keeps_serving() {
     // Still serving.
     assert_eq!(error_of!(app, "/v1/search", file("photo.jpg")).0, 200);
 }
+
+#[cfg(unix)]
+#[actix_web::test]
+async fn an_item_image_is_served_only_as_it_was_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = small_catalog(&dir.path().join("catalog"), 2);
+    let db = dir.path().join("db");
+    build(&db, &dir.path().join("catalog/catalog.csv"));
+    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), 2 << 20));
+    state.install(ServingIndex::load_current(&db, Default::default()).unwrap().unwrap());
+    let app = app!(state);
+    let (sku, path) = &items[0];
+    let uri = format!("/v1/items/{sku}/image");
+    assert_eq!(test::call_service(&app, test::TestRequest::get().uri(&uri).to_request()).await.status().as_u16(), 200);
+    let original = std::fs::read(path).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    // Replaced by a link (to a secret, to an endless device), or by other bytes: not served.
+    for target in [secret.as_path(), Path::new("/dev/zero")] {
+        std::fs::remove_file(path).unwrap();
+        std::os::unix::fs::symlink(target, path).unwrap();
+        let resp = test::call_service(&app, test::TestRequest::get().uri(&uri).to_request()).await;
+        assert_eq!(resp.status(), 404, "{}", target.display());
+        let body: Value = test::read_body_json(resp).await;
+        assert_eq!(body["error"]["code"], "image_missing");
+    }
+    std::fs::remove_file(path).unwrap();
+    std::fs::write(path, &original[..original.len() / 2]).unwrap();
+    assert_eq!(test::call_service(&app, test::TestRequest::get().uri(&uri).to_request()).await.status().as_u16(), 404);
+    std::fs::write(path, &original).unwrap();
+    assert_eq!(test::call_service(&app, test::TestRequest::get().uri(&uri).to_request()).await.status().as_u16(), 200);
+}

@@ -37,7 +37,7 @@ use crate::vision::{DecodeLimits, decode_image};
 use crate::Result;
 
 /// Largest image file read, in bytes.
-const MAX_IMAGE_BYTES: u64 = 50 << 20;
+pub const MAX_IMAGE_BYTES: u64 = 50 << 20;
 /// Items decoded together (in parallel) before their forward passes.
 const CHUNK: usize = 32;
 
@@ -205,11 +205,7 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
             Some(p) => store.item_in_generation(p, &sku)?,
             None => None,
         };
-        let bytes = match std::fs::metadata(&entry.image_path) {
-            Ok(m) if m.len() > MAX_IMAGE_BYTES => Err(format!("image file of {} bytes is over the {MAX_IMAGE_BYTES}-byte limit", m.len())),
-            Ok(_) => std::fs::read(&entry.image_path).map_err(|e| format!("cannot read {}: {e}", entry.image_path.display())),
-            Err(e) => Err(format!("cannot read {}: {e}", entry.image_path.display())),
-        };
+        let bytes = crate::catalog::files::read_catalog_file(&entry.image_path, Some(&entry.root), MAX_IMAGE_BYTES);
         let bytes = match bytes {
             Ok(b) => b,
             Err(reason) => {

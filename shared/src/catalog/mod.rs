@@ -2,6 +2,7 @@
 //! folders, turned into [`CatalogEntry`] values. A bad row is reported with its line and
 //! skipped; it never stops the rest.
 
+pub mod files;
 mod labels;
 pub mod related;
 mod sources;

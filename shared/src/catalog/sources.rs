@@ -50,6 +50,8 @@ pub struct CatalogEntry {
     pub metadata: ItemMetadata,
     /// The image on disk (resolved inside the catalog's folder).
     pub image_path: PathBuf,
+    /// The catalog's folder: the image must really lie inside it (no link leads out).
+    pub root: PathBuf,
     /// Annotated garments (DeepFashion2 folders only), with their categories.
     pub boxes: Vec<(BBox, String)>,
     /// `file:line` for messages.
@@ -104,7 +106,7 @@ fn entry_from_fields(mut fields: BTreeMap<String, String>, root: &Path, labels: 
         url: fields.remove("url").filter(|u| !u.is_empty()),
         attributes: fields,
     };
-    Ok(CatalogEntry { metadata, image_path, boxes: Vec::new(), origin })
+    Ok(CatalogEntry { metadata, image_path, root: root.to_path_buf(), boxes: Vec::new(), origin })
 }
 
 /// Reads a catalog: its entries, and the rows that could not be read.
@@ -235,7 +237,7 @@ fn read_df2(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<Ro
                     attributes: BTreeMap::from([("pair_id".to_string(), anno.pair_id.to_string())]),
                     ..Default::default()
                 };
-                entries.push(CatalogEntry { metadata, image_path: image.image.clone(), boxes, origin });
+                entries.push(CatalogEntry { metadata, image_path: image.image.clone(), root: path.to_path_buf(), boxes, origin });
             }
             Err(e) => errors.push(RowError { origin, sku: Some(sku), reason: e.to_string() }),
         }

@@ -158,3 +158,32 @@ fn deepfashion2_shop_folders_index_their_annotated_boxes() {
     assert!(garment.bbox.is_valid(), "the annotated box, not the whole image");
     assert_eq!(item.metadata.attributes["pair_id"], "1");
 }
+
+#[cfg(unix)]
+#[test]
+fn links_devices_and_fifos_in_a_catalog_are_refused_rows_not_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = dir.path().join("shop");
+    let csv = catalog(&shop, 2);
+    let secret = dir.path().join("secret.jpg");
+    write_image(&secret, 9);
+    std::os::unix::fs::symlink(&secret, shop.join("images/link.jpg")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", shop.join("images/zero.jpg")).unwrap();
+    std::os::unix::fs::symlink(dir.path(), shop.join("up")).unwrap();
+    let fifo = std::ffi::CString::new(shop.join("images/fifo.jpg").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    for (sku, image) in [("link", "images/link.jpg"), ("zero", "images/zero.jpg"), ("fifo", "images/fifo.jpg"), ("up", "up/secret.jpg")] {
+        text.push_str(&format!("{sku},{image},T-Shirt,Hostile,1\n"));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let store = CatalogStore::open(&dir.path().join("db")).unwrap();
+    let report = build(&store, &[CatalogSource::from_path(&csv).unwrap()], &embedder(), BoxMode::Detected);
+    // The two real images are indexed; each hostile row is a failure naming why.
+    assert_eq!(contents(&store).keys().cloned().collect::<Vec<_>>(), ["sku0", "sku1"]);
+    let reason = |sku: &str| report.failures.iter().find(|f| f.sku.as_deref() == Some(sku)).map(|f| f.reason.clone()).unwrap_or_default();
+    assert!(reason("link").contains("outside"), "{}", reason("link"));
+    assert!(reason("up").contains("outside"), "{}", reason("up"));
+    assert!(reason("zero").contains("outside") || reason("zero").contains("not a regular file"), "{}", reason("zero"));
+    assert!(reason("fifo").contains("not a regular file"), "{}", reason("fifo"));
+}

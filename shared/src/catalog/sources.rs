@@ -80,6 +80,39 @@ fn resolve_image(root: &Path, reference: &str) -> std::result::Result<PathBuf, S
     Ok(root.join(rel))
 }
 
+/// The longest text a catalog field may hold, in bytes, by field; free attributes get
+/// [`MAX_ATTRIBUTE_BYTES`]. Every field is copied into the store, the serving snapshot and
+/// each search answer that shows the item: a 50 MB title would make every answer 50 MB.
+pub const FIELD_LIMITS: [(&str, usize); 6] = [("image", 1024), ("title", 1024), ("label", 256), ("category", 256), ("currency", 16), ("url", 2048)];
+/// The longest free attribute value and name, in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
+/// Free attributes per item.
+pub const MAX_ATTRIBUTES: usize = 64;
+
+/// Refuses a row whose fields are over [`FIELD_LIMITS`] (the sku has its own check).
+fn check_field_sizes(fields: &BTreeMap<String, String>) -> std::result::Result<(), String> {
+    let known = |name: &str| FIELD_LIMITS.iter().find(|(n, _)| *n == name).map(|(_, max)| *max);
+    let attributes = fields.keys().filter(|k| known(k).is_none() && !matches!(k.as_str(), "sku" | "price")).count();
+    if attributes > MAX_ATTRIBUTES {
+        return Err(format!("{attributes} attribute columns, more than the {MAX_ATTRIBUTES} allowed"));
+    }
+    for (name, value) in fields {
+        let max = known(name).unwrap_or(MAX_ATTRIBUTE_BYTES);
+        if value.len() > max || name.len() > MAX_ATTRIBUTE_BYTES {
+            return Err(format!("field {:?} is {} bytes, over its {max}-byte limit", truncated(name), value.len()));
+        }
+    }
+    Ok(())
+}
+
+/// At most 40 characters of `s`, for messages about oversized input.
+fn truncated(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
 /// Builds an entry from string fields (CSV columns or JSON keys).
 fn entry_from_fields(mut fields: BTreeMap<String, String>, root: &Path, labels: &LabelMap, origin: String) -> std::result::Result<CatalogEntry, RowError> {
     let fail = |sku: Option<String>, reason: String| RowError { origin: origin.clone(), sku, reason };
@@ -87,6 +120,7 @@ fn entry_from_fields(mut fields: BTreeMap<String, String>, root: &Path, labels: 
     if sku.len() > 256 || sku.chars().any(char::is_control) {
         return Err(fail(Some(sku), "sku longer than 256 bytes or with control characters".into()));
     }
+    check_field_sizes(&fields).map_err(|r| fail(Some(sku.clone()), r))?;
     let image = fields.remove("image").unwrap_or_default();
     let image_path = resolve_image(root, image.trim()).map_err(|r| fail(Some(sku.clone()), r))?;
     let price = match fields.remove("price").filter(|p| !p.trim().is_empty()) {
@@ -276,6 +310,27 @@ mod tests {
         let lines: Vec<&str> = errors.iter().map(|e| e.origin.rsplit(':').next().unwrap()).collect();
         assert_eq!(lines, ["3", "4", "5", "6", "7"], "{errors:?}");
         assert!(errors[1].reason.contains("..") && errors[2].reason.contains("relative"));
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_rows_not_copied_into_every_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("items.jsonl");
+        let long_title = "t".repeat(1025);
+        let long_colour = "c".repeat(MAX_ATTRIBUTE_BYTES + 1);
+        let many: String = (0..=MAX_ATTRIBUTES).map(|i| format!(",\"a{i}\":\"v\"")).collect();
+        let text = format!(
+            "{{\"sku\":\"ok\",\"image\":\"ok.jpg\",\"title\":\"{}\"}}\n{{\"sku\":\"title\",\"image\":\"t.jpg\",\"title\":\"{long_title}\"}}\n{{\"sku\":\"colour\",\"image\":\"c.jpg\",\"colour\":\"{long_colour}\"}}\n{{\"sku\":\"many\",\"image\":\"m.jpg\"{many}}}\n",
+            "t".repeat(1024)
+        );
+        std::fs::write(&path, text).unwrap();
+        let (entries, errors) = read_catalog(&CatalogSource::from_path(&path).unwrap(), &LabelMap::default()).unwrap();
+        assert_eq!(entries.iter().map(|e| e.metadata.sku.as_str()).collect::<Vec<_>>(), ["ok"]);
+        let reasons: Vec<(&str, &str)> = errors.iter().map(|e| (e.sku.as_deref().unwrap_or(""), e.reason.as_str())).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].0 == "title" && reasons[0].1.contains("\"title\" is 1025 bytes"), "{reasons:?}");
+        assert!(reasons[1].0 == "colour" && reasons[1].1.contains("1024-byte limit"), "{reasons:?}");
+        assert!(reasons[2].0 == "many" && reasons[2].1.contains("attribute columns"), "{reasons:?}");
     }
 
     #[test]

@@ -416,3 +416,19 @@ async fn an_item_image_is_served_only_as_it_was_indexed() {
     std::fs::write(path, &original).unwrap();
     assert_eq!(test::call_service(&app, test::TestRequest::get().uri(&uri).to_request()).await.status().as_u16(), 200);
 }
+
+#[actix_web::test]
+async fn a_photo_too_small_for_a_garment_is_one_whole_image_search() {
+    // A 1×1 photo (and a 3×2 one) once came back as six detected "garments".
+    let engine = engine();
+    let index = ServingIndex::load_current(&fixture().db, Default::default()).unwrap().unwrap();
+    for (w, h) in [(1, 1), (3, 2)] {
+        // Red: the colour that gave four "outer" garments at 1×1 before the minimum size.
+        let image = image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30]));
+        assert!(engine.detector.as_ref().unwrap().detect(&image).unwrap().is_empty(), "{w}×{h}");
+        let req = shoplens::serving::engine::SearchRequest { k: 2, category: None, region: None, ranking: Default::default() };
+        let outcome = engine.search_image(&index, &image, &req).unwrap();
+        assert_eq!(outcome.garments.len(), 1);
+        assert_eq!(outcome.garments[0].source, "whole_image");
+    }
+}

@@ -141,6 +141,11 @@ impl Postprocess {
     pub const SERVING: Postprocess = Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7 };
 }
 
+/// The smallest garment side, in photo pixels, a detection may have. The letterbox scales a
+/// tiny photo up, so a 1×1 upload would otherwise come back as several "garments" of a
+/// fraction of a pixel; no garment is recognisable below this.
+pub const MIN_GARMENT_SIDE: f32 = 4.0;
+
 /// One garment found in a photo, in the photo's pixel coordinates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Detection {
@@ -456,7 +461,8 @@ impl GarmentDetector {
         self.detect_with(image, &self.config.postprocess)
     }
 
-    /// Garments of `image`, best first, in its pixel coordinates.
+    /// Garments of `image`, best first, in its pixel coordinates; none narrower or shorter
+    /// than [`MIN_GARMENT_SIDE`] photo pixels.
     pub fn detect_with(&self, image: &RgbImage, post: &Postprocess) -> Result<Vec<Detection>> {
         let pre = &self.config.preprocess;
         let input = pre.crop_to_tensor(image, None, &self.device)?.unsqueeze(0)?;
@@ -467,7 +473,8 @@ impl GarmentDetector {
             .into_iter()
             .filter_map(|(b, class, score)| {
                 let bbox = geometry.to_source(b);
-                bbox.is_valid().then(|| Detection { bbox, class, category: self.config.categories[class].name.clone(), score })
+                let big_enough = bbox.x2 - bbox.x1 >= MIN_GARMENT_SIDE && bbox.y2 - bbox.y1 >= MIN_GARMENT_SIDE;
+                (bbox.is_valid() && big_enough).then(|| Detection { bbox, class, category: self.config.categories[class].name.clone(), score })
             })
             .collect())
     }

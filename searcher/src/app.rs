@@ -81,20 +81,38 @@ impl From<shoplens::Error> for ApiError {
 }
 
 /// The app factory, shared by `main` and the in-process tests.
+/// A read-only resource: GET and HEAD (same handler; the server sends no body for HEAD),
+/// anything else 405 with `Allow`.
+macro_rules! readable {
+    ($path:expr, $handler:expr) => {
+        web::resource($path)
+            .route(web::get().to($handler))
+            .route(web::head().to($handler))
+            .default_service(web::to(|req: HttpRequest| async move { method_not_allowed(&req, "GET, HEAD") }))
+    };
+}
+
 pub fn configure(state: Arc<SearcherState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::from(state))
-            .route("/", web::get().to(page))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics))
-            .route("/v1/openapi.json", web::get().to(openapi))
-            .route("/v1/search", web::post().to(search))
-            .route("/v1/categories", web::get().to(categories))
-            .route("/v1/items/{sku}", web::get().to(item))
-            .route("/v1/items/{sku}/image", web::get().to(item_image))
+            .service(readable!("/", page))
+            .service(readable!("/healthz", healthz))
+            .service(readable!("/readyz", readyz))
+            .service(readable!("/metrics", metrics))
+            .service(readable!("/v1/openapi.json", openapi))
+            .service(web::resource("/v1/search").route(web::post().to(search)).default_service(web::to(|req: HttpRequest| async move { method_not_allowed(&req, "POST") })))
+            .service(readable!("/v1/categories", categories))
+            .service(readable!("/v1/items/{sku}", item))
+            .service(readable!("/v1/items/{sku}/image", item_image))
             .default_service(web::to(not_found));
     }
+}
+
+/// A 405 naming the methods the route has (`Allow`), with the error JSON.
+fn method_not_allowed(req: &HttpRequest, allow: &'static str) -> HttpResponse {
+    let mut resp = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{} {} is not allowed; use {allow}", req.method(), req.path())).error_response();
+    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
 }
 
 /// Counts every request under its route template, with its status and latency.
@@ -332,7 +350,8 @@ async fn item_image(req: HttpRequest, path: web::Path<String>, state: web::Data<
     let index = ready(&state)?;
     let item = index.item(&sku).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no item with sku {sku:?}")))?;
     let etag = format!("\"{}\"", item.content_hash);
-    if req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
+    // If-None-Match compares weakly (RFC 9110 §13.1.2): `W/"…"` matches our strong tag.
+    if req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)) {
         return Ok(HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish());
     }
     // Serve what was indexed, and only that: the same link-, device- and FIFO-refusing read

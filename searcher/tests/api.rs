@@ -432,3 +432,25 @@ async fn a_photo_too_small_for_a_garment_is_one_whole_image_search() {
         assert_eq!(outcome.garments[0].source, "whole_image");
     }
 }
+
+#[actix_web::test]
+async fn wrong_methods_are_405_with_allow_head_works_and_weak_etags_match() {
+    let state = state_with(SearchPool::new(1, 4));
+    let app = app!(state);
+    for (method, uri, allow) in [(actix_web::http::Method::GET, "/v1/search", "POST"), (actix_web::http::Method::POST, "/healthz", "GET, HEAD"), (actix_web::http::Method::DELETE, "/v1/items/x", "GET, HEAD")] {
+        let resp = test::call_service(&app, test::TestRequest::default().method(method.clone()).uri(uri).to_request()).await;
+        assert_eq!(resp.status(), 405, "{method} {uri}");
+        assert_eq!(resp.headers().get("allow").unwrap(), allow);
+        let body: Value = test::read_body_json(resp).await;
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+    }
+    let resp = test::call_service(&app, test::TestRequest::default().method(actix_web::http::Method::HEAD).uri("/healthz").to_request()).await;
+    assert_eq!(resp.status(), 200);
+    let (sku, _) = &fixture().items[2];
+    let uri = format!("/v1/items/{sku}/image");
+    let resp = test::call_service(&app, test::TestRequest::get().uri(&uri).to_request()).await;
+    let etag = resp.headers().get("etag").unwrap().to_str().unwrap().to_string();
+    let weak = format!("W/{etag}");
+    let resp = test::call_service(&app, test::TestRequest::get().uri(&uri).insert_header(("if-none-match", weak.as_str())).to_request()).await;
+    assert_eq!(resp.status(), 304, "{weak}");
+}

@@ -217,14 +217,15 @@ pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
     Ok(req)
 }
 
-/// Reads the photo: the raw body, or the first file field of a multipart form.
+/// Reads the photo: the raw body, or the first file field of a multipart form (media types
+/// compare case-insensitively, RFC 9110 §8.3.1).
 async fn read_photo(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the upload is over the {limit}-byte limit"));
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
         && len > limit + 64 * 1024 {
             return Err(too_large());
         }
-    let is_multipart = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let is_multipart = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim_start().get(..19).is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data")));
     let mut bytes = Vec::new();
     let payload_error = |e: &dyn std::fmt::Display| ApiError::bad_request("invalid_body", format!("reading the upload failed: {e}"));
     if is_multipart {

@@ -140,6 +140,17 @@ async fn a_shop_photo_finds_its_own_item_first() {
     assert_eq!(body["garments"][0]["source"], "region");
     assert_eq!(body["garments"][0]["box"], serde_json::json!([0.0, 0.0, 100.0, 100.0]));
     assert_eq!(body["garments"][0]["results"].as_array().unwrap().len(), 3);
+    // Media types are case-insensitive: the same form in upper case is a form too.
+    let mut upper = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.jpg\"\r\n\r\n").into_bytes();
+    upper.extend(jpeg_bytes(path));
+    upper.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let req = test::TestRequest::post()
+        .uri("/v1/search?k=3&box=0,0,100,100")
+        .insert_header(("content-type", format!("MULTIPART/FORM-DATA; boundary={boundary}")))
+        .set_payload(upper)
+        .to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), 200, "upper-case multipart");
     // A drawn box's category comes from the embedder's category head; its kind is listed
     // first when the shop has it.
     assert_eq!(body["garments"][0]["category_source"], "classifier");

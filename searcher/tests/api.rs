@@ -100,6 +100,15 @@ macro_rules! app {
     };
 }
 
+/// A POST of `photo` as the `image` field of a multipart form sent as `media_type`.
+fn multipart_search(uri: &str, media_type: &str, photo: &[u8]) -> test::TestRequest {
+    let boundary = "XyZ";
+    let mut form = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").into_bytes();
+    form.extend(photo);
+    form.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    test::TestRequest::post().uri(uri).insert_header(("content-type", format!("{media_type}; boundary={boundary}"))).set_payload(form)
+}
+
 fn jpeg_bytes(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
@@ -124,15 +133,7 @@ async fn a_shop_photo_finds_its_own_item_first() {
     assert!(body["image"]["width"].as_u64().unwrap() > 0);
 
     // The same photo as a multipart upload, with the shopper's own box.
-    let boundary = "XyZ";
-    let mut form = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").into_bytes();
-    form.extend(jpeg_bytes(path));
-    form.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
-    let req = test::TestRequest::post()
-        .uri("/v1/search?k=3&box=0,0,100,100")
-        .insert_header(("content-type", format!("multipart/form-data; boundary={boundary}")))
-        .set_payload(form)
-        .to_request();
+    let req = multipart_search("/v1/search?k=3&box=0,0,100,100", "multipart/form-data", &jpeg_bytes(path)).to_request();
     let resp = test::call_service(&app, req).await;
     assert_eq!(resp.status(), 200);
     let body: Value = test::read_body_json(resp).await;
@@ -141,14 +142,7 @@ async fn a_shop_photo_finds_its_own_item_first() {
     assert_eq!(body["garments"][0]["box"], serde_json::json!([0.0, 0.0, 100.0, 100.0]));
     assert_eq!(body["garments"][0]["results"].as_array().unwrap().len(), 3);
     // Media types are case-insensitive: the same form in upper case is a form too.
-    let mut upper = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.jpg\"\r\n\r\n").into_bytes();
-    upper.extend(jpeg_bytes(path));
-    upper.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
-    let req = test::TestRequest::post()
-        .uri("/v1/search?k=3&box=0,0,100,100")
-        .insert_header(("content-type", format!("MULTIPART/FORM-DATA; boundary={boundary}")))
-        .set_payload(upper)
-        .to_request();
+    let req = multipart_search("/v1/search?k=3&box=0,0,100,100", "MULTIPART/FORM-DATA", &jpeg_bytes(path)).to_request();
     let resp = test::call_service(&app, req).await;
     assert_eq!(resp.status(), 200, "upper-case multipart");
     // A drawn box's category comes from the embedder's category head; its kind is listed

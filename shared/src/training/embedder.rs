@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::Checkpoint;
 use super::retrieval::{CategoryPrecision, category_precision, ranked_top_k_accuracy, top_k_accuracy};
 use super::{Progress, ProgressFn, augment};
-use crate::catalog::LabelMap;
+use crate::catalog::{CatalogSource, LabelMap, read_catalog};
 use crate::catalog::related::preferred_category;
 use crate::datasets::{Df2Annotation, Df2Folder, read_gallery_gt};
 use crate::geometry::BBox;
@@ -298,27 +298,19 @@ struct CatalogPhoto {
     category: String,
 }
 
-/// Catalog rows with their category through the default label map.
+/// Catalog rows with their category through the default label map, read by the indexer's own
+/// catalog reader (`sender_id` is a free attribute there); rows it refuses, or without a
+/// category, give no training photo.
 fn catalog_photos(catalog: &Path) -> Result<Vec<CatalogPhoto>> {
-    let csv_path = catalog.join("catalog.csv");
-    let mut reader = csv::Reader::from_path(&csv_path).map_err(|e| Error::MalformedDataset { file: csv_path.clone(), field: "(document)".into(), reason: e.to_string() })?;
-    let headers = reader.headers().map_err(|e| Error::MalformedDataset { file: csv_path.clone(), field: "(header)".into(), reason: e.to_string() })?.clone();
-    let col = |name: &str| {
-        headers.iter().position(|h| h == name).ok_or_else(|| Error::MalformedDataset { file: csv_path.clone(), field: name.into(), reason: "column missing".into() })
-    };
-    let (image_col, sender_col, label_col) = (col("image")?, col("sender_id")?, col("label")?);
-    let labels = LabelMap::default();
-    let mut rows = Vec::new();
-    for (i, record) in reader.records().enumerate() {
-        let record = record.map_err(|e| Error::MalformedDataset { file: csv_path.clone(), field: format!("row {}", i + 2), reason: e.to_string() })?;
-        let sender = record.get(sender_col).and_then(|s| s.parse().ok()).unwrap_or(0);
-        rows.push(CatalogPhoto {
-            image: catalog.join(record.get(image_col).unwrap_or_default()),
-            sender,
-            category: labels.category(record.get(label_col).unwrap_or_default()),
-        });
-    }
-    Ok(rows)
+    let source = CatalogSource::from_path(&catalog.join("catalog.csv"))?;
+    let (entries, _refused) = read_catalog(&source, &LabelMap::default())?;
+    Ok(entries
+        .into_iter()
+        .filter_map(|e| {
+            let sender = e.metadata.attributes.get("sender_id").and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            Some(CatalogPhoto { category: e.metadata.category?, image: e.image_path, sender })
+        })
+        .collect())
 }
 
 /// Pooled backbone features of a set of crops: GeM (p = [`GEM_P`]) and average, `[n, 1280]`

@@ -141,6 +141,16 @@ pub fn detection(out: &Path, report: &DetectionReport, command: &str) -> Result<
         let _ = writeln!(md, "| {c} | {} | {:.3} | {:.3} | {:.3} |", a.instances, a.ap, a.ap50, a.ap75);
     }
     let _ = writeln!(md, "\n![per category]({})", file_name(&bars));
+    if !report.served.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Served boxes\n\nThe detector's serving post-processing at each score threshold (a box is right at IoU ≥ 0.5 with an unmatched garment of its category; **bold**: the configured threshold).\n\n| min score | precision | recall | F1 | garments per image | annotated per image |\n|---|---|---|---|---|---|"
+        );
+        for p in &report.served {
+            let row = format!("{:.2} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2}", p.min_score, p.precision, p.recall, p.f1, p.garments_per_image, p.annotated_per_image);
+            let _ = writeln!(md, "| {} |", if p.configured { format!("**{}**", row.replace(" | ", "** | **")) } else { row });
+        }
+    }
     let md_path = sibling(out, ".md");
     std::fs::write(&md_path, md)?;
     Ok(vec![md_path, bars])

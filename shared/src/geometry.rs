@@ -48,6 +48,20 @@ impl BBox {
         if union <= 0.0 { 0.0 } else { inter / union }
     }
 
+    /// The share of the smaller box that lies inside the other: 1 when one box contains
+    /// the other, whatever their sizes (where IoU stays low for a part inside a whole).
+    pub fn containment(&self, other: &BBox) -> f32 {
+        let w = (self.x2.min(other.x2) - self.x1.max(other.x1)).max(0.0);
+        let h = (self.y2.min(other.y2) - self.y1.max(other.y1)).max(0.0);
+        let smaller = self.area().min(other.area());
+        if smaller <= 0.0 { 0.0 } else { w * h / smaller }
+    }
+
+    /// The box moved by `(dx, dy)`.
+    pub fn translate(&self, dx: f32, dy: f32) -> BBox {
+        BBox::new(self.x1 + dx, self.y1 + dy, self.x2 + dx, self.y2 + dy)
+    }
+
     /// The box clipped to an image of `width` × `height`.
     pub fn clip(&self, width: u32, height: u32) -> BBox {
         let (w, h) = (width as f32, height as f32);
@@ -72,6 +86,19 @@ mod tests {
         assert_eq!(a.iou(&a), 1.0);
         assert_eq!(a.iou(&BBox::new(20.0, 20.0, 30.0, 30.0)), 0.0);
         assert_eq!(BBox::new(1.0, 1.0, 1.0, 5.0).iou(&a), 0.0);
+    }
+
+    #[test]
+    fn containment_is_one_for_a_part_inside_a_whole() {
+        let whole = BBox::new(0.0, 0.0, 100.0, 200.0);
+        let part = BBox::new(10.0, 100.0, 90.0, 190.0);
+        assert_eq!(whole.containment(&part), 1.0);
+        assert_eq!(part.containment(&whole), 1.0);
+        assert!(whole.iou(&part) < 0.4);
+        let half_out = BBox::new(50.0, 0.0, 150.0, 100.0);
+        assert!((whole.containment(&half_out) - 0.5).abs() < 1e-6);
+        assert_eq!(whole.containment(&BBox::new(5.0, 5.0, 5.0, 9.0)), 0.0);
+        assert_eq!(part.translate(5.0, -10.0).to_array(), [15.0, 90.0, 95.0, 180.0]);
     }
 
     #[test]

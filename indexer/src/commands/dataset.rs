@@ -28,7 +28,7 @@ pub enum DatasetCommand {
     /// Assemble the validation gallery of the retrieval evaluation: the shop images of the
     /// validation pairs (`pair_id % 5 == 1`) as a DeepFashion2 shop folder, and catalog
     /// distractors (senders with `sender_id % 5` in {1, 3}, as in embedder training, so
-    /// none was trained on) as a CSV catalog. Files are symbolic links to the originals.
+    /// none was trained on) as a CSV catalog. Files are hard links to the originals, or copies across file systems (the indexer refuses links that lead out of a catalog folder).
     /// Then: `indexer build --catalog OUT/shop --catalog OUT/distractors/catalog.csv`.
     EvalGallery {
         /// DeepFashion2-format consumer-to-shop set (shop/ with its annotations).
@@ -107,12 +107,16 @@ fn check(data: &Path) -> Result<()> {
     Ok(())
 }
 
-fn link(from: &Path, to: &Path) -> Result<()> {
-    let from = std::fs::canonicalize(from).with_context(|| format!("{}", from.display()))?;
-    if to.exists() {
+/// Puts a copy of `from` at `to`: a hard link where the file system allows, else a copy. Never
+/// a symbolic link: the indexer refuses catalog files that lead outside their folder.
+fn place(from: &Path, to: &Path) -> Result<()> {
+    if to.symlink_metadata().is_ok() {
         std::fs::remove_file(to)?;
     }
-    std::os::unix::fs::symlink(&from, to).with_context(|| format!("linking {}", to.display()))
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
 }
 
 fn eval_gallery(data: &Path, catalog: &Path, distractors: usize, out: &Path) -> Result<()> {
@@ -127,8 +131,8 @@ fn eval_gallery(data: &Path, catalog: &Path, distractors: usize, out: &Path) -> 
             continue;
         }
         let name = image.image.file_name().context("image file name")?;
-        link(&image.image, &out.join("shop/image").join(name))?;
-        link(&image.annotation, &out.join("shop/annos").join(image.annotation.file_name().context("annotation file name")?))?;
+        place(&image.image, &out.join("shop/image").join(name))?;
+        place(&image.annotation, &out.join("shop/annos").join(image.annotation.file_name().context("annotation file name")?))?;
         shop_images += 1;
     }
     let csv_path = catalog.join("catalog.csv");
@@ -149,7 +153,7 @@ fn eval_gallery(data: &Path, catalog: &Path, distractors: usize, out: &Path) -> 
         }
         let source = catalog.join(row.get(image_col).unwrap_or_default());
         let name = format!("images/{}", source.file_name().and_then(|n| n.to_str()).context("image file name")?);
-        link(&source, &out.join("distractors").join(&name))?;
+        place(&source, &out.join("distractors").join(&name))?;
         writer.write_record([row.get(sku_col).unwrap_or_default(), name.as_str(), label_col.and_then(|c| row.get(c)).unwrap_or_default()])?;
         taken += 1;
     }

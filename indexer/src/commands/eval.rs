@@ -139,7 +139,7 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
     prepare_out(&out)?;
     let detector = GarmentDetector::load(&weights, &select_device(DevicePreference::Auto)?).context("loading the detector")?;
     let folder = Df2Folder::open(&data)?;
-    let keep = |id: u64| matches!(split, Split::All) || id % 5 == 1;
+    let keep = |pair_id: u64| matches!(split, Split::All) || pair_id % 5 == 1;
     let mut reporter = Reporter::default();
     let report = evaluate_detector(&detector, &folder, &keep, &mut |e| reporter.handle(e))?;
     reporter.finish();
@@ -151,6 +151,12 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
     }
     if let Some(h) = report.headline_ap50 {
         println!("mean AP50 over top, outer, dress, pants, skirt, shorts, footwear, bag: {h:.3}");
+    }
+    for p in report.served.iter().filter(|p| p.configured) {
+        println!(
+            "served (min score {:.2}): precision {:.3}, recall {:.3}, F1 {:.3}, {:.2} garments per image ({:.2} annotated)",
+            p.min_score, p.precision, p.recall, p.f1, p.garments_per_image, p.annotated_per_image
+        );
     }
     println!(
         "{:.1} ms per image (decode + detect); report: {}; also {}",

@@ -91,6 +91,23 @@ pub enum TrainCommand {
         /// DeepFashion2-format folder: image/ and annos/ (e.g. street2shop-ccp/user).
         #[arg(long)]
         data: PathBuf,
+        /// DeepFashion2-format folder of shop images (e.g. street2shop-ccp/shop), trained on
+        /// beside the street photos so that a lone garment on white is one box.
+        #[arg(long)]
+        shop: Option<PathBuf>,
+        /// CC0 catalog folder (catalog.csv): its training senders' photos become backgrounds
+        /// of shop composites.
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        /// Start from this detector's head (same taxonomy and shape) instead of random weights.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Cached views per shop image (the image alone, then composites of 1–3 cut-outs).
+        #[arg(long, default_value_t = 3)]
+        shop_views: usize,
+        /// Shop images drawn per epoch (every street photo is drawn once).
+        #[arg(long, default_value_t = 600)]
+        shop_per_epoch: usize,
         #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
         backbone: PathBuf,
         #[arg(long, default_value = "models/detector-lite0.safetensors")]
@@ -136,10 +153,10 @@ pub enum TrainCommand {
 
 pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
-        TrainCommand::Detector { data, backbone, out, cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, cpu } => {
+        TrainCommand::Detector { data, shop, catalog, init, shop_views, shop_per_epoch, backbone, out, cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, cpu } => {
             let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
             eprintln!("training on {}", describe(&device));
-            let cfg = DetectorTraining { data, backbone, out: out.clone(), cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, device };
+            let cfg = DetectorTraining { data, shop, catalog, init, shop_views, shop_per_epoch, backbone, out: out.clone(), cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, device };
             let mut reporter = Reporter::default();
             let report = train_detector(&cfg, &mut |event| reporter.handle(event))?;
             reporter.finish();
@@ -154,6 +171,14 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 report.ap75,
                 report.headline_ap50.map_or("-".into(), |v| format!("{v:.3}"))
             );
+            if let Some(shop) = &report.shop {
+                println!(
+                    "shop images: AP50 {:.3}, headline AP50 {}, {:.2} garments per image (serving post-processing)",
+                    shop.ap50,
+                    shop.headline_ap50.map_or("-".into(), |v| format!("{v:.3}")),
+                    shop.garments_per_image
+                );
+            }
             println!(
                 "{} training photos × {} views, {} validation photos; features {:.0} s, training {:.0} s; wrote {}",
                 report.train_images, report.views, report.val_images, report.feature_seconds, report.train_seconds, out.display()

@@ -62,6 +62,10 @@ pub enum WeightsCommand {
         nms_iou: Option<f32>,
         #[arg(long)]
         cross_class_iou: Option<f32>,
+        /// Share of a box inside a better box of its category above which it is a part of
+        /// that garment and goes (1: off).
+        #[arg(long)]
+        containment: Option<f32>,
         #[arg(long)]
         max_detections: Option<usize>,
     },
@@ -79,13 +83,14 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             println!("{}: {}-d, version {}", out.display(), config.dim, config.version);
             return Ok(());
         }
-        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, max_detections } => {
+        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, containment, max_detections } => {
             let detector = GarmentDetector::load(&weights, &candle_core::Device::Cpu).with_context(|| format!("loading {}", weights.display()))?;
             let mut config = detector.config().clone();
             let p = &mut config.postprocess;
             p.min_score = min_score.unwrap_or(p.min_score);
             p.nms_iou = nms_iou.unwrap_or(p.nms_iou);
             p.cross_class_iou = cross_class_iou.unwrap_or(p.cross_class_iou);
+            p.containment = containment.unwrap_or(p.containment);
             p.max_detections = max_detections.unwrap_or(p.max_detections);
             let config = config.versioned(detector.head())?;
             GarmentDetector::save_head(&weights, &config, detector.head())?;

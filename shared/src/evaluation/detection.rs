@@ -171,6 +171,11 @@ pub struct DetectionReport {
     pub per_category: BTreeMap<String, ClassAp>,
     /// Mean AP50 over the eight headline categories present in the data.
     pub headline_ap50: Option<f64>,
+    /// What shoppers and the indexer get: the detector's serving post-processing at a
+    /// range of score thresholds (the configured one marked), so a threshold is chosen on
+    /// numbers, per domain.
+    #[serde(default)]
+    pub served: Vec<ServedPoint>,
     pub detector: String,
     pub input_size: u32,
     /// Wall time per image: decode, detect.
@@ -178,19 +183,90 @@ pub struct DetectionReport {
     pub seconds: f64,
 }
 
-/// Runs `detector` on every image of `folder` that `keep(id)` accepts and measures COCO
-/// box AP against the annotations. Ground truth and detections meet by category id.
+/// The served detections at one score threshold: a box is right when it overlaps an
+/// unmatched annotated garment of its category by IoU ≥ 0.5 (best score first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedPoint {
+    pub min_score: f32,
+    /// The threshold the detector is configured with.
+    pub configured: bool,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub garments_per_image: f64,
+    /// Annotated garments per image, for comparison.
+    pub annotated_per_image: f64,
+}
+
+/// Score thresholds of the served sweep.
+const SERVED_THRESHOLDS: [f32; 11] = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7];
+
+/// The served sweep from one decode per image at the lowest threshold: greedy suppression
+/// only lets a higher-scoring box remove a lower one, so the boxes kept at threshold `t`
+/// are exactly those of the lowest threshold scoring ≥ `t`.
+fn served_points(gts: &[GroundTruth], served: &[Detected], images: usize, configured: f32) -> Vec<ServedPoint> {
+    let mut thresholds: Vec<f32> = SERVED_THRESHOLDS.to_vec();
+    if !thresholds.iter().any(|t| (t - configured).abs() < 1e-6) {
+        thresholds.push(configured);
+        thresholds.sort_by(f32::total_cmp);
+    }
+    let mut by_image: HashMap<u64, (Vec<&GroundTruth>, Vec<&Detected>)> = HashMap::new();
+    for g in gts {
+        by_image.entry(g.image).or_default().0.push(g);
+    }
+    for d in served {
+        by_image.entry(d.image).or_default().1.push(d);
+    }
+    for (_, dets) in by_image.values_mut() {
+        dets.sort_by(|a, b| b.score.total_cmp(&a.score));
+    }
+    thresholds
+        .into_iter()
+        .map(|t| {
+            let (mut right, mut found) = (0usize, 0usize);
+            for (g, dets) in by_image.values() {
+                let mut taken = vec![false; g.len()];
+                for d in dets.iter().filter(|d| d.score >= t) {
+                    found += 1;
+                    let best = g.iter().enumerate().filter(|(i, x)| !taken[*i] && x.class == d.class).map(|(i, x)| (i, x.bbox.iou(&d.bbox))).filter(|(_, iou)| *iou >= 0.5).max_by(|a, b| a.1.total_cmp(&b.1));
+                    if let Some((i, _)) = best {
+                        taken[i] = true;
+                        right += 1;
+                    }
+                }
+            }
+            let precision = if found == 0 { 0.0 } else { right as f64 / found as f64 };
+            let recall = if gts.is_empty() { 0.0 } else { right as f64 / gts.len() as f64 };
+            let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
+            let n = images.max(1) as f64;
+            ServedPoint { min_score: t, configured: (t - configured).abs() < 1e-6, precision, recall, f1, garments_per_image: found as f64 / n, annotated_per_image: gts.len() as f64 / n }
+        })
+        .collect()
+}
+
+/// Runs `detector` on every image of `folder` whose `pair_id` `keep` accepts (the split
+/// key: a street photo and its shop images fall on the same side) and measures COCO box AP
+/// against the annotations, and the served sweep. Ground truth and detections meet by
+/// category id.
 pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &dyn Fn(u64) -> bool, progress: ProgressFn) -> Result<DetectionReport> {
     let started = Instant::now();
     let known = &detector.config().categories;
     // Classes: the detector's, then any category only the data has.
     let mut names: Vec<String> = known.iter().map(|c| c.name.clone()).collect();
     let mut class_of: HashMap<u32, usize> = known.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
-    let images: Vec<_> = folder.images().iter().filter(|i| keep(i.id)).collect();
-    progress(Progress::Stage { name: "detecting".into(), total: images.len() as u64 });
-    let (mut gts, mut dets) = (Vec::new(), Vec::new());
-    for entry in &images {
+    let mut images = Vec::new();
+    for entry in folder.images() {
         let anno = Df2Annotation::read(&entry.annotation)?;
+        if keep(anno.pair_id) {
+            images.push((entry, anno));
+        }
+    }
+    progress(Progress::Stage { name: "detecting".into(), total: images.len() as u64 });
+    let configured = detector.config().postprocess;
+    let sweep = Postprocess { min_score: configured.min_score.min(SERVED_THRESHOLDS[0]), ..configured };
+    let (mut gts, mut dets, mut served) = (Vec::new(), Vec::new(), Vec::new());
+    let mut detect_seconds = 0.0;
+    for (entry, anno) in &images {
         for item in &anno.items {
             let class = *class_of.entry(item.category_id).or_insert_with(|| {
                 names.push(item.category_name.clone());
@@ -199,9 +275,14 @@ pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &
             gts.push(GroundTruth { image: entry.id, class, bbox: item.bbox });
         }
         let bytes = std::fs::read(&entry.image).map_err(|e| crate::Error::io(&entry.image, e))?;
+        let timer = Instant::now();
         let image = decode_image(&bytes, DecodeLimits::default())?;
         for d in detector.detect_with(&image, &Postprocess::EVALUATION)? {
             dets.push(Detected { image: entry.id, class: d.class, bbox: d.bbox, score: d.score });
+        }
+        detect_seconds += timer.elapsed().as_secs_f64();
+        for d in detector.detect_with(&image, &sweep)? {
+            served.push(Detected { image: entry.id, class: d.class, bbox: d.bbox, score: d.score });
         }
         progress(Progress::Advance(1));
     }
@@ -218,7 +299,8 @@ pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &
         per_category: summary.per_class.into_iter().map(|(c, ap)| (names[c].clone(), ap)).collect(),
         detector: detector.version().to_string(),
         input_size: detector.config().preprocess.size,
-        ms_per_image: 1000.0 * seconds / images.len().max(1) as f64,
+        served: served_points(&gts, &served, images.len(), configured.min_score),
+        ms_per_image: 1000.0 * detect_seconds / images.len().max(1) as f64,
         seconds,
     })
 }
@@ -233,6 +315,27 @@ mod tests {
 
     fn det(image: u64, class: usize, b: [f32; 4], score: f32) -> Detected {
         Detected { image, class, bbox: BBox::new(b[0], b[1], b[2], b[3]), score }
+    }
+
+    #[test]
+    fn served_points_count_right_boxes_and_garments_per_threshold() {
+        // Two images, three garments. Image 1: its dress found (0.9) and found again as a
+        // fragment (0.4); image 2: its top found with the wrong class (0.6), its bag missed.
+        let gts = [gt(1, 0, [0.0, 0.0, 10.0, 20.0]), gt(2, 1, [0.0, 0.0, 10.0, 10.0]), gt(2, 2, [20.0, 20.0, 30.0, 30.0])];
+        let served = [det(1, 0, [0.0, 0.0, 10.0, 19.0], 0.9), det(1, 0, [0.0, 0.0, 10.0, 8.0], 0.4), det(2, 3, [0.0, 0.0, 10.0, 10.0], 0.6)];
+        let points = served_points(&gts, &served, 2, 0.42);
+        let at = |t: f32| points.iter().find(|p| (p.min_score - t).abs() < 1e-6).unwrap();
+        let low = at(0.3);
+        assert_eq!((low.garments_per_image, low.annotated_per_image), (1.5, 1.5));
+        assert!((low.precision - 1.0 / 3.0).abs() < 1e-9 && (low.recall - 1.0 / 3.0).abs() < 1e-9);
+        let mid = at(0.5);
+        assert_eq!(mid.garments_per_image, 1.0);
+        assert!((mid.precision - 0.5).abs() < 1e-9 && (mid.f1 - 0.4).abs() < 1e-9);
+        let high = at(0.7);
+        assert_eq!((high.precision, high.garments_per_image), (1.0, 0.5));
+        // The configured threshold is in the sweep, marked, and only it.
+        assert_eq!(points.iter().filter(|p| p.configured).map(|p| p.min_score).collect::<Vec<_>>(), vec![0.42]);
+        assert!(points.windows(2).all(|w| w[0].min_score < w[1].min_score));
     }
 
     #[test]

@@ -125,20 +125,26 @@ pub struct Postprocess {
     pub max_detections: usize,
     /// Two boxes of different categories overlapping more than this: one garment seen
     /// twice (a top that might be a dress); the lower-scoring one goes. 1 turns it off.
-    #[serde(default = "no_cross_class_suppression")]
+    #[serde(default = "off")]
     pub cross_class_iou: f32,
+    /// A box of one category lying more than this share inside a better box of the same
+    /// category: a part of that garment (a dress's bodice, one shoe of the pair), which IoU
+    /// misses because the part is small; it goes. 1 turns it off.
+    #[serde(default = "off")]
+    pub containment: f32,
 }
 
-fn no_cross_class_suppression() -> f32 {
+/// The value that turns an overlap rule off: nothing overlaps more than all of itself.
+fn off() -> f32 {
     1.0
 }
 
 impl Postprocess {
     /// For measuring AP: everything down to a low score, class by class, as COCO
     /// evaluations do.
-    pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0 };
+    pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0, containment: 1.0 };
     /// For shoppers and indexing: confident garments, each once.
-    pub const SERVING: Postprocess = Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7 };
+    pub const SERVING: Postprocess = Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7, containment: 0.8 };
 }
 
 /// The smallest garment side, in photo pixels, a detection may have. The letterbox scales a
@@ -371,14 +377,25 @@ pub fn decode(output: &[f32], num_classes: usize, grid: &[(f32, f32, f32)], post
         if kept.len() >= post.max_detections {
             break;
         }
-        if kept.iter().all(|k| {
-            let iou = k.0.iou(&c.0);
-            if k.1 == c.1 { iou <= post.nms_iou } else { iou <= post.cross_class_iou }
-        }) {
+        if kept.iter().all(|k| !post.suppresses(k, &c)) {
             kept.push(c);
         }
     }
     kept
+}
+
+impl Postprocess {
+    /// Whether `kept` (scoring higher) suppresses `candidate`: the same garment seen twice,
+    /// or a part of it.
+    fn suppresses(&self, kept: &(BBox, usize, f32), candidate: &(BBox, usize, f32)) -> bool {
+        let iou = kept.0.iou(&candidate.0);
+        if kept.1 != candidate.1 {
+            return iou > self.cross_class_iou;
+        }
+        // Either way round: a part scoring above its whole still means one garment, told
+        // once, by its best-scoring box.
+        iou > self.nms_iou || kept.0.containment(&candidate.0) > self.containment
+    }
 }
 
 /// Channels of the head's inputs for `config` on `backbone`.
@@ -527,7 +544,7 @@ mod tests {
             [big, big, big],    // centre-ness
         ]
         .concat();
-        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0 };
+        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 1.0 };
         let mut d = decode(&out, 2, &grid, &post);
         d.sort_by_key(|a| (a.1, a.0.x1 as i32));
         // Class 0: locations 0 and 1 decode to the same box [0,0,16,16]: one survives.
@@ -542,6 +559,30 @@ mod tests {
         // Across classes: the class-1 box at location 1 is the class-0 box seen again.
         let merged = decode(&out, 2, &grid, &Postprocess { cross_class_iou: 0.8, ..post });
         assert_eq!(merged.len(), 2, "{merged:?}");
+    }
+
+    #[test]
+    fn parts_inside_a_better_box_of_their_class_go() {
+        // One class, three locations of stride 8: a whole dress (score high), its bodice
+        // inside it (lower score) and, elsewhere, another garment of the class.
+        let grid = [(40.0, 40.0, 8.0), (40.0, 24.0, 8.0), (120.0, 40.0, 8.0)];
+        let out = [
+            [4.0, 2.0, 3.0],   // class 0 logits: whole, part, elsewhere
+            [4.0, 1.0, 1.0],   // l (strides)
+            [4.0, 1.0, 1.0],   // t
+            [4.0, 1.0, 1.0],   // r
+            [4.0, 1.0, 1.0],   // b
+            [9.0, 9.0, 9.0],   // centre-ness
+        ]
+        .concat();
+        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 0.8 };
+        let d = decode(&out, 1, &grid, &post);
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![BBox::new(8.0, 8.0, 72.0, 72.0), BBox::new(112.0, 32.0, 128.0, 48.0)], "{d:?}");
+        // Off, the part (IoU 1/16 with the whole) stays.
+        assert_eq!(decode(&out, 1, &grid, &Postprocess { containment: 1.0, ..post }).len(), 3);
+        // A part scoring above its whole: still one garment, by the better box.
+        let part_first = [[2.0, 4.0, 3.0], [4.0, 1.0, 1.0], [4.0, 1.0, 1.0], [4.0, 1.0, 1.0], [4.0, 1.0, 1.0], [9.0, 9.0, 9.0]].concat();
+        assert_eq!(decode(&part_first, 1, &grid, &post).iter().map(|x| x.0).collect::<Vec<_>>(), vec![BBox::new(32.0, 16.0, 48.0, 32.0), BBox::new(112.0, 32.0, 128.0, 48.0)]);
     }
 
     #[test]

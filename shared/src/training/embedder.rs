@@ -46,8 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::Checkpoint;
 use super::retrieval::{CategoryPrecision, category_precision, ranked_top_k_accuracy, top_k_accuracy};
-use super::{Progress, ProgressFn, augment};
-use crate::catalog::{CatalogSource, LabelMap, read_catalog};
+use super::{CatalogPhoto, Progress, ProgressFn, augment, catalog_photos, is_validation_sender};
 use crate::catalog::related::preferred_category;
 use crate::datasets::{Df2Annotation, Df2Folder, read_gallery_gt};
 use crate::geometry::BBox;
@@ -289,28 +288,6 @@ fn pseudo_boxes(folder: &Path, detector: &Path, min_score: f32, cache: &Path, de
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
     std::fs::write(&file, serde_json::to_vec(&boxes).expect("boxes serialise")).map_err(|e| Error::io(&file, e))?;
     Ok(boxes)
-}
-
-/// A catalog photo with its sender and taxonomy category.
-struct CatalogPhoto {
-    image: PathBuf,
-    sender: u64,
-    category: String,
-}
-
-/// Catalog rows with their category through the default label map, read by the indexer's own
-/// catalog reader (`sender_id` is a free attribute there); rows it refuses, or without a
-/// category, give no training photo.
-fn catalog_photos(catalog: &Path) -> Result<Vec<CatalogPhoto>> {
-    let source = CatalogSource::from_path(&catalog.join("catalog.csv"))?;
-    let (entries, _refused) = read_catalog(&source, &LabelMap::default())?;
-    Ok(entries
-        .into_iter()
-        .filter_map(|e| {
-            let sender = e.metadata.attributes.get("sender_id").and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-            Some(CatalogPhoto { category: e.metadata.category?, image: e.image_path, sender })
-        })
-        .collect())
 }
 
 /// Pooled backbone features of a set of crops: GeM (p = [`GEM_P`]) and average, `[n, 1280]`
@@ -624,7 +601,7 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
         None => Vec::new(),
     };
     photos.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-    let (val_photos, train_photos): (Vec<&CatalogPhoto>, Vec<&CatalogPhoto>) = photos.iter().partition(|p| p.sender % 5 == 1 || p.sender % 5 == 3);
+    let (val_photos, train_photos): (Vec<&CatalogPhoto>, Vec<&CatalogPhoto>) = photos.iter().partition(|p| is_validation_sender(p.sender));
     let distractor_photos: Vec<&CatalogPhoto> = val_photos.into_iter().take(cfg.distractors).collect();
     let mut seen = HashSet::new();
     let aug_photos: Vec<&CatalogPhoto> = train_photos.iter().copied().filter(|p| seen.insert(p.sender)).take(cfg.augment_items).collect();

@@ -26,24 +26,27 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-use image::{Rgb, RgbImage, imageops};
+use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::Checkpoint;
-use super::{Progress, ProgressFn, augment};
+use views::Targets;
+use super::{Progress, ProgressFn};
 use crate::datasets::{Df2Annotation, Df2Folder};
 use crate::evaluation::detection::{self, ApSummary, HEADLINE};
 use crate::geometry::BBox;
 use crate::models::detector::{Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, head_inputs, input_channels, location_grid};
 use crate::models::efficientnet_lite::EfficientNetLite;
-use crate::vision::{DecodeLimits, LetterboxGeometry, Normalisation, Preprocess, decode_image};
+use crate::vision::{DecodeLimits, Normalisation, Preprocess, decode_image};
 use crate::{Error, Result};
 
+mod views;
+
 /// Version of the view generation, part of the feature cache key: bump it whenever
-/// [`make_view`] changes what a seed produces.
+/// [`views`] changes what a seed produces.
 const VIEW_VERSION: u32 = 1;
 /// Views per cache shard.
 const SHARD: usize = 64;
@@ -53,6 +56,14 @@ const SHARD: usize = 64;
 pub struct DetectorTraining {
     /// DeepFashion2-format folder (`image/`, `annos/`) of consumer photos.
     pub data: PathBuf,
+    /// DeepFashion2-format folder of shop images (e.g. `street2shop-ccp/shop`: garments cut
+    /// out on white), trained on beside the street photos and validated on their own.
+    pub shop: Option<PathBuf>,
+    /// CC0 catalog folder (`catalog.csv`): corners of its training senders' photos serve
+    /// as backgrounds of shop views.
+    pub catalog: Option<PathBuf>,
+    /// Starts from this detector's head (same taxonomy and shape) instead of random weights.
+    pub init: Option<PathBuf>,
     pub backbone: PathBuf,
     pub out: PathBuf,
     pub cache: PathBuf,
@@ -60,6 +71,10 @@ pub struct DetectorTraining {
     pub seed: u64,
     /// Cached augmented views per training photo (≥ 2: the photo and its mirror).
     pub views: usize,
+    /// Cached views per shop image (≥ 1: the image alone, then composites).
+    pub shop_views: usize,
+    /// Shop images drawn per epoch (all street photos are, every epoch).
+    pub shop_per_epoch: usize,
     pub batch: usize,
     pub lr: f64,
     pub size: u32,
@@ -78,125 +93,133 @@ pub struct DetectorTraining {
 pub struct DetectorReport {
     pub train_images: usize,
     pub val_images: usize,
+    #[serde(default)]
+    pub train_shop_images: usize,
+    #[serde(default)]
+    pub val_shop_images: usize,
     pub views: usize,
     pub epochs: usize,
-    /// Validation AP of the final weights, per category name.
+    /// Validation AP of the final weights on street photos, per category name.
     pub validation: BTreeMap<String, detection::ClassAp>,
     pub ap: f64,
     pub ap50: f64,
     pub ap75: f64,
     /// Mean AP50 over [`HEADLINE`].
     pub headline_ap50: Option<f64>,
+    /// The same on the validation shop images, when trained with them.
+    #[serde(default)]
+    pub shop: Option<ShopValidation>,
     pub feature_seconds: f64,
     pub train_seconds: f64,
+}
+
+/// Validation on shop images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShopValidation {
+    pub ap50: f64,
+    pub headline_ap50: Option<f64>,
+    /// Garments per shop image after the serving post-processing (one is right for a
+    /// cut-out: more are fragments or doubles).
+    pub garments_per_image: f64,
 }
 
 /// A photo with its boxes.
 #[derive(Debug, Clone)]
 struct Sample {
-    id: u64,
+    /// The split key: the DeepFashion2 `pair_id` (for CCP photos the CCP id), so a street
+    /// photo and its shop images fall on the same side.
+    pair_id: u64,
     image: PathBuf,
     boxes: Vec<(usize, BBox)>,
 }
 
-/// One cached view: which photo, which augmentation.
+/// One cached view: which image, which augmentation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct ViewSpec {
     image: PathBuf,
     view: u32,
     seed: u64,
+    /// A shop view (see [`views::shop_view`]); street otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    shop: bool,
+    /// Further cut-outs placed on the same canvas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    partners: Vec<PathBuf>,
+    /// A catalog photo whose corner may become the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backdrop: Option<PathBuf>,
 }
 
-/// Boxes of a view in input coordinates.
-type Targets = Vec<(usize, [f32; 4])>;
+impl ViewSpec {
+    fn street(image: &Path, view: u32, seed: u64) -> Self {
+        Self { image: image.to_path_buf(), view, seed, shop: false, partners: Vec::new(), backdrop: None }
+    }
+}
 
-fn read_samples(data: &Path) -> Result<(Vec<Category>, Vec<Sample>)> {
-    let folder = Df2Folder::open(data)?;
+/// The category names of `folders` by id; one id must keep one name.
+fn taxonomy(folders: &[&Df2Folder]) -> Result<Vec<Category>> {
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
-    let mut annos = Vec::new();
-    for entry in folder.images() {
-        let anno = Df2Annotation::read(&entry.annotation)?;
-        for item in &anno.items {
-            match names.get(&item.category_id) {
-                Some(n) if *n != item.category_name => {
-                    return Err(Error::MalformedDataset {
-                        file: entry.annotation.clone(),
-                        field: format!("item{}.category_name", item.index),
-                        reason: format!("category {} is called {n:?} elsewhere, {:?} here", item.category_id, item.category_name),
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    names.insert(item.category_id, item.category_name.clone());
+    for folder in folders {
+        for entry in folder.images() {
+            let anno = Df2Annotation::read(&entry.annotation)?;
+            for item in &anno.items {
+                match names.get(&item.category_id) {
+                    Some(n) if *n != item.category_name => {
+                        return Err(Error::MalformedDataset {
+                            file: entry.annotation.clone(),
+                            field: format!("item{}.category_name", item.index),
+                            reason: format!("category {} is called {n:?} elsewhere, {:?} here", item.category_id, item.category_name),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        names.insert(item.category_id, item.category_name.clone());
+                    }
                 }
             }
         }
-        annos.push((entry.clone(), anno));
     }
-    let categories: Vec<Category> = names.into_iter().map(|(id, name)| Category { id, name }).collect();
-    let index: HashMap<u32, usize> = categories.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
-    let samples = annos
-        .into_iter()
-        .map(|(entry, anno)| Sample {
-            id: entry.id,
-            image: entry.image,
-            boxes: anno.items.iter().filter(|i| i.bbox.is_valid()).map(|i| (index[&i.category_id], i.bbox)).collect(),
-        })
-        .collect();
-    Ok((categories, samples))
+    Ok(names.into_iter().map(|(id, name)| Category { id, name }).collect())
 }
 
-/// The augmented view `view` of `image`, letterboxed to `size`, and its boxes in input
-/// coordinates. View 0 is the photo, view 1 its mirror; later views are random (seeded).
-fn make_view(image: &RgbImage, boxes: &[(usize, BBox)], view: u32, seed: u64, pre: &Preprocess) -> (RgbImage, Targets) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut img = image.clone();
-    let mut bx: Vec<(usize, BBox)> = boxes.to_vec();
-    let flip = match view {
-        0 => false,
-        1 => true,
-        _ => rng.random_bool(0.5),
-    };
-    if view >= 2 {
-        let (w, h) = (img.width() as f32, img.height() as f32);
-        if rng.random_bool(0.6) {
-            // Crop: 60–100 % of each side; a box keeps when 40 % of it stays.
-            let cw = (w * rng.random_range(0.6..1.0f32)).max(16.0);
-            let ch = (h * rng.random_range(0.6..1.0f32)).max(16.0);
-            let x0 = rng.random_range(0.0..=(w - cw).max(0.0));
-            let y0 = rng.random_range(0.0..=(h - ch).max(0.0));
-            img = imageops::crop_imm(&img, x0 as u32, y0 as u32, cw as u32, ch as u32).to_image();
-            let (x0, y0) = (x0.floor(), y0.floor());
-            bx = bx
-                .into_iter()
-                .filter_map(|(c, b)| {
-                    let moved = BBox::new(b.x1 - x0, b.y1 - y0, b.x2 - x0, b.y2 - y0);
-                    let clipped = moved.clip(img.width(), img.height());
-                    (clipped.width() >= 2.0 && clipped.height() >= 2.0 && clipped.area() >= 0.4 * b.area()).then_some((c, clipped))
-                })
-                .collect();
-        } else {
-            // Zoom out: the photo on a larger canvas, as in a wider street scene.
-            let f = rng.random_range(1.1..1.8f32);
-            let (cw, ch) = ((w * f) as u32, (h * f) as u32);
-            let fill = Rgb([rng.random_range(90..230u8), rng.random_range(90..230u8), rng.random_range(90..230u8)]);
-            let mut canvas = RgbImage::from_pixel(cw, ch, fill);
-            let x0 = rng.random_range(0..=cw - img.width());
-            let y0 = rng.random_range(0..=ch - img.height());
-            imageops::replace(&mut canvas, &img, x0 as i64, y0 as i64);
-            img = canvas;
-            bx = bx.into_iter().map(|(c, b)| (c, BBox::new(b.x1 + x0 as f32, b.y1 + y0 as f32, b.x2 + x0 as f32, b.y2 + y0 as f32))).collect();
+/// The images of `folder` with their valid boxes as class indices of `categories`.
+fn read_samples(folder: &Df2Folder, categories: &[Category]) -> Result<Vec<Sample>> {
+    let index: HashMap<u32, usize> = categories.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+    folder
+        .images()
+        .iter()
+        .map(|entry| {
+            let anno = Df2Annotation::read(&entry.annotation)?;
+            let boxes = anno.items.iter().filter(|i| i.bbox.is_valid()).filter_map(|i| Some((*index.get(&i.category_id)?, i.bbox))).collect();
+            Ok(Sample { pair_id: anno.pair_id, image: entry.image.clone(), boxes })
+        })
+        .collect()
+}
+
+/// Training photos of the CC0 catalog's training senders, as shop-view backgrounds.
+fn backdrops(catalog: &Path) -> Result<Vec<PathBuf>> {
+    Ok(super::catalog_photos(catalog)?.into_iter().filter(|p| !super::is_validation_sender(p.sender)).map(|p| p.image).collect())
+}
+
+/// The shop views of each training shop image: view 0 alone; each later view adds up to
+/// two partners (none for about half of them) and maybe a backdrop, all drawn from `seed`.
+fn shop_specs(train: &[&Sample], backdrops: &[PathBuf], views: usize, seed: u64) -> Vec<ViewSpec> {
+    let mut specs = Vec::with_capacity(train.len() * views);
+    for (i, s) in train.iter().enumerate() {
+        for v in 0..views as u32 {
+            let view_seed = seed.wrapping_mul(1_000_003) ^ ((i as u64) << 12) ^ 0x5409 ^ v as u64;
+            let mut rng = ChaCha8Rng::seed_from_u64(view_seed);
+            let partners = match (v, rng.random_range(0..100u32)) {
+                (0, _) | (_, 0..50) => 0,
+                (_, 50..80) => 1,
+                _ => 2,
+            };
+            let partners = (0..partners).map(|_| train[rng.random_range(0..train.len())].image.clone()).collect();
+            let backdrop = (v > 0 && !backdrops.is_empty()).then(|| backdrops[rng.random_range(0..backdrops.len())].clone());
+            specs.push(ViewSpec { image: s.image.clone(), view: v, seed: view_seed, shop: true, partners, backdrop });
         }
-        augment::colour_jitter(&mut img, &mut rng);
     }
-    if flip {
-        imageops::flip_horizontal_in_place(&mut img);
-        let w = img.width() as f32;
-        bx = bx.into_iter().map(|(c, b)| (c, BBox::new(w - b.x2, b.y1, w - b.x1, b.y2))).collect();
-    }
-    let geometry = LetterboxGeometry::new(img.width(), img.height(), pre.size);
-    let boxed = crate::vision::letterbox(&img, pre.size, pre.pad_rgb);
-    (boxed, bx.into_iter().map(|(c, b)| (c, geometry.to_input(b).to_array())).collect())
+    specs
 }
 
 /// Pyramid features (f16, CPU, one tensor per level) and targets of `specs`, cached in
@@ -217,7 +240,7 @@ fn view_features(
     let mut levels: Vec<Vec<Tensor>> = Vec::new();
     let mut targets = Vec::with_capacity(specs.len());
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
-    let mut decoded: Option<(PathBuf, RgbImage)> = None;
+    let mut decoded = HashMap::new();
     for shard in specs.chunks(SHARD) {
         let mut hasher = blake3::Hasher::new();
         hasher.update(backbone_hash.as_bytes());
@@ -240,12 +263,7 @@ fn view_features(
         for chunk in shard.chunks(8) {
             let mut inputs = Vec::with_capacity(chunk.len());
             for spec in chunk {
-                if decoded.as_ref().map(|(p, _)| p) != Some(&spec.image) {
-                    let bytes = std::fs::read(&spec.image).map_err(|e| Error::io(&spec.image, e))?;
-                    decoded = Some((spec.image.clone(), decode_image(&bytes, DecodeLimits::default())?));
-                }
-                let image = &decoded.as_ref().expect("just decoded").1;
-                let (view, t) = make_view(image, &boxes_of[&spec.image], spec.view, spec.seed, pre);
+                let (view, t) = render_view(spec, &mut decoded, boxes_of, pre)?;
                 inputs.push(pre.to_tensor(&view, &Device::Cpu)?);
                 shard_targets.push(t);
             }
@@ -270,6 +288,28 @@ fn view_features(
     }
     let levels = levels.iter().map(|l| Tensor::cat(l, 0)).collect::<candle_core::Result<Vec<_>>>()?;
     Ok((levels, targets))
+}
+
+/// The view `spec` names, with its targets. `decoded` keeps the images of the views
+/// rendered so far (cut-outs and photos are reused by the next views).
+fn render_view(spec: &ViewSpec, decoded: &mut HashMap<PathBuf, RgbImage>, boxes_of: &HashMap<PathBuf, Vec<(usize, BBox)>>, pre: &Preprocess) -> Result<(RgbImage, Targets)> {
+    // Views come grouped by image; keeping more than a few photos decoded gains nothing.
+    if decoded.len() > 64 {
+        decoded.clear();
+    }
+    let paths: Vec<&PathBuf> = std::iter::once(&spec.image).chain(&spec.partners).chain(&spec.backdrop).collect();
+    for path in &paths {
+        if !decoded.contains_key(*path) {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            decoded.insert((*path).clone(), decode_image(&bytes, DecodeLimits::default())?);
+        }
+    }
+    let labelled = |p: &PathBuf| views::Labelled { image: &decoded[p], boxes: boxes_of.get(p).map_or(&[][..], Vec::as_slice) };
+    if !spec.shop {
+        return Ok(views::street_view(labelled(&spec.image), spec.view, spec.seed, pre));
+    }
+    let cutouts: Vec<views::Labelled> = std::iter::once(&spec.image).chain(&spec.partners).map(labelled).collect();
+    Ok(views::shop_view(&cutouts, spec.backdrop.as_ref().map(|b| &decoded[b]), spec.view, spec.seed, pre))
 }
 
 fn read_shard(file: &Path) -> Option<(Vec<Tensor>, Vec<Targets>)> {
@@ -430,9 +470,8 @@ pub(super) fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rn
     Ok(Tensor::from_vec(values, shape, device)?)
 }
 
-/// Runs `head` on cached features and returns each view's detections in input coordinates.
-fn predict(backbone: &EfficientNetLite, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], grid: &[(f32, f32, f32)], device: &Device) -> Result<Vec<Vec<(BBox, usize, f32)>>> {
-    let k = config.num_classes();
+/// Runs `head` on cached features: each view's raw output `[k + 5, locations]`, flattened.
+fn head_outputs(backbone: &EfficientNetLite, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], device: &Device) -> Result<Vec<Vec<f32>>> {
     let n = levels[0].dim(0)?;
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(32) {
@@ -440,8 +479,7 @@ fn predict(backbone: &EfficientNetLite, config: &DetectorConfig, head: &Detector
         let feats = levels.iter().map(|l| l.narrow(0, start, len)?.to_device(device)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
         let raw = head.forward(&head_inputs(backbone, config, feats)?)?.to_device(&Device::Cpu)?;
         for i in 0..len {
-            let v = raw.get(i)?.flatten_all()?.to_vec1::<f32>()?;
-            out.push(decode(&v, k, grid, &Postprocess::EVALUATION));
+            out.push(raw.get(i)?.flatten_all()?.to_vec1::<f32>()?);
         }
     }
     Ok(out)
@@ -467,25 +505,72 @@ pub fn fmt_ap50(summary: &ApSummary, categories: &[Category]) -> String {
     summary.per_class.iter().map(|(c, ap)| format!("{} {:.2}", categories[*c].name, ap.ap50)).collect::<Vec<_>>().join(", ")
 }
 
+/// The training and validation images of one domain.
+struct Split<'a> {
+    train: Vec<&'a Sample>,
+    val: Vec<&'a Sample>,
+}
+
+impl<'a> Split<'a> {
+    /// Validation = `pair_id % 5 == 1`; images without a box are left out.
+    fn of(samples: &'a [Sample]) -> Self {
+        let (val, train) = samples.iter().filter(|s| !s.boxes.is_empty()).partition(|s| s.pair_id % 5 == 1);
+        Self { train, val }
+    }
+}
+
+/// A head's parameters taken from an earlier detector (`--init`): its config must match
+/// the run's taxonomy and shape.
+fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let earlier: DetectorConfig = crate::models::weights_file::read_config(path)?;
+    let same = earlier.categories == config.categories && earlier.channels == config.channels && earlier.tower == config.tower && earlier.strides == config.strides && earlier.semantic_top == config.semantic_top;
+    if !same {
+        return Err(Error::InvalidSetting { name: "init", reason: format!("{} has another taxonomy or head shape than this run", path.display()) });
+    }
+    candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })
+}
+
+/// Validation of `head` on cached features: AP (evaluation post-processing) and garments
+/// per image (the config's serving post-processing).
+fn validate(backbone: &EfficientNetLite, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], targets: &[Targets], grid: &[(f32, f32, f32)], device: &Device) -> Result<(ApSummary, f64)> {
+    let outputs = head_outputs(backbone, config, head, levels, device)?;
+    let k = config.num_classes();
+    let predictions: Vec<_> = outputs.iter().map(|o| decode(o, k, grid, &Postprocess::EVALUATION)).collect();
+    let served: usize = outputs.iter().map(|o| decode(o, k, grid, &config.postprocess).len()).sum();
+    Ok((validation_ap(&predictions, targets, k), served as f64 / outputs.len().max(1) as f64))
+}
+
 /// Trains the head and writes the final weights to `cfg.out`.
 pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<DetectorReport> {
-    if cfg.epochs == 0 || cfg.batch == 0 || cfg.views < 2 || cfg.eval_every == 0 {
-        return Err(Error::InvalidSetting { name: "training", reason: "need epochs ≥ 1, batch ≥ 1, views ≥ 2 and eval-every ≥ 1".into() });
+    if cfg.epochs == 0 || cfg.batch == 0 || cfg.views < 2 || cfg.eval_every == 0 || (cfg.shop.is_some() && cfg.shop_views == 0) {
+        return Err(Error::InvalidSetting { name: "training", reason: "need epochs ≥ 1, batch ≥ 1, views ≥ 2, shop views ≥ 1 and eval-every ≥ 1".into() });
     }
     let started = Instant::now();
     let backbone = EfficientNetLite::load(&cfg.backbone, &cfg.device)?;
-    let (categories, samples) = read_samples(&cfg.data)?;
+    let street_folder = Df2Folder::open(&cfg.data)?;
+    let shop_folder = cfg.shop.as_ref().map(Df2Folder::open).transpose()?;
+    let categories = taxonomy(&std::iter::once(&street_folder).chain(shop_folder.as_ref()).collect::<Vec<_>>())?;
     let k = categories.len();
-    let (val, train): (Vec<&Sample>, Vec<&Sample>) = samples.iter().filter(|s| !s.boxes.is_empty()).partition(|s| s.id % 5 == 1);
-    if train.is_empty() || val.is_empty() {
-        return Err(Error::InvalidSetting { name: "data", reason: format!("{} training and {} validation photos with boxes: need both", train.len(), val.len()) });
+    let street_samples = read_samples(&street_folder, &categories)?;
+    let shop_samples = match &shop_folder {
+        Some(f) => read_samples(f, &categories)?,
+        None => Vec::new(),
+    };
+    let (street, shop) = (Split::of(&street_samples), Split::of(&shop_samples));
+    if street.train.is_empty() || street.val.is_empty() || (cfg.shop.is_some() && (shop.train.is_empty() || shop.val.is_empty())) {
+        return Err(Error::InvalidSetting {
+            name: "data",
+            reason: format!("{}/{} training/validation photos and {}/{} shop images with boxes: need both of each", street.train.len(), street.val.len(), shop.train.len(), shop.val.len()),
+        });
     }
     progress(Progress::Message(format!(
-        "{} categories ({}); {} training photos, {} validation photos",
+        "{} categories ({}); {} training photos, {} validation photos; {} training shop images, {} validation shop images",
         k,
         categories.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
-        train.len(),
-        val.len()
+        street.train.len(),
+        street.val.len(),
+        shop.train.len(),
+        shop.val.len()
     )));
     let pre = Preprocess { size: cfg.size, normalisation: Normalisation::TfLite, pad_rgb: [255, 255, 255] };
     let mut config = DetectorConfig {
@@ -509,29 +594,43 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     if in_channels.len() != config.strides.len() {
         return Err(Error::InvalidWeights { reason: format!("the backbone gives {} pyramid levels, expected 3", in_channels.len()) });
     }
+    let init = cfg.init.as_ref().map(|p| init_weights(p, &config, &cfg.device)).transpose()?;
 
-    let boxes_of: HashMap<PathBuf, Vec<(usize, BBox)>> = samples.iter().map(|s| (s.image.clone(), s.boxes.clone())).collect();
-    let train_specs: Vec<ViewSpec> = train
+    let boxes_of: HashMap<PathBuf, Vec<(usize, BBox)>> = street_samples.iter().chain(&shop_samples).map(|s| (s.image.clone(), s.boxes.clone())).collect();
+    let mut train_specs: Vec<ViewSpec> = street
+        .train
         .iter()
-        .flat_map(|s| (0..cfg.views as u32).map(move |v| ViewSpec { image: s.image.clone(), view: v, seed: cfg.seed.wrapping_mul(1_000_003) ^ (s.id << 8) ^ v as u64 }))
+        .flat_map(|s| (0..cfg.views as u32).map(move |v| ViewSpec::street(&s.image, v, cfg.seed.wrapping_mul(1_000_003) ^ (s.pair_id << 8) ^ v as u64)))
         .collect();
-    let val_specs: Vec<ViewSpec> = val.iter().map(|s| ViewSpec { image: s.image.clone(), view: 0, seed: 0 }).collect();
+    let shop_offset = train_specs.len();
+    let backdrops = cfg.catalog.as_deref().map(backdrops).transpose()?.unwrap_or_default();
+    train_specs.extend(shop_specs(&shop.train, &backdrops, cfg.shop_views, cfg.seed));
+    let val_specs: Vec<ViewSpec> = street.val.iter().map(|s| ViewSpec::street(&s.image, 0, 0)).collect();
+    let shop_val_specs: Vec<ViewSpec> = shop.val.iter().map(|s| ViewSpec { shop: true, ..ViewSpec::street(&s.image, 0, 0) }).collect();
     let backbone_hash = blake3::hash(&std::fs::read(&cfg.backbone).map_err(|e| Error::io(&cfg.backbone, e))?);
-    let (train_levels, train_targets) = view_features(&backbone, &backbone_hash, &train_specs, &boxes_of, &pre, "train", &cfg.cache, &cfg.device, progress)?;
-    let (val_levels, val_targets) = view_features(&backbone, &backbone_hash, &val_specs, &boxes_of, &pre, "val", &cfg.cache, &cfg.device, progress)?;
+    let features = |specs: &[ViewSpec], name: &str, progress: ProgressFn| view_features(&backbone, &backbone_hash, specs, &boxes_of, &pre, name, &cfg.cache, &cfg.device, progress);
+    let (train_levels, train_targets) = features(&train_specs, "train", progress)?;
+    let (val_levels, val_targets) = features(&val_specs, "val", progress)?;
+    let shop_val = if shop_val_specs.is_empty() { None } else { Some(features(&shop_val_specs, "shop-val", progress)?) };
     let feature_seconds = started.elapsed().as_secs_f64();
     let grid = location_grid(cfg.size as usize, &config.strides);
     let assigned: Vec<_> = train_targets.iter().map(|t| assign(&grid, &config.strides, t)).collect();
     let positives: usize = assigned.iter().map(|a| a.iter().filter(|x| x.is_some()).count()).sum();
     progress(Progress::Message(format!("{} cached views, {:.1} positive locations per view", train_targets.len(), positives as f64 / train_targets.len() as f64)));
 
-    // Parameters: drawn from the seed, held in a VarMap for saving and resuming.
+    // Parameters: drawn from the seed (or taken from --init), held in a VarMap for saving
+    // and resuming.
     let mut varmap = VarMap::new();
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let head = {
         let data = varmap.data();
-        DetectorHead::build(&config, &in_channels, &mut |name, shape, init| {
-            let var = Var::from_tensor(&init_tensor(shape, &init, &mut init_rng, &cfg.device)?)?;
+        DetectorHead::build(&config, &in_channels, &mut |name, shape, param_init| {
+            let value = match init.as_ref().and_then(|t| t.get(name)) {
+                Some(t) if t.dims() == shape => t.to_dtype(DType::F32)?,
+                Some(t) => return Err(Error::InvalidWeights { reason: format!("--init: {name} has shape {:?}, expected {shape:?}", t.dims()) }),
+                None => init_tensor(shape, &param_init, &mut init_rng, &cfg.device)?,
+            };
+            let var = Var::from_tensor(&value)?;
             let t = var.as_tensor().clone();
             data.lock().expect("varmap lock").insert(name.to_string(), var);
             Ok(t)
@@ -540,19 +639,28 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     let checkpoint = Checkpoint::beside(&cfg.out);
     let first_epoch = checkpoint.resume(cfg.resume, &mut varmap, progress)?;
     let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
-    let steps_per_epoch = train.len().div_ceil(cfg.batch);
+    let shop_per_epoch = if shop.train.is_empty() { 0 } else { cfg.shop_per_epoch.min(shop.train.len()) };
+    let steps_per_epoch = (street.train.len() + shop_per_epoch).div_ceil(cfg.batch);
     let total_steps = (steps_per_epoch * cfg.epochs) as f64;
     let warmup = (steps_per_epoch as f64).min(100.0);
 
     let train_started = Instant::now();
-    let mut last: Option<ApSummary> = None;
+    let mut last: Option<(ApSummary, Option<(ApSummary, f64)>)> = None;
+    let evaluate = |head: &DetectorHead| -> Result<(ApSummary, Option<(ApSummary, f64)>)> {
+        let (street_ap, _) = validate(&backbone, &config, head, &val_levels, &val_targets, &grid, &cfg.device)?;
+        let shop_ap = shop_val.as_ref().map(|(levels, targets)| validate(&backbone, &config, head, levels, targets, &grid, &cfg.device)).transpose()?;
+        Ok((street_ap, shop_ap))
+    };
     for epoch in first_epoch..cfg.epochs {
         // Each epoch's order and views follow from the seed and the epoch alone, so a
-        // resumed run sees what an uninterrupted one would.
+        // resumed run sees what an uninterrupted one would: every street photo once, and
+        // `shop_per_epoch` shop images, each through one of its cached views.
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (0x5eed_0000 + epoch as u64));
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        order.shuffle(&mut rng);
-        let picks: Vec<u32> = order.iter().map(|&i| (i * cfg.views + rng.random_range(0..cfg.views)) as u32).collect();
+        let mut picks: Vec<u32> = (0..street.train.len()).map(|i| (i * cfg.views + rng.random_range(0..cfg.views)) as u32).collect();
+        let mut shop_order: Vec<usize> = (0..shop.train.len()).collect();
+        shop_order.shuffle(&mut rng);
+        picks.extend(shop_order[..shop_per_epoch].iter().map(|&j| (shop_offset + j * cfg.shop_views + rng.random_range(0..cfg.shop_views)) as u32));
+        picks.shuffle(&mut rng);
         progress(Progress::Stage { name: format!("epoch {}/{}", epoch + 1, cfg.epochs), total: picks.len() as u64 });
         let mut sums = [0f64; 3];
         let mut steps = 0;
@@ -583,7 +691,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         let mut line = format!("epoch {}: loss classes {:.4}, boxes {:.4}, centre-ness {:.4}", epoch + 1, sums[0] / n, sums[1] / n, sums[2] / n);
         checkpoint.save(&varmap, epoch + 1)?;
         if (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs {
-            let summary = validation_ap(&predict(&backbone, &config, &head, &val_levels, &grid, &cfg.device)?, &val_targets, k);
+            let (summary, shop_summary) = evaluate(&head)?;
             let headline = summary.mean_ap50_over(&headline_classes(&categories));
             line += &format!(
                 "; validation AP {:.3}, AP50 {:.3}, headline AP50 {} ({})",
@@ -592,18 +700,24 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
                 headline.map_or("-".into(), |h| format!("{h:.3}")),
                 fmt_ap50(&summary, &categories)
             );
-            last = Some(summary);
+            if let Some((s, per_image)) = &shop_summary {
+                let h = s.mean_ap50_over(&headline_classes(&categories));
+                line += &format!("; shop AP50 {:.3}, headline {}, {per_image:.2} garments per image ({})", s.ap50, h.map_or("-".into(), |h| format!("{h:.3}")), fmt_ap50(s, &categories));
+            }
+            last = Some((summary, shop_summary));
         }
         progress(Progress::Message(line));
     }
-    let summary = match last {
+    let (summary, shop_summary) = match last {
         Some(s) => s,
-        None => validation_ap(&predict(&backbone, &config, &head, &val_levels, &grid, &cfg.device)?, &val_targets, k),
+        None => evaluate(&head)?,
     };
     let final_head = head.detached()?;
     let report = DetectorReport {
-        train_images: train.len(),
-        val_images: val.len(),
+        train_images: street.train.len(),
+        val_images: street.val.len(),
+        train_shop_images: shop.train.len(),
+        val_shop_images: shop.val.len(),
         views: cfg.views,
         epochs: cfg.epochs,
         validation: summary.per_class.iter().map(|(c, ap)| (categories[*c].name.clone(), ap.clone())).collect(),
@@ -611,13 +725,15 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         ap50: summary.ap50,
         ap75: summary.ap75,
         headline_ap50: summary.mean_ap50_over(&headline_classes(&categories)),
+        shop: shop_summary.map(|(s, per_image)| ShopValidation { ap50: s.ap50, headline_ap50: s.mean_ap50_over(&headline_classes(&categories)), garments_per_image: per_image }),
         feature_seconds,
         train_seconds: train_started.elapsed().as_secs_f64(),
     };
     let mut config = config.versioned(&final_head)?;
     config.training = serde_json::json!({
-        "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "batch": cfg.batch,
-        "lr": cfg.lr, "semantic_top": cfg.semantic_top, "split": "validation = image id % 5 == 1", "report": &report,
+        "data": cfg.data, "shop": cfg.shop, "catalog_backdrops": cfg.catalog, "init": cfg.init,
+        "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "shop_views": cfg.shop_views, "shop_per_epoch": cfg.shop_per_epoch,
+        "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "split": "validation = pair_id % 5 == 1", "report": &report,
     });
     crate::models::detector::GarmentDetector::save_head(&cfg.out, &config, &final_head)?;
     Ok(report)
@@ -681,29 +797,5 @@ mod tests {
         assert!(g[0] < 0.01 * b[0], "{g:?} {b:?}");
         assert!(g[1].abs() < 1e-5 && b[1] > 0.3, "{g:?} {b:?}");
         assert!(g[2] < b[2], "{g:?} {b:?}");
-    }
-
-    #[test]
-    fn views_move_boxes_with_the_pixels() {
-        // A black square on white: after any view, the box still frames black pixels.
-        let mut img = RgbImage::from_pixel(120, 80, Rgb([255, 255, 255]));
-        for y in 20..50 {
-            for x in 30..70 {
-                img.put_pixel(x, y, Rgb([0, 0, 0]));
-            }
-        }
-        let pre = Preprocess { size: 64, normalisation: Normalisation::TfLite, pad_rgb: [255, 255, 255] };
-        let boxes = [(0usize, BBox::new(30.0, 20.0, 70.0, 50.0))];
-        for view in 0..12 {
-            let (v, t) = make_view(&img, &boxes, view, 7 + view as u64, &pre);
-            assert_eq!(v.dimensions(), (64, 64));
-            for (_, b) in t {
-                let (cx, cy) = (((b[0] + b[2]) / 2.0) as u32, ((b[1] + b[3]) / 2.0) as u32);
-                assert!(v.get_pixel(cx, cy).0.iter().all(|&c| c < 110), "view {view}: centre of {b:?} is {:?}", v.get_pixel(cx, cy));
-            }
-        }
-        let (_, mirrored) = make_view(&img, &boxes, 1, 0, &pre);
-        let (_, plain) = make_view(&img, &boxes, 0, 0, &pre);
-        assert!((mirrored[0].1[0] - (64.0 - plain[0].1[2])).abs() < 1e-3);
     }
 }

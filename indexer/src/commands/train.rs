@@ -108,6 +108,10 @@ pub enum TrainCommand {
         /// Shop images drawn per epoch (every street photo is drawn once).
         #[arg(long, default_value_t = 600)]
         shop_per_epoch: usize,
+        /// Paste garments of other training photos (through the folder's masks/) into half
+        /// of the random street views.
+        #[arg(long)]
+        copy_paste: bool,
         #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
         backbone: PathBuf,
         #[arg(long, default_value = "models/detector-lite0.safetensors")]
@@ -153,10 +157,10 @@ pub enum TrainCommand {
 
 pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
-        TrainCommand::Detector { data, shop, catalog, init, shop_views, shop_per_epoch, backbone, out, cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, cpu } => {
+        TrainCommand::Detector { data, shop, catalog, init, shop_views, shop_per_epoch, copy_paste, backbone, out, cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, cpu } => {
             let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
             eprintln!("training on {}", describe(&device));
-            let cfg = DetectorTraining { data, shop, catalog, init, shop_views, shop_per_epoch, backbone, out: out.clone(), cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, device };
+            let cfg = DetectorTraining { data, shop, catalog, init, shop_views, shop_per_epoch, copy_paste, backbone, out: out.clone(), cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, device };
             let mut reporter = Reporter::default();
             let report = train_detector(&cfg, &mut |event| reporter.handle(event))?;
             reporter.finish();

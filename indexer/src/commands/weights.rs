@@ -66,6 +66,9 @@ pub enum WeightsCommand {
         /// that garment and goes (1: off).
         #[arg(long)]
         containment: Option<f32>,
+        /// The same for boxes of different categories (1: off).
+        #[arg(long)]
+        cross_class_containment: Option<f32>,
         #[arg(long)]
         max_detections: Option<usize>,
     },
@@ -83,7 +86,7 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             println!("{}: {}-d, version {}", out.display(), config.dim, config.version);
             return Ok(());
         }
-        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, containment, max_detections } => {
+        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, containment, cross_class_containment, max_detections } => {
             let detector = GarmentDetector::load(&weights, &candle_core::Device::Cpu).with_context(|| format!("loading {}", weights.display()))?;
             let mut config = detector.config().clone();
             let p = &mut config.postprocess;
@@ -91,6 +94,7 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             p.nms_iou = nms_iou.unwrap_or(p.nms_iou);
             p.cross_class_iou = cross_class_iou.unwrap_or(p.cross_class_iou);
             p.containment = containment.unwrap_or(p.containment);
+            p.cross_class_containment = cross_class_containment.unwrap_or(p.cross_class_containment);
             p.max_detections = max_detections.unwrap_or(p.max_detections);
             let config = config.versioned(detector.head())?;
             GarmentDetector::save_head(&weights, &config, detector.head())?;

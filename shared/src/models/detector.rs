@@ -132,6 +132,11 @@ pub struct Postprocess {
     /// misses because the part is small; it goes. 1 turns it off.
     #[serde(default = "off")]
     pub containment: f32,
+    /// The same across categories: a box of another category almost wholly inside a better
+    /// box (the lower legs of trousers read as a skirt). Street photos have real garments
+    /// inside others (a top under an open jacket), so this stays near 1. 1 turns it off.
+    #[serde(default = "off")]
+    pub cross_class_containment: f32,
 }
 
 /// The value that turns an overlap rule off: nothing overlaps more than all of itself.
@@ -142,9 +147,9 @@ fn off() -> f32 {
 impl Postprocess {
     /// For measuring AP: everything down to a low score, class by class, as COCO
     /// evaluations do.
-    pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0, containment: 1.0 };
+    pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0, containment: 1.0, cross_class_containment: 1.0 };
     /// For shoppers and indexing: confident garments, each once.
-    pub const SERVING: Postprocess = Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7, containment: 0.8 };
+    pub const SERVING: Postprocess = Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7, containment: 0.8, cross_class_containment: 1.0 };
 }
 
 /// The smallest garment side, in photo pixels, a detection may have. The letterbox scales a
@@ -390,7 +395,7 @@ impl Postprocess {
     fn suppresses(&self, kept: &(BBox, usize, f32), candidate: &(BBox, usize, f32)) -> bool {
         let iou = kept.0.iou(&candidate.0);
         if kept.1 != candidate.1 {
-            return iou > self.cross_class_iou;
+            return iou > self.cross_class_iou || kept.0.containment(&candidate.0) > self.cross_class_containment;
         }
         // Either way round: a part scoring above its whole still means one garment, told
         // once, by its best-scoring box.
@@ -544,7 +549,7 @@ mod tests {
             [big, big, big],    // centre-ness
         ]
         .concat();
-        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 1.0 };
+        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 1.0, cross_class_containment: 1.0 };
         let mut d = decode(&out, 2, &grid, &post);
         d.sort_by_key(|a| (a.1, a.0.x1 as i32));
         // Class 0: locations 0 and 1 decode to the same box [0,0,16,16]: one survives.
@@ -575,7 +580,7 @@ mod tests {
             [9.0, 9.0, 9.0],   // centre-ness
         ]
         .concat();
-        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 0.8 };
+        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 0.8, cross_class_containment: 1.0 };
         let d = decode(&out, 1, &grid, &post);
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![BBox::new(8.0, 8.0, 72.0, 72.0), BBox::new(112.0, 32.0, 128.0, 48.0)], "{d:?}");
         // Off, the part (IoU 1/16 with the whole) stays.

@@ -75,6 +75,9 @@ pub struct DetectorTraining {
     pub shop_views: usize,
     /// Shop images drawn per epoch (all street photos are, every epoch).
     pub shop_per_epoch: usize,
+    /// Half of the random street views get garments of another training photo pasted in
+    /// through its mask (the folder's `masks/`).
+    pub copy_paste: bool,
     pub batch: usize,
     pub lr: f64,
     pub size: u32,
@@ -131,6 +134,10 @@ struct Sample {
     pair_id: u64,
     image: PathBuf,
     boxes: Vec<(usize, BBox)>,
+    /// The item number (`itemN`) of each box: its value in the mask.
+    items: Vec<u32>,
+    /// `masks/<stem>.png` beside `image/`, when the folder has one (copy-paste donors).
+    mask: Option<PathBuf>,
 }
 
 /// One cached view: which image, which augmentation.
@@ -148,12 +155,34 @@ struct ViewSpec {
     /// A catalog photo whose corner may become the background.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     backdrop: Option<PathBuf>,
+    /// A street photo whose garments are pasted into this one (copy-paste).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    donor: Option<PathBuf>,
 }
 
 impl ViewSpec {
     fn street(image: &Path, view: u32, seed: u64) -> Self {
-        Self { image: image.to_path_buf(), view, seed, shop: false, partners: Vec::new(), backdrop: None }
+        Self { image: image.to_path_buf(), view, seed, shop: false, partners: Vec::new(), backdrop: None, donor: None }
     }
+}
+
+/// The cached views of each training street photo: view 0 the photo, 1 its mirror, later
+/// ones random; with `copy_paste`, half of the random ones take garments from another
+/// training photo with a mask.
+fn street_specs(train: &[&Sample], views: usize, copy_paste: bool, seed: u64) -> Vec<ViewSpec> {
+    let donors: Vec<&PathBuf> = train.iter().filter(|s| s.mask.is_some()).map(|s| &s.image).collect();
+    let mut specs = Vec::with_capacity(train.len() * views);
+    for s in train {
+        for v in 0..views as u32 {
+            let mut spec = ViewSpec::street(&s.image, v, seed.wrapping_mul(1_000_003) ^ (s.pair_id << 8) ^ v as u64);
+            let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0xd0_0a);
+            if copy_paste && v >= 2 && !donors.is_empty() && rng.random_bool(0.5) {
+                spec.donor = Some(donors[rng.random_range(0..donors.len())].clone());
+            }
+            specs.push(spec);
+        }
+    }
+    specs
 }
 
 /// The category names of `folders` by id; one id must keep one name.
@@ -190,8 +219,9 @@ fn read_samples(folder: &Df2Folder, categories: &[Category]) -> Result<Vec<Sampl
         .iter()
         .map(|entry| {
             let anno = Df2Annotation::read(&entry.annotation)?;
-            let boxes = anno.items.iter().filter(|i| i.bbox.is_valid()).filter_map(|i| Some((*index.get(&i.category_id)?, i.bbox))).collect();
-            Ok(Sample { pair_id: anno.pair_id, image: entry.image.clone(), boxes })
+            let (boxes, items) = anno.items.iter().filter(|i| i.bbox.is_valid()).filter_map(|i| Some(((*index.get(&i.category_id)?, i.bbox), i.index))).unzip();
+            let mask = entry.image.file_stem().map(|stem| folder.root().join("masks").join(stem).with_extension("png")).filter(|m| m.is_file());
+            Ok(Sample { pair_id: anno.pair_id, image: entry.image.clone(), boxes, items, mask })
         })
         .collect()
 }
@@ -216,7 +246,7 @@ fn shop_specs(train: &[&Sample], backdrops: &[PathBuf], views: usize, seed: u64)
             };
             let partners = (0..partners).map(|_| train[rng.random_range(0..train.len())].image.clone()).collect();
             let backdrop = (v > 0 && !backdrops.is_empty()).then(|| backdrops[rng.random_range(0..backdrops.len())].clone());
-            specs.push(ViewSpec { image: s.image.clone(), view: v, seed: view_seed, shop: true, partners, backdrop });
+            specs.push(ViewSpec { image: s.image.clone(), view: v, seed: view_seed, shop: true, partners, backdrop, donor: None });
         }
     }
     specs
@@ -229,7 +259,7 @@ fn view_features(
     backbone: &EfficientNetLite,
     backbone_hash: &blake3::Hash,
     specs: &[ViewSpec],
-    boxes_of: &HashMap<PathBuf, Vec<(usize, BBox)>>,
+    samples: &HashMap<&Path, &Sample>,
     pre: &Preprocess,
     name: &str,
     cache: &Path,
@@ -263,7 +293,7 @@ fn view_features(
         for chunk in shard.chunks(8) {
             let mut inputs = Vec::with_capacity(chunk.len());
             for spec in chunk {
-                let (view, t) = render_view(spec, &mut decoded, boxes_of, pre)?;
+                let (view, t) = render_view(spec, &mut decoded, samples, pre)?;
                 inputs.push(pre.to_tensor(&view, &Device::Cpu)?);
                 shard_targets.push(t);
             }
@@ -290,23 +320,34 @@ fn view_features(
     Ok((levels, targets))
 }
 
-/// The view `spec` names, with its targets. `decoded` keeps the images of the views
-/// rendered so far (cut-outs and photos are reused by the next views).
-fn render_view(spec: &ViewSpec, decoded: &mut HashMap<PathBuf, RgbImage>, boxes_of: &HashMap<PathBuf, Vec<(usize, BBox)>>, pre: &Preprocess) -> Result<(RgbImage, Targets)> {
+/// The view `spec` names, with its targets. `decoded` keeps the images (and masks) of the
+/// views rendered so far: cut-outs and photos are reused by the next views.
+fn render_view(spec: &ViewSpec, decoded: &mut HashMap<PathBuf, RgbImage>, samples: &HashMap<&Path, &Sample>, pre: &Preprocess) -> Result<(RgbImage, Targets)> {
     // Views come grouped by image; keeping more than a few photos decoded gains nothing.
     if decoded.len() > 64 {
         decoded.clear();
     }
-    let paths: Vec<&PathBuf> = std::iter::once(&spec.image).chain(&spec.partners).chain(&spec.backdrop).collect();
+    let paths: Vec<&PathBuf> = std::iter::once(&spec.image).chain(&spec.partners).chain(&spec.backdrop).chain(&spec.donor).collect();
     for path in &paths {
         if !decoded.contains_key(*path) {
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
             decoded.insert((*path).clone(), decode_image(&bytes, DecodeLimits::default())?);
         }
     }
-    let labelled = |p: &PathBuf| views::Labelled { image: &decoded[p], boxes: boxes_of.get(p).map_or(&[][..], Vec::as_slice) };
+    let labelled = |p: &PathBuf| views::Labelled { image: &decoded[p], boxes: samples.get(p.as_path()).map_or(&[][..], |s| s.boxes.as_slice()) };
     if !spec.shop {
-        return Ok(views::street_view(labelled(&spec.image), spec.view, spec.seed, pre));
+        let donor = match spec.donor.as_ref().and_then(|d| samples.get(d.as_path())) {
+            Some(d) => {
+                let mask_path = d.mask.as_ref().expect("donors have masks");
+                let bytes = std::fs::read(mask_path).map_err(|e| Error::io(mask_path, e))?;
+                let mask = image::load_from_memory(&bytes).map_err(|e| Error::MalformedDataset { file: mask_path.clone(), field: "(mask)".into(), reason: e.to_string() })?.to_luma8();
+                let garments: Vec<(usize, BBox, u32)> = d.boxes.iter().zip(&d.items).map(|(&(c, b), &i)| (c, b, i)).collect();
+                Some((mask, garments, &decoded[&d.image]))
+            }
+            None => None,
+        };
+        let donor = donor.as_ref().map(|(mask, garments, image)| views::Donor { image, mask, garments });
+        return Ok(views::street_view(labelled(&spec.image), donor, spec.view, spec.seed, pre));
     }
     let cutouts: Vec<views::Labelled> = std::iter::once(&spec.image).chain(&spec.partners).map(labelled).collect();
     Ok(views::shop_view(&cutouts, spec.backdrop.as_ref().map(|b| &decoded[b]), spec.view, spec.seed, pre))
@@ -596,19 +637,15 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     }
     let init = cfg.init.as_ref().map(|p| init_weights(p, &config, &cfg.device)).transpose()?;
 
-    let boxes_of: HashMap<PathBuf, Vec<(usize, BBox)>> = street_samples.iter().chain(&shop_samples).map(|s| (s.image.clone(), s.boxes.clone())).collect();
-    let mut train_specs: Vec<ViewSpec> = street
-        .train
-        .iter()
-        .flat_map(|s| (0..cfg.views as u32).map(move |v| ViewSpec::street(&s.image, v, cfg.seed.wrapping_mul(1_000_003) ^ (s.pair_id << 8) ^ v as u64)))
-        .collect();
+    let samples: HashMap<&Path, &Sample> = street_samples.iter().chain(&shop_samples).map(|s| (s.image.as_path(), s)).collect();
+    let mut train_specs = street_specs(&street.train, cfg.views, cfg.copy_paste, cfg.seed);
     let shop_offset = train_specs.len();
     let backdrops = cfg.catalog.as_deref().map(backdrops).transpose()?.unwrap_or_default();
     train_specs.extend(shop_specs(&shop.train, &backdrops, cfg.shop_views, cfg.seed));
     let val_specs: Vec<ViewSpec> = street.val.iter().map(|s| ViewSpec::street(&s.image, 0, 0)).collect();
     let shop_val_specs: Vec<ViewSpec> = shop.val.iter().map(|s| ViewSpec { shop: true, ..ViewSpec::street(&s.image, 0, 0) }).collect();
     let backbone_hash = blake3::hash(&std::fs::read(&cfg.backbone).map_err(|e| Error::io(&cfg.backbone, e))?);
-    let features = |specs: &[ViewSpec], name: &str, progress: ProgressFn| view_features(&backbone, &backbone_hash, specs, &boxes_of, &pre, name, &cfg.cache, &cfg.device, progress);
+    let features = |specs: &[ViewSpec], name: &str, progress: ProgressFn| view_features(&backbone, &backbone_hash, specs, &samples, &pre, name, &cfg.cache, &cfg.device, progress);
     let (train_levels, train_targets) = features(&train_specs, "train", progress)?;
     let (val_levels, val_targets) = features(&val_specs, "val", progress)?;
     let shop_val = if shop_val_specs.is_empty() { None } else { Some(features(&shop_val_specs, "shop-val", progress)?) };
@@ -732,7 +769,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     let mut config = config.versioned(&final_head)?;
     config.training = serde_json::json!({
         "data": cfg.data, "shop": cfg.shop, "catalog_backdrops": cfg.catalog, "init": cfg.init,
-        "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "shop_views": cfg.shop_views, "shop_per_epoch": cfg.shop_per_epoch,
+        "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "shop_views": cfg.shop_views, "shop_per_epoch": cfg.shop_per_epoch, "copy_paste": cfg.copy_paste,
         "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "split": "validation = pair_id % 5 == 1", "report": &report,
     });
     crate::models::detector::GarmentDetector::save_head(&cfg.out, &config, &final_head)?;

@@ -9,7 +9,7 @@
 //! scales and positions, on white, plain, noisy, gradient or real catalog-photo backgrounds,
 //! as product photos are.
 
-use image::{Rgb, RgbImage, imageops};
+use image::{GrayImage, Rgb, RgbImage, imageops};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -27,10 +27,75 @@ pub struct Labelled<'a> {
     pub boxes: &'a [(usize, BBox)],
 }
 
+/// Another training photo whose garments may be pasted into a view (copy-paste, Ghiasi et
+/// al., arXiv 2012.07177): its pixels, its item mask (value k = the pixels of item k) and
+/// its garments as `(class, box, item number)`.
+#[derive(Clone, Copy)]
+pub struct Donor<'a> {
+    pub image: &'a RgbImage,
+    pub mask: &'a GrayImage,
+    pub garments: &'a [(usize, BBox, u32)],
+}
+
+/// A box mostly hidden by a pasted garment is no longer annotated.
+const HIDDEN: f32 = 0.6;
+
+/// Pastes one or two of `donor`'s garments (their mask's pixels only) into `img` at a random
+/// scale and place; boxes they mostly hide (all pastes together) go, theirs come.
+fn copy_paste(img: &mut RgbImage, boxes: &mut Vec<(usize, BBox)>, donor: Donor<'_>, rng: &mut ChaCha8Rng) {
+    if donor.garments.is_empty() || donor.mask.dimensions() != donor.image.dimensions() {
+        return;
+    }
+    // Which paste painted each pixel last (0: the photo's own), to tell what is hidden.
+    let width = img.width();
+    let mut owner = vec![0u8; (img.width() * img.height()) as usize];
+    let mut layered: Vec<(usize, BBox, u8)> = boxes.drain(..).map(|(c, b)| (c, b, 0)).collect();
+    for layer in 1..=rng.random_range(1..=2u8) {
+        let (class, b, item) = donor.garments[rng.random_range(0..donor.garments.len())];
+        let (x0, y0) = (b.x1.max(0.0) as u32, b.y1.max(0.0) as u32);
+        let (w, h) = ((b.x2 as u32).min(donor.image.width()).saturating_sub(x0), (b.y2 as u32).min(donor.image.height()).saturating_sub(y0));
+        if w < 4 || h < 4 {
+            continue;
+        }
+        // Scaled against the photo it goes into, so that a dress stays dress-sized.
+        let fit = (img.width() as f32 / w as f32).min(img.height() as f32 / h as f32);
+        let s = (rng.random_range(0.5..1.1f32) * img.height() as f32 / donor.image.height().max(1) as f32).min(fit);
+        let (nw, nh) = (((w as f32 * s) as u32).max(2), ((h as f32 * s) as u32).max(2));
+        let patch = imageops::resize(&imageops::crop_imm(donor.image, x0, y0, w, h).to_image(), nw, nh, imageops::FilterType::Triangle);
+        let mask = imageops::resize(&imageops::crop_imm(donor.mask, x0, y0, w, h).to_image(), nw, nh, imageops::FilterType::Nearest);
+        let (ox, oy) = (rng.random_range(0..=img.width().saturating_sub(nw)), rng.random_range(0..=img.height().saturating_sub(nh)));
+        let (mut tight, mut painted) = (BBox::new(f32::MAX, f32::MAX, f32::MIN, f32::MIN), 0u32);
+        for (x, y, m) in mask.enumerate_pixels() {
+            let (tx, ty) = (ox + x, oy + y);
+            if m.0[0] as u32 == item && tx < img.width() && ty < img.height() {
+                img.put_pixel(tx, ty, *patch.get_pixel(x, y));
+                owner[(ty * width + tx) as usize] = layer;
+                tight = BBox::new(tight.x1.min(tx as f32), tight.y1.min(ty as f32), tight.x2.max(tx as f32 + 1.0), tight.y2.max(ty as f32 + 1.0));
+                painted += 1;
+            }
+        }
+        if painted >= 16 {
+            layered.push((class, tight, layer));
+        }
+    }
+    let hidden = |b: &BBox, layer: u8| {
+        let clipped = b.clip(img.width(), img.height());
+        let mut over = 0usize;
+        for y in clipped.y1 as u32..clipped.y2 as u32 {
+            for x in clipped.x1 as u32..clipped.x2 as u32 {
+                over += usize::from(owner[(y * width + x) as usize] > layer);
+            }
+        }
+        over as f32 >= HIDDEN * clipped.area().max(1.0)
+    };
+    boxes.extend(layered.into_iter().filter(|(_, b, layer)| !hidden(b, *layer)).map(|(c, b, _)| (c, b)));
+}
+
 /// The augmented view `view` of a street photo, letterboxed to `pre.size`. View 0 is the
-/// photo, view 1 its mirror; later views are random (seeded): a crop of 60–100 % of each
-/// side or a zoom-out onto a coloured canvas, a mirror, colour jitter.
-pub fn street_view(photo: Labelled<'_>, view: u32, seed: u64, pre: &Preprocess) -> (RgbImage, Targets) {
+/// photo, view 1 its mirror; later views are random (seeded): garments of `donor` pasted in
+/// (when given), a crop of 60–100 % of each side or a zoom-out onto a coloured canvas, a
+/// mirror, colour jitter.
+pub fn street_view(photo: Labelled<'_>, donor: Option<Donor<'_>>, view: u32, seed: u64, pre: &Preprocess) -> (RgbImage, Targets) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut img = photo.image.clone();
     let mut bx: Vec<(usize, BBox)> = photo.boxes.to_vec();
@@ -39,6 +104,10 @@ pub fn street_view(photo: Labelled<'_>, view: u32, seed: u64, pre: &Preprocess) 
         1 => true,
         _ => rng.random_bool(0.5),
     };
+    if let (true, Some(donor)) = (view >= 2, donor) {
+        // Its own generator: the views without a donor stay what they were.
+        copy_paste(&mut img, &mut bx, donor, &mut ChaCha8Rng::seed_from_u64(seed ^ 0xc0b1_9a57));
+    }
     if view >= 2 {
         let (w, h) = (img.width() as f32, img.height() as f32);
         if rng.random_bool(0.6) {
@@ -216,15 +285,69 @@ mod tests {
         let boxes = [(0usize, BBox::new(30.0, 20.0, 70.0, 50.0))];
         let photo = Labelled { image: &img, boxes: &boxes };
         for view in 0..12 {
-            let (v, t) = street_view(photo, view, 7 + view as u64, &pre);
+            let (v, t) = street_view(photo, None, view, 7 + view as u64, &pre);
             assert_eq!(v.dimensions(), (64, 64));
             for (_, b) in t {
                 assert!(centre_pixel(&v, b).iter().all(|&c| c < 110), "view {view}: centre of {b:?} is {:?}", centre_pixel(&v, b));
             }
         }
-        let (_, mirrored) = street_view(photo, 1, 0, &pre);
-        let (_, plain) = street_view(photo, 0, 0, &pre);
+        let (_, mirrored) = street_view(photo, None, 1, 0, &pre);
+        let (_, plain) = street_view(photo, None, 0, 0, &pre);
         assert!((mirrored[0].1[0] - (64.0 - plain[0].1[2])).abs() < 1e-3);
+    }
+
+    #[test]
+    fn copy_paste_brings_its_garment_box_and_hides_what_it_covers() {
+        // The photo: a black garment (class 0) at the left. The donor: a red garment
+        // (class 1, item 2 of its mask) on grey.
+        let img = square_on_white(100, 100, [10, 10, 50, 90], [0, 0, 0]);
+        let mut donor_img = RgbImage::from_pixel(100, 100, Rgb([128, 128, 128]));
+        let mut mask = GrayImage::new(100, 100);
+        for y in 30..70 {
+            for x in 20..60 {
+                donor_img.put_pixel(x, y, Rgb([220, 10, 10]));
+                mask.put_pixel(x, y, image::Luma([2]));
+            }
+        }
+        let garments = [(1usize, BBox::new(20.0, 30.0, 60.0, 70.0), 2u32)];
+        let donor = Donor { image: &donor_img, mask: &mask, garments: &garments };
+        let mut pasted_somewhere = 0;
+        for seed in 0..40u64 {
+            let mut out = img.clone();
+            let mut boxes = vec![(0usize, BBox::new(10.0, 10.0, 50.0, 90.0))];
+            copy_paste(&mut out, &mut boxes, donor, &mut ChaCha8Rng::seed_from_u64(seed));
+            let red: Vec<(u32, u32)> = out.enumerate_pixels().filter(|(_, _, p)| p.0 == [220, 10, 10]).map(|(x, y, _)| (x, y)).collect();
+            assert!(!red.is_empty(), "seed {seed}: nothing pasted");
+            // Only the mask's pixels come: never the donor's grey.
+            assert!(out.pixels().all(|p| p.0 != [128, 128, 128]), "seed {seed}");
+            let pasted: Vec<&(usize, BBox)> = boxes.iter().filter(|(c, _)| *c == 1).collect();
+            assert!(!pasted.is_empty() && pasted.len() <= 2);
+            // The last pasted box frames red pixels tightly.
+            let b = pasted.last().unwrap().1;
+            assert!(red.iter().any(|&(x, y)| x as f32 == b.x1 && (y as f32) < b.y2) && red.iter().any(|&(x, _)| x as f32 == b.x2 - 1.0), "seed {seed}: {b:?}");
+            // The black garment's box stays exactly when less than HIDDEN of it is covered.
+            let black_left = out.pixels().filter(|p| p.0 == [0, 0, 0]).count() as f32 / 3200.0;
+            let kept = boxes.iter().any(|(c, _)| *c == 0);
+            if black_left > 1.0 - HIDDEN + 0.05 {
+                assert!(kept, "seed {seed}: {black_left} of the garment visible, its box dropped");
+            }
+            if black_left < 0.3 {
+                assert!(!kept, "seed {seed}: {black_left} visible, its box kept");
+            }
+            pasted_somewhere += usize::from(black_left < 1.0);
+        }
+        assert!(pasted_somewhere > 0, "some paste lands on the garment");
+        // A view without donor and one with: the same seed gives the same geometry outside
+        // the paste (copy-paste draws from its own generator).
+        let pre = Preprocess { size: 64, normalisation: Normalisation::TfLite, pad_rgb: [255, 255, 255] };
+        let boxes = [(0usize, BBox::new(10.0, 10.0, 50.0, 90.0))];
+        let photo = Labelled { image: &img, boxes: &boxes };
+        let (_, plain) = street_view(photo, None, 2, 5, &pre);
+        let (_, pasted) = street_view(photo, Some(donor), 2, 5, &pre);
+        assert!(pasted.iter().any(|(c, _)| *c == 1));
+        if let (Some(kept), Some(before)) = (pasted.iter().find(|(c, _)| *c == 0), plain.first()) {
+            assert_eq!(kept.1, before.1);
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 # validation shop cut-outs + 1,000 CC0 distractors of senders % 5 in {1, 3}) indexed WITH
 # DETECTION, queries detected, DeepFashion2 retrieval rule; then the detector alone on the
 # validation street photos and on the validation shop cut-outs (box AP and the served
-# boxes per image). Extra detector files given as arguments are measured the same way.
+# boxes per image), for the shipped detector or the detector files given as arguments.
 #   benches/deployed.sh [DATA] [OUT] [DETECTOR...]
 # DATA defaults to ../shared/data, OUT to target/deployed. About 5 minutes a detector on
 # 2 cores (indexing 1,713 images dominates).
@@ -17,7 +17,9 @@ cargo build --release --locked -p shoplens-indexer
 INDEXER=target/release/indexer
 CCP="$DATA/street2shop-ccp"
 [ -f "$OUT/evalgal/distractors/catalog.csv" ] || "$INDEXER" dataset eval-gallery --data "$CCP" --catalog "$DATA/clothing-catalog" --out "$OUT/evalgal"
-for detector in models/detector-lite0.safetensors "$@"; do
+DETECTORS=("$@")
+[ ${#DETECTORS[@]} -gt 0 ] || DETECTORS=(models/detector-lite0.safetensors)
+for detector in "${DETECTORS[@]}"; do
     name=$(basename "$detector" .safetensors)
     db="$OUT/db-$name"
     rm -rf "$db"
@@ -27,6 +29,6 @@ for detector in models/detector-lite0.safetensors "$@"; do
         --split val --boxes detected --detector "$detector" --out "$OUT/$name-retrieval.json" | grep "gallery garments" | sed "s/^/$name deployed: /"
     for domain in user shop; do
         "$INDEXER" eval detection --data "$CCP/$domain" --weights "$detector" --split val --out "$OUT/$name-detection-$domain.json" \
-            | grep -E "^mean AP50|^served" | sed "s/^/$name $domain: /"
+            | grep -E "^mean AP50|^class-agnostic|^served" | sed "s/^/$name $domain: /"
     done
 done

@@ -136,6 +136,7 @@ pub fn detection(out: &Path, report: &DetectionReport, command: &str) -> Result<
         report.ap75,
         report.headline_ap50.map(|h| format!(" · mean AP50 over top, outer, dress, pants, skirt, shorts, footwear, bag: **{h:.3}**")).unwrap_or_default()
     );
+    let _ = writeln!(md, "Class-agnostic AP50 (framing alone, every box one class): {:.3}\n", report.class_agnostic_ap50);
     let _ = writeln!(md, "| category | instances | AP | AP50 | AP75 |\n|---|---|---|---|---|");
     for (c, a) in &report.per_category {
         let _ = writeln!(md, "| {c} | {} | {:.3} | {:.3} | {:.3} |", a.instances, a.ap, a.ap50, a.ap75);

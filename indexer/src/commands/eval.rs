@@ -152,6 +152,7 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
     if let Some(h) = report.headline_ap50 {
         println!("mean AP50 over top, outer, dress, pants, skirt, shorts, footwear, bag: {h:.3}");
     }
+    println!("class-agnostic AP50 (framing alone): {:.3}", report.class_agnostic_ap50);
     for p in report.served.iter().filter(|p| p.configured) {
         println!(
             "served (min score {:.2}): precision {:.3}, recall {:.3}, F1 {:.3}, {:.2} garments per image ({:.2} annotated)",

@@ -171,6 +171,10 @@ pub struct DetectionReport {
     pub per_category: BTreeMap<String, ClassAp>,
     /// Mean AP50 over the eight headline categories present in the data.
     pub headline_ap50: Option<f64>,
+    /// AP50 with every box of one class: how well garments are framed, whatever they are
+    /// called (the DeepFashion2 retrieval rule checks the box, not its class).
+    #[serde(default)]
+    pub class_agnostic_ap50: f64,
     /// What shoppers and the indexer get: the detector's serving post-processing at a
     /// range of score thresholds (the configured one marked), so a threshold is chosen on
     /// numbers, per domain.
@@ -181,6 +185,13 @@ pub struct DetectionReport {
     /// Wall time per image: decode, detect.
     pub ms_per_image: f64,
     pub seconds: f64,
+}
+
+/// AP50 of `dets` against `gts` with every class merged into one.
+fn class_agnostic_ap50(gts: &[GroundTruth], dets: &[Detected]) -> f64 {
+    let gts: Vec<GroundTruth> = gts.iter().map(|g| GroundTruth { class: 0, ..g.clone() }).collect();
+    let dets: Vec<Detected> = dets.iter().map(|d| Detected { class: 0, ..d.clone() }).collect();
+    evaluate(&gts, &dets, 1).ap50
 }
 
 /// The served detections at one score threshold: a box is right when it overlaps an
@@ -296,6 +307,7 @@ pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &
         ap50: summary.ap50,
         ap75: summary.ap75,
         headline_ap50: summary.mean_ap50_over(&headline),
+        class_agnostic_ap50: class_agnostic_ap50(&gts, &dets),
         per_category: summary.per_class.into_iter().map(|(c, ap)| (names[c].clone(), ap)).collect(),
         detector: detector.version().to_string(),
         input_size: detector.config().preprocess.size,
@@ -336,6 +348,18 @@ mod tests {
         // The configured threshold is in the sweep, marked, and only it.
         assert_eq!(points.iter().filter(|p| p.configured).map(|p| p.min_score).collect::<Vec<_>>(), vec![0.42]);
         assert!(points.windows(2).all(|w| w[0].min_score < w[1].min_score));
+    }
+
+    #[test]
+    fn class_agnostic_ap_ignores_the_class_only() {
+        let gts = [gt(1, 0, [0.0, 0.0, 10.0, 10.0]), gt(2, 1, [0.0, 0.0, 10.0, 10.0])];
+        // Both framed, one misnamed: half the classes' AP, all of the framing.
+        let dets = [det(1, 0, [0.0, 0.0, 10.0, 10.0], 0.9), det(2, 0, [0.0, 0.0, 10.0, 10.0], 0.8)];
+        assert!((class_agnostic_ap50(&gts, &dets) - 1.0).abs() < 1e-9);
+        assert!(evaluate(&gts, &dets, 2).ap50 < 0.6);
+        // A box in the wrong place still misses.
+        let off = [det(1, 0, [20.0, 20.0, 30.0, 30.0], 0.8), det(2, 1, [0.0, 0.0, 10.0, 10.0], 0.9)];
+        assert!((class_agnostic_ap50(&gts, &off) - 0.5).abs() < 0.02);
     }
 
     #[test]

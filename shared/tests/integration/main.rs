@@ -4,6 +4,7 @@ mod ann;
 mod backbone;
 mod compat;
 mod datasets;
+mod detector;
 mod embedder;
 mod evaluation;
 mod indexing;

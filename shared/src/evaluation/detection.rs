@@ -288,13 +288,11 @@ pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &
         let bytes = std::fs::read(&entry.image).map_err(|e| crate::Error::io(&entry.image, e))?;
         let timer = Instant::now();
         let image = decode_image(&bytes, DecodeLimits::default())?;
-        for d in detector.detect_with(&image, &Postprocess::EVALUATION)? {
-            dets.push(Detected { image: entry.id, class: d.class, bbox: d.bbox, score: d.score });
-        }
+        let [ranked, kept] = <[_; 2]>::try_from(detector.detect_each(&image, &[&Postprocess::EVALUATION, &sweep])?).expect("one list per post-processing");
         detect_seconds += timer.elapsed().as_secs_f64();
-        for d in detector.detect_with(&image, &sweep)? {
-            served.push(Detected { image: entry.id, class: d.class, bbox: d.bbox, score: d.score });
-        }
+        let detected = |d: crate::models::detector::Detection| Detected { image: entry.id, class: d.class, bbox: d.bbox, score: d.score };
+        dets.extend(ranked.into_iter().map(&detected));
+        served.extend(kept.into_iter().map(&detected));
         progress(Progress::Advance(1));
     }
     let seconds = started.elapsed().as_secs_f64();

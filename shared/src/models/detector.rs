@@ -486,19 +486,23 @@ impl GarmentDetector {
     /// Garments of `image`, best first, in its pixel coordinates; none narrower or shorter
     /// than [`MIN_GARMENT_SIDE`] photo pixels.
     pub fn detect_with(&self, image: &RgbImage, post: &Postprocess) -> Result<Vec<Detection>> {
+        Ok(self.detect_each(image, &[post])?.pop().unwrap_or_default())
+    }
+
+    /// The garments of `image` under each post-processing of `posts`, from one forward pass
+    /// (an evaluation that measures two operating points runs the network once).
+    pub fn detect_each(&self, image: &RgbImage, posts: &[&Postprocess]) -> Result<Vec<Vec<Detection>>> {
         let pre = &self.config.preprocess;
         let input = pre.crop_to_tensor(image, None, &self.device)?.unsqueeze(0)?;
         let raw = self.forward(&input)?;
         let raw = raw.squeeze(0)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let geometry = LetterboxGeometry::new(image.width(), image.height(), pre.size);
-        Ok(decode(&raw, self.config.num_classes(), &self.grid, post)
-            .into_iter()
-            .filter_map(|(b, class, score)| {
-                let bbox = geometry.to_source(b);
-                let big_enough = bbox.x2 - bbox.x1 >= MIN_GARMENT_SIDE && bbox.y2 - bbox.y1 >= MIN_GARMENT_SIDE;
-                (bbox.is_valid() && big_enough).then(|| Detection { bbox, class, category: self.config.categories[class].name.clone(), score })
-            })
-            .collect())
+        let in_photo = |(b, class, score): (BBox, usize, f32)| {
+            let bbox = geometry.to_source(b);
+            let big_enough = bbox.x2 - bbox.x1 >= MIN_GARMENT_SIDE && bbox.y2 - bbox.y1 >= MIN_GARMENT_SIDE;
+            (bbox.is_valid() && big_enough).then(|| Detection { bbox, class, category: self.config.categories[class].name.clone(), score })
+        };
+        Ok(posts.iter().map(|post| decode(&raw, self.config.num_classes(), &self.grid, post).into_iter().filter_map(in_photo).collect()).collect())
     }
 
     /// The network alone: preprocessed inputs `[n, 3, size, size]` → raw outputs

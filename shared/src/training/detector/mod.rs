@@ -3,11 +3,11 @@
 //!
 //! The backbone stays frozen, as for the embedder: backpropagating through EfficientNet on a
 //! 2-core CPU runs at about one image a second (`../shared/STACK-NOTES.md` §4), which would
-//! not fit the hour. Instead each training photo gets `views` augmented views (view 0 the
-//! photo, view 1 its mirror, the others a random crop or zoom-out, mirror and colour
-//! jitter), the backbone's pyramid features of every view are computed once and cached on
-//! disk (f16, in shards, so an interrupted run keeps what it computed), and each epoch
-//! draws one view per photo.
+//! not fit the hour. Instead each training image gets its augmented views (`views` per
+//! street photo, `shop_views` per shop image), the backbone's pyramid features of every
+//! view are computed once and cached on disk (f16, in shards, so an interrupted run keeps
+//! what it computed), and each epoch
+//! draws one view per image it uses.
 //!
 //! Targets (FCOS): a location is positive for a box when it lies inside the box's centre
 //! region (1.5 strides around its centre, clipped to the box) and the box's largest
@@ -16,9 +16,13 @@
 //! GIoU on the box distances weighted by the centre-ness target, binary cross-entropy on the
 //! centre-ness; all divided by the number of positives.
 //!
-//! Split: validation = image ids with `id % 5 == 1` (for CCP, the CCP id), training = the
-//! rest. The reported validation AP is the last epoch's: no epoch is picked by its
-//! validation score.
+//! Two domains (see [`views`]): street photos and, with a shop folder, shop images (cut-outs
+//! alone or composed on catalog-like backgrounds); each epoch draws every street photo once
+//! and a seeded sample of the shop images, and validation measures both apart.
+//!
+//! Split: validation = `pair_id % 5 == 1` (for CCP, the CCP id; a street photo and its shop
+//! images share it), training = the rest. The reported validation AP is the last epoch's:
+//! no epoch is picked by its validation score.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -35,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::Checkpoint;
 use views::Targets;
 use super::{Progress, ProgressFn};
-use crate::datasets::{Df2Annotation, Df2Folder};
+use crate::datasets::{Df2Annotation, Df2Folder, Df2Image};
 use crate::evaluation::detection::{self, ApSummary, HEADLINE};
 use crate::geometry::BBox;
 use crate::models::detector::{Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, head_inputs, input_channels, location_grid};
@@ -185,25 +189,35 @@ fn street_specs(train: &[&Sample], views: usize, copy_paste: bool, seed: u64) ->
     specs
 }
 
+/// A folder's images with their annotations, read once.
+struct Annotated<'a> {
+    folder: &'a Df2Folder,
+    annos: Vec<(&'a Df2Image, Df2Annotation)>,
+}
+
+impl<'a> Annotated<'a> {
+    fn read(folder: &'a Df2Folder) -> Result<Self> {
+        let annos = folder.images().iter().map(|entry| Ok((entry, Df2Annotation::read(&entry.annotation)?))).collect::<Result<_>>()?;
+        Ok(Self { folder, annos })
+    }
+}
+
 /// The category names of `folders` by id; one id must keep one name.
-fn taxonomy(folders: &[&Df2Folder]) -> Result<Vec<Category>> {
+fn taxonomy(folders: &[&Annotated<'_>]) -> Result<Vec<Category>> {
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
-    for folder in folders {
-        for entry in folder.images() {
-            let anno = Df2Annotation::read(&entry.annotation)?;
-            for item in &anno.items {
-                match names.get(&item.category_id) {
-                    Some(n) if *n != item.category_name => {
-                        return Err(Error::MalformedDataset {
-                            file: entry.annotation.clone(),
-                            field: format!("item{}.category_name", item.index),
-                            reason: format!("category {} is called {n:?} elsewhere, {:?} here", item.category_id, item.category_name),
-                        });
-                    }
-                    Some(_) => {}
-                    None => {
-                        names.insert(item.category_id, item.category_name.clone());
-                    }
+    for (entry, anno) in folders.iter().flat_map(|f| &f.annos) {
+        for item in &anno.items {
+            match names.get(&item.category_id) {
+                Some(n) if *n != item.category_name => {
+                    return Err(Error::MalformedDataset {
+                        file: entry.annotation.clone(),
+                        field: format!("item{}.category_name", item.index),
+                        reason: format!("category {} is called {n:?} elsewhere, {:?} here", item.category_id, item.category_name),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    names.insert(item.category_id, item.category_name.clone());
                 }
             }
         }
@@ -212,16 +226,15 @@ fn taxonomy(folders: &[&Df2Folder]) -> Result<Vec<Category>> {
 }
 
 /// The images of `folder` with their valid boxes as class indices of `categories`.
-fn read_samples(folder: &Df2Folder, categories: &[Category]) -> Result<Vec<Sample>> {
+fn read_samples(folder: &Annotated<'_>, categories: &[Category]) -> Vec<Sample> {
     let index: HashMap<u32, usize> = categories.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
     folder
-        .images()
+        .annos
         .iter()
-        .map(|entry| {
-            let anno = Df2Annotation::read(&entry.annotation)?;
+        .map(|(entry, anno)| {
             let (boxes, items) = anno.items.iter().filter(|i| i.bbox.is_valid()).filter_map(|i| Some(((*index.get(&i.category_id)?, i.bbox), i.index))).unzip();
-            let mask = entry.image.file_stem().map(|stem| folder.root().join("masks").join(stem).with_extension("png")).filter(|m| m.is_file());
-            Ok(Sample { pair_id: anno.pair_id, image: entry.image.clone(), boxes, items, mask })
+            let mask = entry.image.file_stem().map(|stem| folder.folder.root().join("masks").join(stem).with_extension("png")).filter(|m| m.is_file());
+            Sample { pair_id: anno.pair_id, image: entry.image.clone(), boxes, items, mask }
         })
         .collect()
 }
@@ -590,13 +603,12 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     let backbone = EfficientNetLite::load(&cfg.backbone, &cfg.device)?;
     let street_folder = Df2Folder::open(&cfg.data)?;
     let shop_folder = cfg.shop.as_ref().map(Df2Folder::open).transpose()?;
-    let categories = taxonomy(&std::iter::once(&street_folder).chain(shop_folder.as_ref()).collect::<Vec<_>>())?;
+    let street_annos = Annotated::read(&street_folder)?;
+    let shop_annos = shop_folder.as_ref().map(Annotated::read).transpose()?;
+    let categories = taxonomy(&std::iter::once(&street_annos).chain(shop_annos.as_ref()).collect::<Vec<_>>())?;
     let k = categories.len();
-    let street_samples = read_samples(&street_folder, &categories)?;
-    let shop_samples = match &shop_folder {
-        Some(f) => read_samples(f, &categories)?,
-        None => Vec::new(),
-    };
+    let street_samples = read_samples(&street_annos, &categories);
+    let shop_samples = shop_annos.as_ref().map(|a| read_samples(a, &categories)).unwrap_or_default();
     let (street, shop) = (Split::of(&street_samples), Split::of(&shop_samples));
     if street.train.is_empty() || street.val.is_empty() || (cfg.shop.is_some() && (shop.train.is_empty() || shop.val.is_empty())) {
         return Err(Error::InvalidSetting {

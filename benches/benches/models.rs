@@ -90,9 +90,10 @@ fn bench(c: &mut Criterion) {
     // before the ANN search.
     group.bench_function(BenchmarkId::new("detect+embed_garments", &id), |b| {
         b.iter(|| {
-            let found = detector.detect(&image).unwrap();
+            let pipeline = shoplens::pipeline::GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: Default::default() };
+            let found = pipeline.detect(&image).unwrap();
             let boxes: Vec<Option<shoplens::geometry::BBox>> = found.iter().map(|d| Some(d.bbox)).collect();
-            embedder.embed_crops(&image, &boxes).unwrap()
+            pipeline.embed(&image, &boxes).unwrap()
         })
     });
     group.finish();
@@ -124,8 +125,8 @@ fn synthetic_index(n: usize, dim: usize, detector: &GarmentDetector) -> shoplens
     let garments = (0..n)
         .map(|i| ServedGarment { id: i as u64, item: i as u32, bbox: shoplens::geometry::BBox::new(0., 0., 10., 10.), category: categories[i % categories.len()].clone(), score: 1.0 })
         .collect();
-    let snapshot = Snapshot { generation: 1, built_at: None, models: Default::default(), dim: dim as u32, items, garments, embeddings: vectors.as_slice().to_vec() };
-    shoplens::serving::engine::ServingIndex::from_snapshot(snapshot, None, Default::default()).unwrap()
+    let snapshot = Snapshot { generation: 1, built_at: None, models: Default::default(), dim: dim as u32, items, garments, embeddings: vectors.as_slice().to_vec(), ann: None };
+    shoplens::serving::engine::ServingIndex::from_snapshot(snapshot, None).unwrap()
 }
 
 criterion_group!(benches, bench);

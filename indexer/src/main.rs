@@ -43,6 +43,9 @@ enum Command {
     /// Verify (and rebuild when needed) the ANN graph of the published generation.
     #[command(subcommand)]
     Ann(commands::ann::AnnCommand),
+    /// Rebuild the serving snapshot the searcher reads.
+    #[command(subcommand)]
+    Serving(commands::serving::ServingCommand),
     /// Measure retrieval accuracy (DeepFashion2 protocol).
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Status { db, json, digest } => commands::status::run(&db, json, digest),
         Command::Dataset(cmd) => commands::dataset::run(cmd),
         Command::Ann(cmd) => commands::ann::run(cmd),
+        Command::Serving(cmd) => commands::serving::run(cmd),
         Command::Train(cmd) => commands::train::run(cmd),
         Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Weights(cmd) => commands::weights::run(cmd),

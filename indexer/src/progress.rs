@@ -8,6 +8,16 @@ use shoplens::progress::Progress;
 #[derive(Default)]
 pub struct Reporter {
     bar: Option<ProgressBar>,
+    /// Without a terminal (a log file, cron, CI) each stage is logged once at its start
+    /// and at every tenth of its way, so a night's log shows where a build stood.
+    logged: Option<LoggedStage>,
+}
+
+struct LoggedStage {
+    name: String,
+    total: u64,
+    done: u64,
+    tenths: u64,
 }
 
 impl Reporter {
@@ -18,14 +28,17 @@ impl Reporter {
                 let style = ProgressStyle::with_template("{msg:24} [{bar:40}] {pos}/{len} {per_sec} eta {eta}").expect("valid template");
                 let bar = ProgressBar::new(total).with_style(style).with_message(name.clone());
                 if bar.is_hidden() {
-                    // Not a terminal (a log file, cron, CI): say each stage once instead.
                     eprintln!("{name} ({total})");
+                    self.logged = Some(LoggedStage { name, total, done: 0, tenths: 0 });
                 }
                 self.bar = Some(bar);
             }
             Progress::Advance(n) => {
                 if let Some(bar) = &self.bar {
                     bar.inc(n);
+                }
+                if let Some(stage) = &mut self.logged {
+                    stage.advance(n);
                 }
             }
             Progress::Message(message) => match &self.bar {
@@ -36,8 +49,20 @@ impl Reporter {
     }
 
     pub fn finish(&mut self) {
+        self.logged = None;
         if let Some(bar) = self.bar.take() {
             bar.finish();
+        }
+    }
+}
+
+impl LoggedStage {
+    fn advance(&mut self, n: u64) {
+        self.done += n;
+        let tenths = (self.done * 10).checked_div(self.total).unwrap_or(10);
+        if tenths > self.tenths {
+            self.tenths = tenths;
+            eprintln!("{} {}/{}", self.name, self.done, self.total);
         }
     }
 }

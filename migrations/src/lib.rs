@@ -22,7 +22,8 @@ pub use runner::{MigrationTx, UpgradeReport, read_version, upgrade, upgrade_with
 pub const FIRST_VERSION: u32 = 1;
 
 /// The format this build writes. Stores at an older version are upgraded on open.
-pub const CURRENT_VERSION: u32 = 1;
+/// 2: generations record their ANN parameters and catalogs, item revisions their image file.
+pub const CURRENT_VERSION: u32 = 2;
 
 /// One ordered upgrade step from one store format version to the next.
 ///

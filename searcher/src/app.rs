@@ -62,21 +62,42 @@ impl ResponseError for ApiError {
 
 impl From<shoplens::Error> for ApiError {
     fn from(e: shoplens::Error) -> Self {
-        use shoplens::Error as E;
-        let status = match &e {
-            E::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            E::UnsupportedImageFormat { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            E::NotFound { .. } => StatusCode::NOT_FOUND,
-            E::NoPublishedGeneration => StatusCode::SERVICE_UNAVAILABLE,
-            _ if e.is_user_error() => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
+        let status = status_of(&e);
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
             // The details are for the operator's log, not for the client.
-            tracing::error!(error = %e, "internal error");
+            tracing::error!(error = %e, code = e.code(), "internal error");
             return Self::new(status, "internal", "the search failed on our side; it has been logged");
         }
         Self::new(status, e.code(), e.to_string())
+    }
+}
+
+/// The HTTP status of each engine error. Exhaustive on purpose: a new variant does not
+/// compile until someone decides what a client is told.
+pub fn status_of(e: &shoplens::Error) -> StatusCode {
+    use shoplens::Error as E;
+    match e {
+        E::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        E::UnsupportedImageFormat { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        E::NotFound { .. } => StatusCode::NOT_FOUND,
+        E::NoPublishedGeneration => StatusCode::SERVICE_UNAVAILABLE,
+        E::ImageDecode { .. } | E::InvalidBox { .. } | E::InvalidK { .. } | E::UnknownCategory(_) | E::DimensionMismatch { .. } | E::InvalidVector { .. } => {
+            StatusCode::BAD_REQUEST
+        }
+        // Operator-side inputs (datasets, settings) reaching a request are our failure.
+        E::MalformedDataset { .. }
+        | E::InvalidDatasetLayout { .. }
+        | E::InvalidSetting { .. }
+        | E::StoreFormat(_)
+        | E::CorruptRecord { .. }
+        | E::GenerationConflict { .. }
+        | E::AnnDump { .. }
+        | E::Snapshot { .. }
+        | E::Storage(_)
+        | E::Io { .. }
+        | E::InvalidWeights { .. }
+        | E::Candle(_)
+        | E::ImageWrite { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -385,4 +406,51 @@ async fn item_image(req: HttpRequest, path: web::Path<String>, state: web::Data<
         .insert_header((header::ETAG, etag))
         .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=86400")))
         .body(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use shoplens::Error as E;
+
+    use super::*;
+
+    /// One error of each kind with what a client gets: its status and code. A new
+    /// variant fails to compile in `status_of`; this table says what was decided.
+    #[test]
+    fn every_engine_error_has_a_status_and_a_code() {
+        let io = || std::io::Error::other("disk");
+        let path = || PathBuf::from("x");
+        let table: Vec<(E, u16, &str)> = vec![
+            (E::ImageTooLarge { width: 9000, height: 9000, max_pixels: 1 }, 413, "image_too_large"),
+            (E::UnsupportedImageFormat { format: "tiff".into() }, 415, "unsupported_image_format"),
+            (E::NotFound { what: "item", id: "a".into() }, 404, "not_found"),
+            (E::NoPublishedGeneration, 503, "no_index"),
+            (E::ImageDecode { reason: "truncated".into() }, 400, "invalid_image"),
+            (E::InvalidBox { reason: "empty".into() }, 400, "invalid_box"),
+            (E::InvalidK { k: 0, max: 100 }, 400, "invalid_k"),
+            (E::UnknownCategory("cape".into()), 400, "unknown_category"),
+            (E::DimensionMismatch { expected: 2, found: 3 }, 400, "dimension_mismatch"),
+            (E::InvalidVector { what: "q".into(), reason: "zero".into() }, 400, "invalid_vector"),
+            (E::MalformedDataset { file: path(), field: "f".into(), reason: "r".into() }, 500, "internal"),
+            (E::InvalidDatasetLayout { path: path(), reason: "r".into() }, 500, "internal"),
+            (E::InvalidSetting { name: "k", reason: "r".into() }, 500, "internal"),
+            (E::StoreFormat(shoplens_migrations::MigrationError::Unversioned), 500, "internal"),
+            (E::CorruptRecord { tree: "items", key: "a".into(), reason: "r".into() }, 500, "internal"),
+            (E::GenerationConflict { generation: 1, reason: "r".into() }, 500, "internal"),
+            (E::AnnDump { path: path(), reason: "r".into() }, 500, "internal"),
+            (E::Snapshot { path: path(), reason: "r".into() }, 500, "internal"),
+            (E::Storage(sled::Error::Unsupported("r".into())), 500, "internal"),
+            (E::Io { path: path(), source: io() }, 500, "internal"),
+            (E::InvalidWeights { reason: "r".into() }, 500, "internal"),
+            (E::Candle(candle_core::Error::Msg("r".into())), 500, "internal"),
+            (E::ImageWrite { path: path(), source: image::ImageError::IoError(io()) }, 500, "internal"),
+        ];
+        for (error, status, code) in table {
+            let what = format!("{error:?}");
+            let api = ApiError::from(error);
+            assert_eq!((api.status.as_u16(), api.code), (status, code), "{what}");
+        }
+    }
 }

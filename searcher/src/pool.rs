@@ -60,6 +60,12 @@ impl SearchPool {
     /// is caught and returned as an error string, so a bad request cannot take a search
     /// thread down.
     pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<Result<T, String>, Busy> {
+        Ok(self.submit(f)?.outcome().await)
+    }
+
+    /// Queues `f` now, or refuses it at once when the queue is full. Queuing is
+    /// synchronous so that the caller knows, on return, whether the job holds a slot.
+    pub fn submit<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<Pending<T>, Busy> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
@@ -68,43 +74,49 @@ impl SearchPool {
             let _ = tx.send(result);
         });
         match self.sender.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => return Err(Busy),
+            Ok(()) => Ok(Pending(rx)),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(Busy),
         }
-        Ok(rx.await.unwrap_or_else(|_| Err("the search thread went away".into())))
+    }
+}
+
+/// A job that holds a place on the pool; awaiting it yields the job's result.
+pub struct Pending<T>(oneshot::Receiver<Result<T, String>>);
+
+impl<T> Pending<T> {
+    pub async fn outcome(self) -> Result<T, String> {
+        self.0.await.unwrap_or_else(|_| Err("the search thread went away".into()))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
+    use std::sync::mpsc;
 
     use super::*;
 
     #[tokio::test]
     async fn runs_jobs_sheds_load_and_survives_panics() {
-        let pool = Arc::new(SearchPool::new(1, 1));
+        let pool = SearchPool::new(1, 1);
         assert_eq!(pool.run(|| 2 + 2).await, Ok(Ok(4)));
         let panicked = pool.run(|| -> u32 { panic!("bad input") }).await.unwrap();
         assert_eq!(panicked, Err("bad input".to_string()));
-        // Occupy the thread, fill the one queue slot, and the next job is refused.
-        let release = Arc::new(AtomicBool::new(false));
-        let r = release.clone();
-        let blocker = tokio::spawn({
-            let pool = pool.clone();
-            async move { pool.run(move || while !r.load(Ordering::SeqCst) { std::thread::sleep(Duration::from_millis(5)) }).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let queued = tokio::spawn({
-            let pool = pool.clone();
-            async move { pool.run(|| 1).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(pool.run(|| 0).await, Err(Busy));
-        release.store(true, Ordering::SeqCst);
-        assert!(blocker.await.unwrap().is_ok());
-        assert_eq!(queued.await.unwrap(), Ok(Ok(1)));
+        // Occupy the thread (it says when it started), fill the one queue slot, and the
+        // next job is refused; channels, not sleeps, order the steps.
+        let (started_tx, started) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let blocker = pool
+            .submit(move || {
+                started_tx.send(()).unwrap();
+                released.recv().unwrap();
+            })
+            .unwrap();
+        started.recv().unwrap();
+        let queued = pool.submit(|| 1).unwrap();
+        assert!(matches!(pool.submit(|| 0), Err(Busy)));
+        release.send(()).unwrap();
+        assert_eq!(blocker.outcome().await, Ok(()));
+        assert_eq!(queued.outcome().await, Ok(1));
         assert_eq!(pool.run(|| 3).await, Ok(Ok(3)));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use shoplens::ann::{AnnParams, LoadOutcome};
+use shoplens::ann::LoadOutcome;
 use shoplens::serving::engine::{SearchEngine, ServingIndex};
 use shoplens::serving::snapshot;
 
@@ -51,37 +51,59 @@ pub fn spawn_watcher(db: PathBuf, state: Arc<SearcherState>, every: Duration) {
     std::thread::Builder::new()
         .name("index-watcher".into())
         .spawn(move || {
-            let dir = shoplens::store::serving_dir(&db);
-            let mut failed_generation = None;
+            let mut watcher = Watcher::new(db);
             loop {
-                let served = state.current.load().as_ref().map(|i| i.generation());
-                match snapshot::current(&dir) {
-                    Ok(Some(generation)) if Some(generation) != served && Some(generation) != failed_generation => match load(&db, generation) {
-                        Ok(index) => {
-                            tracing::info!(generation, items = index.items(), garments = index.garments(), "serving generation");
-                            state.install(index);
-                            failed_generation = None;
-                        }
-                        Err(e) => {
-                            tracing::error!(generation, error = %e, "cannot load the generation; the previous one keeps serving");
-                            state.fail(format!("generation {generation}: {e}"));
-                            failed_generation = Some(generation);
-                        }
-                    },
-                    Ok(None) if served.is_none() => {
-                        state.last_error.store(Some(Arc::new(format!("no index published in {} yet: run `indexer build --db {}`", db.display(), db.display()))));
-                    }
-                    Err(e) => state.fail(e.to_string()),
-                    _ => {}
-                }
+                watcher.poll(&state);
                 std::thread::sleep(every);
             }
         })
         .expect("spawning the index watcher");
 }
 
+/// One look at `serving/CURRENT` per `poll`; the watcher thread polls on a timer, tests
+/// poll when they have published, so no test waits on a clock.
+pub struct Watcher {
+    db: PathBuf,
+    /// A generation that failed to load is not retried until another is published.
+    failed_generation: Option<u64>,
+}
+
+impl Watcher {
+    pub fn new(db: PathBuf) -> Self {
+        Self { db, failed_generation: None }
+    }
+
+    /// Installs the published generation when it is new; returns the generation served.
+    pub fn poll(&mut self, state: &SearcherState) -> Option<u64> {
+        let served = state.current.load().as_ref().map(|i| i.generation());
+        let dir = shoplens::store::serving_dir(&self.db);
+        match snapshot::current(&dir) {
+            Ok(Some(generation)) if Some(generation) != served && Some(generation) != self.failed_generation => match load(&self.db, generation) {
+                Ok(index) => {
+                    tracing::info!(generation, items = index.items(), garments = index.garments(), "serving generation");
+                    state.install(index);
+                    self.failed_generation = None;
+                    return Some(generation);
+                }
+                Err(e) => {
+                    tracing::error!(generation, error = %e, "cannot load the generation; the previous one keeps serving");
+                    state.fail(format!("generation {generation}: {e}"));
+                    self.failed_generation = Some(generation);
+                }
+            },
+            Ok(None) if served.is_none() => {
+                let db = self.db.display();
+                state.last_error.store(Some(Arc::new(format!("no index published in {db} yet: run `indexer build --db {db}`"))));
+            }
+            Err(e) => state.fail(e.to_string()),
+            _ => {}
+        }
+        served
+    }
+}
+
 fn load(db: &Path, generation: u64) -> shoplens::Result<ServingIndex> {
-    let index = ServingIndex::load(db, generation, AnnParams::default())?;
+    let index = ServingIndex::load(db, generation)?;
     if let LoadOutcome::Built { reason } = &index.outcome {
         tracing::warn!(%reason, "ANN graph built in memory");
     }

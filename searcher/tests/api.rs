@@ -18,7 +18,7 @@ use shoplens::store::CatalogStore;
 use shoplens::vision::DecodeLimits;
 use shoplens_searcher::app::{configure, record_metrics};
 use shoplens_searcher::pool::SearchPool;
-use shoplens_searcher::state::{SearcherState, spawn_watcher};
+use shoplens_searcher::state::{SearcherState, Watcher};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -90,7 +90,7 @@ fn fixture() -> &'static Fixture {
 
 fn state_with(pool: SearchPool) -> Arc<SearcherState> {
     let state = Arc::new(SearcherState::new(Some(engine()), pool, 2 << 20));
-    state.install(ServingIndex::load_current(&fixture().db, Default::default()).unwrap().expect("a published generation"));
+    state.install(ServingIndex::load_current(&fixture().db).unwrap().expect("a published generation"));
     state
 }
 
@@ -231,11 +231,15 @@ async fn a_full_pool_answers_503_with_retry_after_at_once() {
     let app = app!(state);
     // Occupy the only search thread.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let blocker = {
-        let state = state.clone();
-        actix_web::rt::spawn(async move { state.pool.run(move || rx.recv_timeout(Duration::from_secs(30))).await })
-    };
-    actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    let (running_tx, running) = std::sync::mpsc::channel::<()>();
+    let blocker = state
+        .pool
+        .submit(move || {
+            running_tx.send(()).unwrap();
+            rx.recv_timeout(Duration::from_secs(30))
+        })
+        .unwrap();
+    running.recv().unwrap();
     let started = std::time::Instant::now();
     let req = test::TestRequest::post().uri("/v1/search").set_payload(jpeg_bytes(&fixture().items[0].1)).to_request();
     let resp = test::call_service(&app, req).await;
@@ -243,7 +247,7 @@ async fn a_full_pool_answers_503_with_retry_after_at_once() {
     assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
     assert!(started.elapsed() < Duration::from_secs(5));
     tx.send(()).unwrap();
-    let _ = blocker.await;
+    let _ = blocker.outcome().await;
     let text = String::from_utf8(test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await.to_vec()).unwrap();
     assert!(text.contains("shoplens_search_rejected_total 1"), "{text}");
     assert!(text.contains("route=\"/v1/search\",status=\"503\""), "{text}");
@@ -285,31 +289,20 @@ async fn a_newly_published_generation_is_served_without_a_restart() {
     let items = small_catalog(&dir.path().join("catalog"), 4);
     let db = dir.path().join("db");
     let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), 2 << 20));
-    spawn_watcher(db.clone(), state.clone(), Duration::from_millis(50));
+    let mut watcher = Watcher::new(db.clone());
     let app = app!(state);
+    assert_eq!(watcher.poll(&state), None);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
     assert_eq!(resp.status(), 503);
     build(&db, &dir.path().join("catalog/catalog.csv"));
-    let wait_for = |generation: u64| {
-        let state = state.clone();
-        async move {
-            for _ in 0..200 {
-                if state.current.load().as_ref().map(|i| i.generation()) == Some(generation) {
-                    return;
-                }
-                actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("generation {generation} never served");
-        }
-    };
-    wait_for(1).await;
+    assert_eq!(watcher.poll(&state), Some(1));
     let held = state.current.load_full().unwrap();
     // Drop one item from the catalog and rebuild: generation 2 replaces it.
     let csv = std::fs::read_to_string(dir.path().join("catalog/catalog.csv")).unwrap();
     let kept: Vec<&str> = csv.lines().filter(|l| !l.starts_with(&items[0].0)).collect();
     std::fs::write(dir.path().join("catalog/catalog.csv"), kept.join("\n") + "\n").unwrap();
     build(&db, &dir.path().join("catalog/catalog.csv"));
-    wait_for(2).await;
+    assert_eq!(watcher.poll(&state), Some(2));
     // A search that held generation 1 still completes on it.
     let photo = image::open(&items[1].1).unwrap().to_rgb8();
     let request = shoplens::serving::engine::SearchRequest { k: 3, category: None, region: None, ranking: Default::default() };
@@ -398,7 +391,7 @@ async fn an_item_image_is_served_only_as_it_was_indexed() {
     let db = dir.path().join("db");
     build(&db, &dir.path().join("catalog/catalog.csv"));
     let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), 2 << 20));
-    state.install(ServingIndex::load_current(&db, Default::default()).unwrap().unwrap());
+    state.install(ServingIndex::load_current(&db).unwrap().unwrap());
     let app = app!(state);
     let (sku, path) = &items[0];
     let uri = format!("/v1/items/{sku}/image");
@@ -426,7 +419,7 @@ async fn an_item_image_is_served_only_as_it_was_indexed() {
 async fn a_photo_too_small_for_a_garment_is_one_whole_image_search() {
     // A 1×1 photo (and a 3×2 one) once came back as six detected "garments".
     let engine = engine();
-    let index = ServingIndex::load_current(&fixture().db, Default::default()).unwrap().unwrap();
+    let index = ServingIndex::load_current(&fixture().db).unwrap().unwrap();
     for (w, h) in [(1, 1), (3, 2)] {
         // Red: the colour that gave four "outer" garments at 1×1 before the minimum size.
         let image = image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30]));

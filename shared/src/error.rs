@@ -101,22 +101,33 @@ pub enum Error {
 impl Error {
     /// True when the caller or their data is at fault (HTTP 4xx), false for internal
     /// failures (HTTP 5xx).
+    /// Exhaustive, so that a new variant is classified on purpose.
     pub fn is_user_error(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Error::MalformedDataset { .. }
-                | Error::InvalidDatasetLayout { .. }
-                | Error::DimensionMismatch { .. }
-                | Error::InvalidVector { .. }
-                | Error::InvalidK { .. }
-                | Error::UnknownCategory(_)
-                | Error::NotFound { .. }
-                | Error::InvalidSetting { .. }
-                | Error::ImageDecode { .. }
-                | Error::UnsupportedImageFormat { .. }
-                | Error::ImageTooLarge { .. }
-                | Error::InvalidBox { .. }
-        )
+            | Error::InvalidDatasetLayout { .. }
+            | Error::DimensionMismatch { .. }
+            | Error::InvalidVector { .. }
+            | Error::InvalidK { .. }
+            | Error::UnknownCategory(_)
+            | Error::NotFound { .. }
+            | Error::InvalidSetting { .. }
+            | Error::ImageDecode { .. }
+            | Error::UnsupportedImageFormat { .. }
+            | Error::ImageTooLarge { .. }
+            | Error::InvalidBox { .. } => true,
+            Error::NoPublishedGeneration
+            | Error::StoreFormat(_)
+            | Error::CorruptRecord { .. }
+            | Error::GenerationConflict { .. }
+            | Error::AnnDump { .. }
+            | Error::Snapshot { .. }
+            | Error::Storage(_)
+            | Error::Io { .. }
+            | Error::InvalidWeights { .. }
+            | Error::Candle(_)
+            | Error::ImageWrite { .. } => false,
+        }
     }
 
     /// A stable machine-readable code, used by the API's `{"error":{"code"}}`.

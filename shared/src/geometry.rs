@@ -17,6 +17,11 @@ impl BBox {
         Self { x1, y1, x2, y2 }
     }
 
+    /// The box of `[x1, y1, x2, y2]`.
+    pub const fn from_array([x1, y1, x2, y2]: [f32; 4]) -> Self {
+        Self { x1, y1, x2, y2 }
+    }
+
     /// The box as `[x1, y1, x2, y2]`.
     pub fn to_array(self) -> [f32; 4] {
         [self.x1, self.y1, self.x2, self.y2]

@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -32,14 +31,16 @@ use crate::models::detector::{Detection, GarmentDetector};
 use crate::models::embedder::GarmentEmbedder;
 use crate::progress::{Progress, ProgressFn};
 use crate::serving::snapshot::{self, Snapshot};
-use crate::store::{CatalogStore, ContentHash, GenerationSpec, ItemMetadata, ItemRecord, NewGarment};
-use crate::vision::{DecodeLimits, decode_image};
+use crate::pipeline::GarmentPipeline;
+use crate::store::{CatalogStore, ContentHash, GenerationBuilder, GenerationSpec, ItemRecord, NewGarment, PruneReport};
+use crate::vision::DecodeLimits;
 use crate::Result;
 
 /// Largest image file read, in bytes.
 pub const MAX_IMAGE_BYTES: u64 = 50 << 20;
-/// Items decoded together (in parallel) before their forward passes.
-const CHUNK: usize = 32;
+/// Items decoded together (in parallel) and then saved together: the default of
+/// [`BuildOptions::save_every`].
+pub const SAVE_EVERY: usize = 32;
 
 /// Where garment boxes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,11 +60,15 @@ pub struct BuildOptions {
     pub retain: usize,
     pub ann: AnnParams,
     pub limits: DecodeLimits,
+    /// Items embedded between two flushes of the store: a build killed in the embedding
+    /// stage resumes after the last flush. Progress advances at each flush, so what the
+    /// progress shows is what a rerun keeps.
+    pub save_every: usize,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        Self { boxes: BoxMode::Detected, retain: crate::store::DEFAULT_RETAIN, ann: AnnParams::default(), limits: DecodeLimits::default() }
+        Self { boxes: BoxMode::Detected, retain: crate::store::DEFAULT_RETAIN, ann: AnnParams::default(), limits: DecodeLimits::default(), save_every: SAVE_EVERY }
     }
 }
 
@@ -164,10 +169,82 @@ pub struct Models<'a> {
     pub detector: Option<&'a GarmentDetector>,
 }
 
-/// Builds and publishes a generation of `sources` in `store`.
+/// Items added, updated (new revision) and unchanged (carried) by a build.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    added: u64,
+    updated: u64,
+    unchanged: u64,
+}
+
+impl Tally {
+    fn changed(&mut self, is_new: bool) {
+        if is_new { self.added += 1 } else { self.updated += 1 }
+    }
+}
+
+/// Builds and publishes a generation of `sources` in `store`: read the catalogs → plan
+/// (carry / new revision / re-embed / remove) → embed → publish and prune.
 pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels: &LabelMap, models: Models<'_>, opts: &BuildOptions, progress: ProgressFn) -> Result<BuildReport> {
-    let Models { embedder, detector } = models;
     let started = Instant::now();
+    let (entries, mut failures) = read_entries(sources, labels)?;
+    let spec = spec_for(models.embedder, models.detector, opts.boxes);
+    let builder = store.begin_generation(spec.clone())?;
+    let previous = store.published_id()?;
+    progress(Progress::Message(format!(
+        "generation {}{}: {} catalog items, previous generation {}",
+        builder.id(),
+        if builder.resumed() { " (resuming an interrupted build)" } else { "" },
+        entries.len(),
+        previous.map_or("none".to_string(), |p| p.to_string())
+    )));
+    let (pending, mut tally) = plan_items(store, &builder, previous, &entries, &mut failures, progress)?;
+    let wanted: HashSet<&str> = entries.iter().map(|e| e.metadata.sku.as_str()).collect();
+    remove_dropped_members(&builder, &wanted)?;
+
+    let pipeline = GarmentPipeline { detector: models.detector, embedder: models.embedder, limits: opts.limits };
+    let embed_started = Instant::now();
+    embed_items(&builder, &pending, &pipeline, opts, &mut tally, &mut failures, progress)?;
+    let embed_seconds = embed_started.elapsed().as_secs_f64();
+    for f in &failures {
+        progress(Progress::Message(format!("skipped {} ({}): {}", f.sku.as_deref().unwrap_or("?"), f.origin, f.reason)));
+    }
+
+    let resumed = builder.resumed();
+    let mut builder = builder;
+    builder.describe(opts.ann.clone(), sources.iter().map(|s| s.path().display().to_string()).collect());
+    let published = publish(store, builder, opts, progress)?;
+    let removed = match previous {
+        Some(p) => store.generation_members(p)?.iter().filter(|(sku, _)| !wanted.contains(sku.as_str())).count() as u64,
+        None => 0,
+    };
+    let pruned = prune(store, opts.retain)?;
+    let embedded_items = pending.len() as u64;
+    Ok(BuildReport {
+        generation: published.manifest.id,
+        resumed,
+        added: tally.added,
+        updated: tally.updated,
+        unchanged: tally.unchanged,
+        removed,
+        items: published.manifest.items,
+        garments: published.manifest.garments,
+        failures,
+        embedded_items,
+        embed_items_per_second: if embed_seconds > 0.0 { embedded_items as f64 / embed_seconds } else { 0.0 },
+        seconds: started.elapsed().as_secs_f64(),
+        ann: match published.ann {
+            LoadOutcome::ExactOnly => "exact search (small index, no graph)".into(),
+            LoadOutcome::Loaded => "graph dump reused".into(),
+            LoadOutcome::Built { .. } => "graph built and dumped".into(),
+        },
+        pruned_generations: pruned.store.generations,
+    })
+}
+
+/// Every catalog entry of `sources`; rows that cannot be read and repeated skus become
+/// failures (the first row of a sku wins).
+fn read_entries(sources: &[CatalogSource], labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<BuildFailure>)> {
     let mut failures = Vec::new();
     let mut entries: Vec<CatalogEntry> = Vec::new();
     let mut first_origin: HashMap<String, String> = HashMap::new();
@@ -183,177 +260,194 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
             entries.push(entry);
         }
     }
-    let spec = spec_for(embedder, detector, opts.boxes);
-    let builder = store.begin_generation(spec.clone())?;
-    let previous = store.published_id()?;
-    progress(Progress::Message(format!(
-        "generation {}{}: {} catalog items, previous generation {}",
-        builder.id(),
-        if builder.resumed() { " (resuming an interrupted build)" } else { "" },
-        entries.len(),
-        previous.map_or("none".to_string(), |p| p.to_string())
-    )));
+    Ok((entries, failures))
+}
 
-    let (mut added, mut updated, mut unchanged) = (0u64, 0u64, 0u64);
-    let mut pending: Vec<Pending> = Vec::new();
+/// Compares each entry with the previous generation and settles what needs no network:
+/// unchanged items are carried, items whose metadata alone changed get a new revision with
+/// the same embeddings, unreadable files keep the last good version. Returns the items to
+/// embed.
+fn plan_items(
+    store: &CatalogStore,
+    builder: &GenerationBuilder,
+    previous: Option<u64>,
+    entries: &[CatalogEntry],
+    failures: &mut Vec<BuildFailure>,
+    progress: ProgressFn,
+) -> Result<(Vec<Pending>, Tally)> {
+    let models = &builder.spec().models;
+    let mut tally = Tally::default();
+    let mut pending = Vec::new();
     progress(Progress::Stage { name: "comparing".into(), total: entries.len() as u64 });
-    for entry in entries.iter() {
+    for entry in entries {
         progress(Progress::Advance(1));
-        let sku = entry.metadata.sku.clone();
+        let sku = &entry.metadata.sku;
         let fail = |reason: String| BuildFailure { sku: Some(sku.clone()), origin: entry.origin.clone(), reason };
         let old = match previous {
-            Some(p) => store.item_in_generation(p, &sku)?,
+            Some(p) => store.item_in_generation(p, sku)?,
             None => None,
         };
-        let bytes = crate::catalog::files::read_catalog_file(&entry.image_path, Some(&entry.root), MAX_IMAGE_BYTES);
-        let bytes = match bytes {
+        let bytes = match crate::catalog::files::read_catalog_file(&entry.image_path, Some(&entry.root), MAX_IMAGE_BYTES) {
             Ok(b) => b,
             Err(reason) => {
                 // Keep serving the last good version rather than drop the item on a
                 // transient file problem.
                 if let Some((rev, _)) = &old {
-                    builder.carry_item(&sku, *rev)?;
-                    unchanged += 1;
+                    builder.carry_item(sku, *rev)?;
+                    tally.unchanged += 1;
                     failures.push(fail(format!("{reason}; kept the previously indexed version")));
                 } else {
-                    builder.remove_item(&sku)?;
+                    builder.remove_item(sku)?;
                     failures.push(fail(reason));
                 }
                 continue;
             }
         };
         let hash = ContentHash::of_bytes(&bytes);
-        let same_as = |item: &ItemRecord| item.content_hash == hash && item.models == spec.models;
-        if let Some((_, done)) = builder.member(&sku)?
-            && same_as(&done) && done.metadata == entry.metadata {
-                // Written by the interrupted run this build resumes.
-                if old.as_ref().is_some_and(|(_, o)| same_as(o) && o.metadata == entry.metadata) { unchanged += 1 } else if old.is_some() { updated += 1 } else { added += 1 }
-                continue;
+        let same_pixels = |item: &ItemRecord| item.content_hash == hash && &item.models == models;
+        let path = entry.image_path.to_string_lossy();
+        let same_item = |item: &ItemRecord| same_pixels(item) && item.metadata == entry.metadata && item.image_path.as_deref() == Some(&*path);
+        if let Some((_, done)) = builder.member(sku)?
+            && same_item(&done)
+        {
+            // Written by the interrupted run this build resumes.
+            match &old {
+                Some((_, o)) if same_item(o) => tally.unchanged += 1,
+                _ => tally.changed(old.is_none()),
             }
+            continue;
+        }
         match &old {
-            Some((rev, item)) if same_as(item) && item.metadata == entry.metadata => {
-                builder.carry_item(&sku, *rev)?;
-                unchanged += 1;
+            Some((rev, item)) if same_item(item) => {
+                builder.carry_item(sku, *rev)?;
+                tally.unchanged += 1;
             }
-            Some((_, item)) if same_as(item) => {
-                // Only the metadata changed: a new revision with the same embeddings.
-                builder.put_item(entry.metadata.clone(), hash, copied_garments(store, item)?)?;
-                updated += 1;
+            Some((_, item)) if same_pixels(item) => {
+                // Only the metadata (or the file's place) changed: a new revision with the
+                // same embeddings.
+                builder.put_item_with_image(entry.metadata.clone(), hash, Some(path.to_string()), copied_garments(store, item)?)?;
+                tally.updated += 1;
             }
             _ => pending.push(Pending { entry: entry.clone(), bytes, hash, is_new: old.is_none() }),
         }
     }
+    Ok((pending, tally))
+}
 
-    // Items of an interrupted run that the catalog no longer has.
-    let wanted: HashSet<&str> = entries.iter().map(|e| e.metadata.sku.as_str()).collect();
+/// Removes items an interrupted run wrote that the catalog no longer has.
+fn remove_dropped_members(builder: &GenerationBuilder, wanted: &HashSet<&str>) -> Result<()> {
     for (sku, _) in builder.members()? {
         if !wanted.contains(sku.as_str()) {
             builder.remove_item(&sku)?;
         }
     }
+    Ok(())
+}
 
-    let embed_started = Instant::now();
-    let embedded_items = pending.len() as u64;
+/// Decodes `pending` in parallel chunks and writes each item's garments, flushing the store
+/// after each chunk; an item that cannot be decoded or embedded is a failure and leaves
+/// the generation.
+fn embed_items(
+    builder: &GenerationBuilder,
+    pending: &[Pending],
+    pipeline: &GarmentPipeline<'_>,
+    opts: &BuildOptions,
+    tally: &mut Tally,
+    failures: &mut Vec<BuildFailure>,
+    progress: ProgressFn,
+) -> Result<()> {
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
-    for chunk in pending.chunks(CHUNK) {
-        let decoded: Vec<std::result::Result<RgbImage, String>> = chunk.par_iter().map(|p| decode_image(&p.bytes, opts.limits).map_err(|e| e.to_string())).collect();
+    for chunk in pending.chunks(opts.save_every.max(1)) {
+        let decoded: Vec<Result<RgbImage>> = chunk.par_iter().map(|p| pipeline.decode(&p.bytes)).collect();
         for (p, image) in chunk.iter().zip(decoded) {
-            // One forward pass per item (detection, then its crops): a result must not
-            // depend on which other items shared a batch (matrix kernels block differently
-            // by batch size, which moves the last bits), or a build resumed after a crash
-            // would differ from an uninterrupted one.
-            let garments = image.and_then(|image| {
-                let garments = match (opts.boxes, detector) {
-                    (BoxMode::Gt, _) if !p.entry.boxes.is_empty() => {
-                        p.entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect()
-                    }
-                    // Items without annotated boxes (CSV/JSONL catalogs) are detected in
-                    // both modes.
-                    (_, Some(d)) => {
-                        let found = d.detect(&image).map_err(|e| e.to_string())?;
-                        item_garments(p.entry.metadata.category.as_deref(), !p.entry.boxes.is_empty(), &found, image.width(), image.height())
-                    }
-                    _ => item_garments(p.entry.metadata.category.as_deref(), false, &[], image.width(), image.height()),
-                };
-                let inputs = garments
-                    .iter()
-                    .map(|g| embedder.config().preprocess.crop_to_tensor(&image, g.crop, &Device::Cpu))
-                    .collect::<Result<Vec<_>>>()
-                    .map_err(|e| e.to_string())?;
-                let embeddings = embedder.embed_batch(&Tensor::stack(&inputs, 0).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-                Ok(garments
-                    .into_iter()
-                    .zip(embeddings)
-                    .map(|(g, embedding)| NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding })
-                    .collect::<Vec<_>>())
-            });
             let sku = &p.entry.metadata.sku;
-            match garments {
+            match image.and_then(|image| entry_garments(pipeline, &p.entry, &image, opts.boxes)) {
                 Ok(new) => {
-                    builder.put_item(p.entry.metadata.clone(), p.hash, new)?;
-                    if p.is_new { added += 1 } else { updated += 1 }
+                    builder.put_item_with_image(p.entry.metadata.clone(), p.hash, Some(p.entry.image_path.to_string_lossy().into_owned()), new)?;
+                    tally.changed(p.is_new);
                 }
-                Err(reason) => {
+                Err(e) => {
                     builder.remove_item(sku)?;
-                    failures.push(BuildFailure { sku: Some(sku.clone()), origin: p.entry.origin.clone(), reason });
+                    failures.push(BuildFailure { sku: Some(sku.clone()), origin: p.entry.origin.clone(), reason: e.to_string() });
                 }
             }
-            progress(Progress::Advance(1));
         }
+        builder.flush()?;
+        progress(Progress::Advance(chunk.len() as u64));
     }
-    let embed_seconds = embed_started.elapsed().as_secs_f64();
-    for f in &failures {
-        progress(Progress::Message(format!("skipped {} ({}): {}", f.sku.as_deref().unwrap_or("?"), f.origin, f.reason)));
-    }
+    Ok(())
+}
 
-    // The graph of the new generation is dumped before it is published, so a searcher
-    // switching to it finds its graph ready.
+/// The embedded garments of one decoded catalog image.
+fn entry_garments(pipeline: &GarmentPipeline<'_>, entry: &CatalogEntry, image: &RgbImage, boxes: BoxMode) -> Result<Vec<NewGarment>> {
+    let garments = match boxes {
+        BoxMode::Gt if !entry.boxes.is_empty() => entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect(),
+        // Items without annotated boxes (CSV/JSONL catalogs) are detected in both modes.
+        _ => {
+            let found = pipeline.detect(image)?;
+            item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), &found, image.width(), image.height())
+        }
+    };
+    let crops: Vec<Option<BBox>> = garments.iter().map(|g| g.crop).collect();
+    let embeddings = pipeline.embed(image, &crops)?;
+    Ok(garments.into_iter().zip(embeddings).map(|(g, embedding)| NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding }).collect())
+}
+
+/// What publishing produced.
+struct Published {
+    manifest: crate::store::GenerationManifest,
+    ann: LoadOutcome,
+}
+
+/// Dumps the generation's graph, publishes it, then writes its serving snapshot and moves
+/// `serving/CURRENT`: the graph is ready before a searcher can switch to the generation.
+fn publish(store: &CatalogStore, builder: GenerationBuilder, opts: &BuildOptions, progress: ProgressFn) -> Result<Published> {
     let id = builder.id();
     progress(Progress::Stage { name: "ANN graph".into(), total: 1 });
     let vectors = GarmentVectors::from_generation(&store.generation_garments(id)?)?;
-    let (_, outcome) = GarmentIndex::open(store.ann_dir().as_deref(), id, vectors, opts.ann.clone())?;
+    let (_, ann) = GarmentIndex::open(store.ann_dir().as_deref(), id, vectors, opts.ann.clone())?;
     progress(Progress::Advance(1));
-    let resumed = builder.resumed();
     let manifest = builder.publish()?;
-    let removed = match previous {
-        Some(p) => store.generation_members(p)?.iter().filter(|(sku, _)| !wanted.contains(sku.as_str())).count() as u64,
+    write_serving_snapshot(store)?;
+    Ok(Published { manifest, ann })
+}
+
+/// Writes the published generation's serving snapshot, derived from the store alone, and
+/// then points `serving/CURRENT` at it; returns the generation. `indexer serving rebuild`
+/// runs it to restore a lost or damaged snapshot.
+pub fn write_serving_snapshot(store: &CatalogStore) -> Result<Option<u64>> {
+    let Some(dir) = store.serving_dir() else { return Ok(None) };
+    let snapshot = Snapshot::from_store(store)?;
+    snapshot.write(&dir)?;
+    snapshot::set_current(&dir, snapshot.generation)?;
+    Ok(Some(snapshot.generation))
+}
+
+/// What [`prune`] removed.
+#[derive(Debug, Clone, Default)]
+pub struct PruneOutcome {
+    pub store: PruneReport,
+    pub graph_dumps: usize,
+    pub snapshots: usize,
+    /// Generations left.
+    pub kept: Vec<u64>,
+}
+
+/// Keeps the newest `retain` generations in the store, and the graph dumps and serving
+/// snapshots of the kept ones only: the one prune path of `indexer build` and
+/// `indexer prune`.
+pub fn prune(store: &CatalogStore, retain: usize) -> Result<PruneOutcome> {
+    let report = store.prune(retain)?;
+    let kept: Vec<u64> = store.generations()?.iter().map(|g| g.id).collect();
+    let graph_dumps = match store.ann_dir() {
+        Some(dir) => graph::remove_dumps_except(&dir, &kept)?,
         None => 0,
     };
-    if let Some(dir) = store.serving_dir() {
-        // What the searcher reads: the snapshot, then the pointer to it.
-        let image_paths: HashMap<&str, &std::path::Path> = entries.iter().map(|e| (e.metadata.sku.as_str(), e.image_path.as_path())).collect();
-        let snapshot = Snapshot::from_store(store, &|m: &ItemMetadata| image_paths.get(m.sku.as_str()).map(|p| p.to_path_buf()).unwrap_or_default())?;
-        snapshot.write(&dir)?;
-        snapshot::set_current(&dir, snapshot.generation)?;
-    }
-    let pruned = store.prune(opts.retain)?;
-    let kept: Vec<u64> = store.generations()?.iter().map(|g| g.id).collect();
-    if let Some(dir) = store.ann_dir() {
-        graph::remove_dumps_except(&dir, &kept)?;
-    }
-    if let Some(dir) = store.serving_dir() {
-        snapshot::remove_except(&dir, &kept)?;
-    }
-    Ok(BuildReport {
-        generation: manifest.id,
-        resumed,
-        added,
-        updated,
-        unchanged,
-        removed,
-        items: manifest.items,
-        garments: manifest.garments,
-        failures,
-        embedded_items,
-        embed_items_per_second: if embed_seconds > 0.0 { embedded_items as f64 / embed_seconds } else { 0.0 },
-        seconds: started.elapsed().as_secs_f64(),
-        ann: match outcome {
-            LoadOutcome::ExactOnly => "exact search (small index, no graph)".into(),
-            LoadOutcome::Loaded => "graph dump reused".into(),
-            LoadOutcome::Built { .. } => "graph built and dumped".into(),
-        },
-        pruned_generations: pruned.generations,
-    })
+    let snapshots = match store.serving_dir() {
+        Some(dir) => snapshot::remove_except(&dir, &kept)?,
+        None => 0,
+    };
+    Ok(PruneOutcome { store: report, graph_dumps, snapshots, kept })
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //!
 //! - [`store`]: the catalog store on sled: items, garments and published index generations.
 //! - [`catalog`]: shop catalogs (CSV, JSONL, DeepFashion2 folders) as the indexer reads them.
+//! - [`pipeline`]: the one path from pixels to garment embeddings (decode → garments →
+//!   crops → embeddings) of indexing, serving and evaluation.
 //! - [`indexing`]: building a generation from catalogs: incremental, resumable, atomic.
 //! - [`ann`]: the garment index: HNSW (hnsw_rs) with an exact path and category filters.
 //! - [`datasets`]: DeepFashion2-format folders, retrieval ground truth and a synthetic set.
@@ -16,11 +18,13 @@ pub mod ann;
 pub mod catalog;
 pub mod datasets;
 pub mod device;
+pub mod durable;
 pub mod error;
 pub mod evaluation;
 pub mod geometry;
 pub mod indexing;
 pub mod models;
+pub mod pipeline;
 pub mod progress;
 pub mod serving;
 pub mod store;

@@ -145,12 +145,13 @@ fn photo_case(models: &Path, photo: &Path, runs: usize) -> Result<String> {
     let embedder = GarmentEmbedder::load(&models.join("embedder-lite0.safetensors"), &cpu)?;
     let bytes = std::fs::read(photo).with_context(|| photo.display().to_string())?;
     let mut garments = 0;
+    let pipeline = shoplens::pipeline::GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: Default::default() };
     let (median, min) = time_it(runs, || {
-        let image = shoplens::vision::decode_image(&bytes, Default::default())?;
-        let found = detector.detect(&image)?;
+        let image = pipeline.decode(&bytes)?;
+        let found = pipeline.detect(&image)?;
         garments = found.len();
         let boxes: Vec<_> = found.iter().map(|d| Some(d.bbox)).collect();
-        embedder.embed_crops(&image, &boxes)?;
+        pipeline.embed(&image, &boxes)?;
         Ok(())
     })?;
     let image = shoplens::vision::decode_image(&bytes, Default::default())?;

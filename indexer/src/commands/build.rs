@@ -57,6 +57,10 @@ pub struct BuildArgs {
     /// HNSW candidate list while building.
     #[arg(long, default_value_t = AnnParams::default().ef_construction)]
     ef_construction: usize,
+    /// Items embedded between two saves of the store: a killed build resumes from the
+    /// last save. Smaller saves more often, at the cost of a flush each.
+    #[arg(long, default_value_t = shoplens::indexing::SAVE_EVERY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    save_every: usize,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -88,6 +92,7 @@ pub fn run(args: BuildArgs) -> Result<()> {
         },
         retain: args.retain,
         ann: AnnParams { m: args.m, ef_construction: args.ef_construction, ..AnnParams::default() },
+        save_every: args.save_every,
         ..BuildOptions::default()
     };
     let mut reporter = Reporter::default();

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
-use shoplens::ann::{AnnParams, open_published};
 use shoplens::datasets::{Df2Folder, read_gallery_gt, read_query_gt};
 use shoplens::device::{DevicePreference, select_device};
 use shoplens::evaluation::detection::evaluate_detector;
@@ -15,7 +14,6 @@ use shoplens::vision::DecodeLimits;
 use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
 
-use super::status::open_existing;
 use crate::progress::Reporter;
 use crate::report;
 
@@ -172,31 +170,28 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
 fn retrieval(
     db: PathBuf, queries: PathBuf, query_gt: PathBuf, gallery_gt: PathBuf, boxes: EvalBoxes, split: Split, embedder: PathBuf, detector: PathBuf, out: PathBuf, submission: Option<PathBuf>) -> Result<()> {
     prepare_out(&out)?;
-    let store = open_existing(&db)?;
     let device = select_device(DevicePreference::Auto)?;
     let embedder = GarmentEmbedder::load(&embedder, &device).context("loading the embedder")?;
     let detector = match boxes {
         EvalBoxes::Detected => Some(GarmentDetector::load(&detector, &device).context("loading the detector")?),
         EvalBoxes::Gt => None,
     };
-    let generation = store.published()?.context("the store has no published generation")?;
-    if generation.spec.models.get("embedder").map(String::as_str) != Some(embedder.version()) {
-        bail!(
-            "the index was built with embedder {:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder",
-            generation.spec.models.get("embedder"),
-            embedder.version()
-        );
+    // Exactly what the searcher serves: the published generation's snapshot and graph.
+    let index = ServingIndex::load_current(&db)?.with_context(|| format!("{} has no published generation", db.display()))?;
+    let indexed_with = index.snapshot().models.get("embedder").cloned();
+    if indexed_with.as_deref() != Some(embedder.version()) {
+        bail!("the index was built with embedder {indexed_with:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder", embedder.version());
     }
-    let (index, _) = open_published(&store, AnnParams::default())?;
+    let query_boxes = if detector.is_some() { QueryBoxes::Detected } else { QueryBoxes::GroundTruth };
+    let engine = SearchEngine { detector, embedder, limits: DecodeLimits::default() };
     let folder = Df2Folder::open(&queries)?;
     let mut query_gt = read_query_gt(&query_gt)?;
     if matches!(split, Split::Val) {
         query_gt.retain(|q| q.query_image_id % 5 == 1);
     }
     let gallery_gt = read_gallery_gt(&gallery_gt)?;
-    let inputs = RetrievalInputs { store: &store, index: &index, embedder: &embedder, queries: &folder, query_gt: &query_gt, gallery_gt: &gallery_gt };
+    let inputs = RetrievalInputs { engine: &engine, index: &index, queries: &folder, query_gt: &query_gt, gallery_gt: &gallery_gt };
     let mut reporter = Reporter::default();
-    let query_boxes = detector.as_ref().map_or(QueryBoxes::GroundTruth, QueryBoxes::Detected);
     let output = evaluate(&inputs, query_boxes, &mut |e| reporter.handle(e))?;
     reporter.finish();
     let report = &output.report;
@@ -205,9 +200,7 @@ fn retrieval(
     std::fs::write(&submission, serde_json::to_vec(&output.submission)?).with_context(|| format!("writing {}", submission.display()))?;
     let mut written = report::retrieval(&out, report, &command_line())?;
     // Gallery images by sku come from the generation's serving snapshot.
-    let snapshot = shoplens::serving::snapshot::Snapshot::read(&shoplens::store::serving_dir(&db).join(shoplens::serving::snapshot::file_name(report.generation))).ok();
-    let gallery: std::collections::HashMap<String, PathBuf> =
-        snapshot.map(|s| s.items.into_iter().map(|i| (i.metadata.sku, i.image_path)).collect()).unwrap_or_default();
+    let gallery: std::collections::HashMap<String, PathBuf> = index.snapshot().items.iter().map(|i| (i.metadata.sku.clone(), i.image_path.clone())).collect();
     written.push(report::worst_queries(&out, &output.details, &|id| folder.image(id).map(|i| i.image.clone()), &|sku| gallery.get(sku).cloned(), 40)?);
     written.push(submission);
     println!(
@@ -245,7 +238,7 @@ fn relevance(args: RelevanceArgs) -> Result<()> {
         EvalBoxes::Gt => None,
     };
     // Exactly what the searcher serves: the published generation's snapshot and graph.
-    let index = ServingIndex::load_current(&args.db, AnnParams::default())?.with_context(|| format!("{} has no published generation", args.db.display()))?;
+    let index = ServingIndex::load_current(&args.db)?.with_context(|| format!("{} has no published generation", args.db.display()))?;
     let indexed_with = index.snapshot().models.get("embedder").cloned();
     if indexed_with.as_deref() != Some(embedder.version()) {
         bail!("the index was built with embedder {indexed_with:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder", embedder.version());

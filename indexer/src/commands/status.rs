@@ -4,7 +4,6 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use shoplens::ann::graph;
 use shoplens::store::CatalogStore;
 
 /// Opens an existing store; refuses to create one where the user meant to read one.
@@ -102,20 +101,16 @@ pub fn run(db: &Path, as_json: bool, with_digest: bool) -> Result<()> {
 
 pub fn prune(db: &Path, retain: usize) -> Result<()> {
     let store = open_existing(db)?;
-    let report = store.prune(retain)?;
-    let kept: Vec<u64> = store.generations()?.iter().map(|g| g.id).collect();
-    let dumps = match store.ann_dir() {
-        Some(dir) => graph::remove_dumps_except(&dir, &kept)?,
-        None => 0,
-    };
+    let pruned = shoplens::indexing::prune(&store, retain)?;
     println!(
-        "removed {} generations {:?}, {} item revisions, {} garments, {} graph dumps; kept generations {:?}",
-        report.generations.len(),
-        report.generations,
-        report.items,
-        report.garments,
-        dumps,
-        kept
+        "removed {} generations {:?}, {} item revisions, {} garments, {} graph dumps, {} serving snapshots; kept generations {:?}",
+        pruned.store.generations.len(),
+        pruned.store.generations,
+        pruned.store.items,
+        pruned.store.garments,
+        pruned.graph_dumps,
+        pruned.snapshots,
+        pruned.kept
     );
     Ok(())
 }

@@ -9,7 +9,6 @@
 //! reaches hnsw_rs's loader, which asserts (panics) on bad input.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use hnsw_rs::prelude::*;
@@ -120,14 +119,7 @@ pub fn dump(graph: &Graph, dir: &Path, generation: u64, vectors: &GarmentVectors
         graph_blake3: hash_file(&graph_path)?,
         data_blake3: hash_file(&data_path)?,
     };
-    let tmp = side_path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(&side).expect("side file serialises");
-    let mut file = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    file.write_all(&body).and_then(|_| file.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, &side_path).map_err(|e| Error::io(&side_path, e))?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    crate::durable::write_atomically(&side_path, &serde_json::to_vec_pretty(&side).expect("side file serialises"))?;
     Ok(side)
 }
 

@@ -99,10 +99,10 @@ pub(crate) fn check_k(k: usize) -> Result<()> {
     Ok(())
 }
 
-/// Opens the garment index of the store's published generation: its dump when valid,
-/// otherwise built from the store (and dumped next to it).
-pub fn open_published(store: &crate::store::CatalogStore, params: AnnParams) -> Result<(GarmentIndex, LoadOutcome)> {
-    let generation = store.published_id()?.ok_or(Error::NoPublishedGeneration)?;
-    let vectors = GarmentVectors::from_generation(&store.generation_garments(generation)?)?;
-    GarmentIndex::open(store.ann_dir().as_deref(), generation, vectors, params)
+/// Opens the garment index of the store's published generation with the parameters it was
+/// built with: its dump when valid, otherwise built from the store (and dumped next to it).
+pub fn open_published(store: &crate::store::CatalogStore) -> Result<(GarmentIndex, LoadOutcome)> {
+    let manifest = store.published()?.ok_or(Error::NoPublishedGeneration)?;
+    let vectors = GarmentVectors::from_generation(&store.generation_garments(manifest.id)?)?;
+    GarmentIndex::open(store.ann_dir().as_deref(), manifest.id, vectors, manifest.ann.unwrap_or_default())
 }

@@ -25,6 +25,13 @@ pub enum CatalogSource {
 }
 
 impl CatalogSource {
+    /// The file or folder the catalog is read from.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Csv(p) | Self::Jsonl(p) | Self::Df2Folder(p) => p,
+        }
+    }
+
     /// Tells the kind from the path: a folder with `annos/`, or a `.csv` / `.jsonl` file.
     pub fn from_path(path: &Path) -> Result<Self> {
         if path.is_dir() {

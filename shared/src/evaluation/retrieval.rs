@@ -1,5 +1,5 @@
 //! Consumer-to-shop retrieval accuracy by the DeepFashion2 protocol (arXiv 1901.07973, §5.3),
-//! run against a built index exactly as a shopper's query would be.
+//! run against a built index through the search a shopper's query makes.
 //!
 //! 1. In each consumer image, every detected garment is assigned to the ground-truth item it
 //!    overlaps most (arg-max IoU, no minimum). Style-0 items absorb detections but are never
@@ -12,6 +12,12 @@
 //!    image's ground-truth box with IoU ≥ 0.5.
 //! 4. top-k accuracy = items with a hit within the first k / all query items.
 //!
+//! Ranking is the searcher's own ([`SearchEngine::search_garments`] over the generation's
+//! serving snapshot, similarity order): the query is embedded by the one garment pipeline,
+//! and a shop image appears once, with its best-matching garment, as a shopper sees it.
+//! That garment must be the right one (IoU ≥ 0.5): a shop photo whose trousers match
+//! better than its top is no hit for the top.
+//!
 //! With `--boxes gt` the detections are the ground-truth items themselves (score 1), which
 //! measures retrieval alone. Shop garments map to gallery images through their sku: a
 //! DeepFashion2 shop folder indexes each image under its file stem (`000123` → 123); other
@@ -20,16 +26,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use image::RgbImage;
 use serde::Serialize;
 
-use crate::ann::GarmentIndex;
 use crate::datasets::{Df2Annotation, Df2Folder, GalleryGt, QueryGt};
 use crate::geometry::BBox;
-use crate::models::detector::{GarmentDetector, Postprocess};
-use crate::models::embedder::GarmentEmbedder;
+use crate::models::detector::Postprocess;
 use crate::progress::{Progress, ProgressFn};
-use crate::store::CatalogStore;
-use crate::vision::{DecodeLimits, decode_image};
+use crate::serving::engine::{QueryGarment, Ranking, SearchEngine, SearchRequest, ServingIndex};
 use crate::{Error, Result};
 
 /// The ranks DeepFashion2 reports.
@@ -156,22 +160,23 @@ fn group(rows: &[&Scored]) -> GroupAccuracy {
 
 /// What the evaluation reads.
 pub struct RetrievalInputs<'a> {
-    pub store: &'a CatalogStore,
-    pub index: &'a GarmentIndex,
-    pub embedder: &'a GarmentEmbedder,
+    /// The networks, searched as a shopper's request is ([`SearchEngine::search_garments`]).
+    pub engine: &'a SearchEngine,
+    /// The published generation as the searcher serves it.
+    pub index: &'a ServingIndex,
     pub queries: &'a Df2Folder,
     pub query_gt: &'a [QueryGt],
     pub gallery_gt: &'a [GalleryGt],
 }
 
 /// Where the query garments come from.
-#[derive(Clone, Copy)]
-pub enum QueryBoxes<'a> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryBoxes {
     /// The annotation's items as detections with score 1: retrieval alone.
     GroundTruth,
-    /// The garment detector, with its evaluation post-processing (low score floor, up to
-    /// 100 per image), as DeepFashion2 scores Match R-CNN.
-    Detected(&'a GarmentDetector),
+    /// The engine's garment detector, with its evaluation post-processing (low score
+    /// floor, up to 100 per image), as DeepFashion2 scores Match R-CNN.
+    Detected,
 }
 
 /// Runs the protocol with ground-truth boxes as detections.
@@ -180,8 +185,36 @@ pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn
     Ok((out.report, out.submission))
 }
 
-/// Runs the protocol with query garments from `boxes`.
-pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: ProgressFn) -> Result<RetrievalOutput> {
+/// A query image's detections: the annotated items, or the detector's garments.
+fn query_detections(engine: &SearchEngine, image: &RgbImage, anno: &Df2Annotation, boxes: QueryBoxes) -> Result<Vec<Detection>> {
+    match boxes {
+        QueryBoxes::GroundTruth => Ok(anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0 }).collect()),
+        QueryBoxes::Detected => {
+            let detector = engine.detector.as_ref().ok_or_else(|| Error::InvalidSetting { name: "boxes", reason: "detected query boxes need a detector".into() })?;
+            let categories = &detector.config().categories;
+            Ok(engine
+                .pipeline()
+                .detect_with(image, &Postprocess::EVALUATION)?
+                .into_iter()
+                .map(|d| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score })
+                .collect())
+        }
+    }
+}
+
+/// A query item of one image: its ground truth and the detection assigned to it.
+struct QueryItem<'q> {
+    gt: &'q QueryGt,
+    detection: Option<usize>,
+    category: String,
+    scale: u8,
+    gt_bbox: [f32; 4],
+}
+
+/// Runs the protocol with query garments from `boxes`; each query is ranked by the engine's
+/// search (similarity ranking, the shop's best garment of each item), so the numbers are
+/// what a shopper's request gets.
+pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes, progress: ProgressFn) -> Result<RetrievalOutput> {
     let started = Instant::now();
     let mut gallery_of: HashMap<(u64, u32), Vec<(u64, BBox)>> = HashMap::new();
     for g in inputs.gallery_gt {
@@ -192,6 +225,7 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
         by_image.entry(q.query_image_id).or_default().push(q);
     }
     let max_k = *TOP_K.iter().max().expect("non-empty");
+    let request = SearchRequest { k: max_k, category: None, region: None, ranking: Ranking::Similarity };
     let mut scored = Vec::new();
     let mut submission = Vec::new();
     let mut details = Vec::new();
@@ -203,67 +237,51 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
         })?;
         let anno = Df2Annotation::read(&entry.annotation)?;
         let items: Vec<(BBox, u32, u32)> = anno.items.iter().map(|i| (i.bbox, i.category_id, i.style)).collect();
-        let image = decode_image(&std::fs::read(&entry.image).map_err(|e| Error::io(&entry.image, e))?, DecodeLimits::default())?;
-        let detections: Vec<Detection> = match boxes {
-            QueryBoxes::GroundTruth => anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0 }).collect(),
-            QueryBoxes::Detected(detector) => {
-                let categories = &detector.config().categories;
-                detector
-                    .detect_with(&image, &Postprocess::EVALUATION)?
-                    .into_iter()
-                    .map(|d| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score })
-                    .collect()
-            }
-        };
+        let image = inputs.engine.pipeline().decode(&std::fs::read(&entry.image).map_err(|e| Error::io(&entry.image, e))?)?;
+        let detections = query_detections(inputs.engine, &image, &anno, boxes)?;
         let assigned = assign_queries(&items, &detections);
-        // Each query item → its assigned detection, if any.
-        let mut todo = Vec::new();
-        for q in &queries {
-            let item = anno.items.iter().position(|i| i.style == q.style && i.category_id == q.cls);
-            let det = item.and_then(|i| assigned[i]);
-            let category = item.map(|i| anno.items[i].category_name.clone()).unwrap_or_else(|| q.cls.to_string());
-            let scale = item.map_or(0, |i| anno.items[i].scale);
-            let gt_bbox = item.map_or(q.bbox, |i| anno.items[i].bbox.to_array());
-            todo.push((q, det, category, scale, gt_bbox));
-        }
-        let boxes: Vec<Option<BBox>> = todo.iter().filter_map(|(_, d, _, _, _)| d.map(|d| Some(detections[d].bbox))).collect();
-        let mut embeddings = inputs.embedder.embed_crops(&image, &boxes)?.into_iter();
-        for (q, det, category, scale, gt_bbox) in todo {
+        let todo: Vec<QueryItem<'_>> = queries
+            .iter()
+            .map(|q| {
+                let item = anno.items.iter().position(|i| i.style == q.style && i.category_id == q.cls);
+                QueryItem {
+                    gt: q,
+                    detection: item.and_then(|i| assigned[i]),
+                    category: item.map(|i| anno.items[i].category_name.clone()).unwrap_or_else(|| q.cls.to_string()),
+                    scale: item.map_or(0, |i| anno.items[i].scale),
+                    gt_bbox: item.map_or(q.bbox, |i| anno.items[i].bbox.to_array()),
+                }
+            })
+            .collect();
+        let garments: Vec<QueryGarment> = todo
+            .iter()
+            .filter_map(|q| q.detection)
+            .map(|d| QueryGarment { bbox: detections[d].bbox, known: None, score: detections[d].score, source: "detected" })
+            .collect();
+        let (results, _) = inputs.engine.search_garments(inputs.index, &image, garments, &request)?;
+        let mut results = results.into_iter();
+        for q in todo {
             progress(Progress::Advance(1));
-            let Some(det) = det else {
-                details.push(QueryDetail { query_image_id: image_id, category: category.clone(), gt_bbox, query_bbox: None, first_hit: None, retrieved: Vec::new() });
-                scored.push(Scored { category, scale, first_hit: None, detected: false });
+            let Some(det) = q.detection else {
+                details.push(QueryDetail { query_image_id: image_id, category: q.category.clone(), gt_bbox: q.gt_bbox, query_bbox: None, first_hit: None, retrieved: Vec::new() });
+                scored.push(Scored { category: q.category, scale: q.scale, first_hit: None, detected: false });
                 continue;
             };
-            let embedding = embeddings.next().expect("one embedding per detected query");
-            let hits = inputs.index.search(&embedding, max_k.min(inputs.index.len().max(1)), None)?;
-            let right = gallery_of.get(&(q.pair_id, q.style)).map(Vec::as_slice).unwrap_or(&[]);
-            let mut first_hit = None;
-            let (mut ids, mut bboxes) = (Vec::new(), Vec::new());
-            let mut retrieved = Vec::new();
-            for (rank, hit) in hits.iter().enumerate() {
-                let garment = inputs.store.garment(hit.garment)?;
-                if rank < 5 {
-                    retrieved.push((garment.sku.clone(), garment.bbox.to_array(), hit.score));
-                }
-                let gallery_id = garment.sku.parse::<u64>().ok();
-                ids.push(gallery_id.unwrap_or(0));
-                bboxes.push(garment.bbox.to_array());
-                let is_hit = gallery_id.is_some_and(|g| is_hit(g, &garment.bbox, right));
-                if is_hit && first_hit.is_none() {
-                    first_hit = Some(rank);
-                }
-            }
+            let found = results.next().expect("one result per detected query");
+            let right = gallery_of.get(&(q.gt.pair_id, q.gt.style)).map(Vec::as_slice).unwrap_or(&[]);
+            let gallery: Vec<(Option<u64>, BBox)> = found.results.iter().map(|hit| (hit.sku.parse::<u64>().ok(), BBox::from_array(hit.bbox))).collect();
+            let first_hit = gallery.iter().position(|(id, bbox)| id.is_some_and(|g| is_hit(g, bbox, right)));
             submission.push(SubmissionEntry {
                 query_image_id: image_id,
                 query_bbox: detections[det].bbox.to_array(),
                 query_cls: detections[det].category_id,
                 query_score: detections[det].score,
-                gallery_image_id: ids,
-                gallery_bbox: bboxes,
+                gallery_image_id: gallery.iter().map(|(id, _)| id.unwrap_or(0)).collect(),
+                gallery_bbox: gallery.iter().map(|(_, b)| b.to_array()).collect(),
             });
-            details.push(QueryDetail { query_image_id: image_id, category: category.clone(), gt_bbox, query_bbox: Some(detections[det].bbox.to_array()), first_hit, retrieved });
-            scored.push(Scored { category, scale, first_hit, detected: true });
+            let retrieved = found.results.iter().take(5).map(|hit| (hit.sku.clone(), hit.bbox, hit.score)).collect();
+            details.push(QueryDetail { query_image_id: image_id, category: q.category.clone(), gt_bbox: q.gt_bbox, query_bbox: Some(detections[det].bbox.to_array()), first_hit, retrieved });
+            scored.push(Scored { category: q.category, scale: q.scale, first_hit, detected: true });
         }
     }
     let all: Vec<&Scored> = scored.iter().collect();
@@ -286,20 +304,20 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes<'_>, progress: P
         protocol: "deepfashion2-retrieval",
         boxes: match boxes {
             QueryBoxes::GroundTruth => "gt",
-            QueryBoxes::Detected(_) => "detected",
+            QueryBoxes::Detected => "detected",
         },
         detector: match boxes {
             QueryBoxes::GroundTruth => None,
-            QueryBoxes::Detected(d) => Some(d.version().to_string()),
+            QueryBoxes::Detected => inputs.engine.detector.as_ref().map(|d| d.version().to_string()),
         },
         queries: overall.queries,
         top_k: overall.top_k,
         misses: overall.misses,
         per_category: per_category.into_iter().map(|(k, v)| (k, group(&v))).collect(),
         per_scale: per_scale.into_iter().map(|(k, v)| (k, group(&v))).collect(),
-        gallery_garments: inputs.index.len(),
+        gallery_garments: inputs.index.garments(),
         generation: inputs.index.generation(),
-        embedder: inputs.embedder.version().to_string(),
+        embedder: inputs.engine.embedder.version().to_string(),
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok(RetrievalOutput { report, submission, details })

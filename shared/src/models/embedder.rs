@@ -12,17 +12,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Device, Tensor};
-use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::efficientnet_lite::{EfficientNetLite, FEATURE_DIM};
 use super::weights_file;
-use crate::geometry::BBox;
 use crate::vision::Preprocess;
 use crate::{Error, Result};
 
-/// Crops embedded per forward pass.
-pub const EMBED_BATCH: usize = 8;
 const GEM_EPS: f64 = 1e-6;
 
 /// What the embedder's weights file says about it.
@@ -304,20 +300,6 @@ impl GarmentEmbedder {
             let fmap = self.backbone.feature_map(&inputs.to_device(&self.device)?)?;
             Ok(self.head.forward(&fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
         })
-    }
-
-    /// Embeds garments of one image: each box (or the whole image for `None`) goes through
-    /// the same crop/letterbox/normalise path as every other input, in batches.
-    pub fn embed_crops(&self, image: &RgbImage, boxes: &[Option<BBox>]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(boxes.len());
-        for chunk in boxes.chunks(EMBED_BATCH) {
-            let inputs = chunk
-                .iter()
-                .map(|b| self.config.preprocess.crop_to_tensor(image, *b, &Device::Cpu))
-                .collect::<Result<Vec<_>>>()?;
-            out.extend(self.embed_batch(&Tensor::stack(&inputs, 0)?)?);
-        }
-        Ok(out)
     }
 }
 

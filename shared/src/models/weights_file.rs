@@ -24,10 +24,10 @@ pub fn save<C: Serialize>(path: &Path, tensors: &HashMap<String, Tensor>, config
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata), &tmp)
-        .map_err(|e| Error::InvalidWeights { reason: format!("writing {}: {e}", tmp.display()) })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::durable::replace_with(path, |tmp| {
+        safetensors::serialize_to_file(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata), tmp)
+            .map_err(|e| Error::InvalidWeights { reason: format!("writing {}: {e}", tmp.display()) })
+    })
 }
 
 /// A file a weights file names in its config (the backbone), resolved beside it.

@@ -1,24 +1,25 @@
 //! The search a shopper's photo goes through: decode with limits → detect garments (or
 //! take the shopper's own box) → crop and embed them in one batch → nearest shop garments
-//! of each → their items. The same preprocessing as the indexer's (`vision::Preprocess`),
-//! so a shop photo searched for finds itself.
+//! of each → their items. Decoding, detection and embedding are the indexer's own
+//! ([`GarmentPipeline`]), so a shop photo searched for finds itself; the evaluators rank
+//! through [`SearchEngine::search_garments`], so they measure this search.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 
 use super::snapshot::{self, ServedGarment, ServedItem, Snapshot};
-use crate::ann::{AnnParams, GarmentIndex, LoadOutcome, SearchHit};
+use crate::ann::{GarmentIndex, LoadOutcome, SearchHit};
 use crate::catalog::related::{preferred_category, substitutes};
 use crate::geometry::BBox;
 use crate::models::detector::GarmentDetector;
 use crate::models::embedder::GarmentEmbedder;
 use crate::store::ItemMetadata;
-use crate::vision::{DecodeLimits, decode_image};
+use crate::pipeline::GarmentPipeline;
+use crate::vision::DecodeLimits;
 use crate::{Error, Result};
 
 /// Largest `k` a search may ask for.
@@ -42,20 +43,23 @@ impl std::fmt::Debug for ServingIndex {
 impl ServingIndex {
     /// Loads generation `generation` of the store in `store_dir` from its serving snapshot
     /// and graph dump (building the graph in memory when the dump is missing or stale).
-    pub fn load(store_dir: &Path, generation: u64, params: AnnParams) -> Result<Self> {
+    pub fn load(store_dir: &Path, generation: u64) -> Result<Self> {
         let snapshot = Snapshot::read(&crate::store::serving_dir(store_dir).join(snapshot::file_name(generation)))?;
-        Self::from_snapshot(snapshot, Some(&store_dir.join(crate::store::ANN_SUBDIR)), params)
+        Self::from_snapshot(snapshot, Some(&store_dir.join(crate::store::ANN_SUBDIR)))
     }
 
     /// Loads the generation `serving/CURRENT` points at; `None` before the first build.
-    pub fn load_current(store_dir: &Path, params: AnnParams) -> Result<Option<Self>> {
+    pub fn load_current(store_dir: &Path) -> Result<Option<Self>> {
         match snapshot::current(&crate::store::serving_dir(store_dir))? {
-            Some(generation) => Ok(Some(Self::load(store_dir, generation, params)?)),
+            Some(generation) => Ok(Some(Self::load(store_dir, generation)?)),
             None => Ok(None),
         }
     }
 
-    pub fn from_snapshot(snapshot: Snapshot, ann_dir: Option<&Path>, params: AnnParams) -> Result<Self> {
+    /// Serves `snapshot`, with the ANN parameters its generation was built with (so its
+    /// graph dump in `ann_dir` is loaded, not rebuilt).
+    pub fn from_snapshot(snapshot: Snapshot, ann_dir: Option<&Path>) -> Result<Self> {
+        let params = snapshot.ann.clone().unwrap_or_default();
         let vectors = snapshot.vectors()?;
         // Read the dump only: writing one is the indexer's job, and a searcher writing
         // into the directory the indexer prunes would race with it.
@@ -259,11 +263,31 @@ pub struct SearchOutcome {
     pub timings_ms: Timings,
 }
 
+/// A garment of the shopper's photo to search for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryGarment {
+    pub bbox: BBox,
+    /// Its category when known before embedding (the detector's class, the request's);
+    /// `None`: the embedder's category head guesses it.
+    pub known: Option<(String, CategorySource)>,
+    /// Detection score (1 for a drawn box and the whole photo).
+    pub score: f32,
+    /// `detected`, `region` or `whole_image`.
+    pub source: &'static str,
+}
+
 /// The networks of a searcher.
 pub struct SearchEngine {
     pub detector: Option<GarmentDetector>,
     pub embedder: GarmentEmbedder,
     pub limits: DecodeLimits,
+}
+
+impl SearchEngine {
+    /// The garment pipeline of these networks: the same one the indexer runs.
+    pub fn pipeline(&self) -> GarmentPipeline<'_> {
+        GarmentPipeline { detector: self.detector.as_ref(), embedder: &self.embedder, limits: self.limits }
+    }
 }
 
 fn ms(since: Instant) -> f64 {
@@ -294,7 +318,7 @@ impl SearchEngine {
         let started = Instant::now();
         self.validate(index, req)?;
         let t = Instant::now();
-        let image = decode_image(bytes, self.limits)?;
+        let image = self.pipeline().decode(bytes)?;
         let decode = ms(t);
         let mut outcome = self.search_image(index, &image, req)?;
         outcome.timings_ms.decode = decode;
@@ -305,43 +329,55 @@ impl SearchEngine {
     /// Searches the shop for the garments of a decoded photo.
     pub fn search_image(&self, index: &ServingIndex, image: &RgbImage, req: &SearchRequest) -> Result<SearchOutcome> {
         self.validate(index, req)?;
-        let mut timings = Timings::default();
-        let (w, h) = image.dimensions();
-        // Garments: the shopper's box, or the detector's, or the whole photo. A category
-        // known before embedding (the detector's, the request's) is kept; the others come
-        // from the category head.
         let t = Instant::now();
+        let garments = self.query_garments(image, req)?;
+        let detect = ms(t);
+        let (garments, mut timings) = self.search_garments(index, image, garments, req)?;
+        timings.detect = detect;
+        let (width, height) = image.dimensions();
+        Ok(SearchOutcome { width, height, generation: index.generation(), garments, timings_ms: timings })
+    }
+
+    /// The garments a request searches for: the shopper's box, or the detector's (of the
+    /// request's category only, when it names one), or the whole photo when there are none.
+    fn query_garments(&self, image: &RgbImage, req: &SearchRequest) -> Result<Vec<QueryGarment>> {
+        let (w, h) = image.dimensions();
         let requested = req.category.as_ref().map(|c| (c.clone(), CategorySource::Request));
-        let mut garments: Vec<(BBox, Option<(String, CategorySource)>, f32, &'static str)> = match (req.region, &self.detector) {
-            (Some(region), _) => {
+        let mut garments: Vec<QueryGarment> = match req.region {
+            Some(region) => {
                 let clipped = region.clip(w, h);
                 if !clipped.is_valid() {
                     return Err(Error::InvalidBox { reason: format!("{:?} lies outside the {w}×{h} photo", region.to_array()) });
                 }
-                vec![(clipped, requested.clone(), 1.0, "region")]
+                vec![QueryGarment { bbox: clipped, known: requested.clone(), score: 1.0, source: "region" }]
             }
-            (None, Some(detector)) => detector
+            None => self
+                .pipeline()
                 .detect(image)?
                 .into_iter()
                 .filter(|d| req.category.as_ref().is_none_or(|c| &d.category == c))
-                .map(|d| (d.bbox, Some((d.category, CategorySource::Detector)), d.score, "detected"))
+                .map(|d| QueryGarment { bbox: d.bbox, known: Some((d.category, CategorySource::Detector)), score: d.score, source: "detected" })
                 .collect(),
-            (None, None) => Vec::new(),
         };
         if garments.is_empty() {
-            garments.push((BBox::new(0.0, 0.0, w as f32, h as f32), requested, 1.0, "whole_image"));
+            garments.push(QueryGarment { bbox: BBox::new(0.0, 0.0, w as f32, h as f32), known: requested, score: 1.0, source: "whole_image" });
         }
-        timings.detect = ms(t);
+        Ok(garments)
+    }
 
+    /// Embeds `garments` of `image` (one batch, by the one pipeline) and ranks the shop
+    /// items of each as the request asks: the second half of every search, and what the
+    /// evaluators call with the garments their protocol chooses. A garment whose category
+    /// is not known gets the category head's guess.
+    pub fn search_garments(&self, index: &ServingIndex, image: &RgbImage, garments: Vec<QueryGarment>, req: &SearchRequest) -> Result<(Vec<GarmentResult>, Timings)> {
+        let mut timings = Timings::default();
         let t = Instant::now();
-        let pre = self.embedder.config().preprocess;
-        let crops = garments.iter().map(|(b, _, _, _)| pre.crop_to_tensor(image, Some(*b), &Device::Cpu)).collect::<Result<Vec<_>>>()?;
-        let embeddings = self.embedder.embed_batch(&Tensor::stack(&crops, 0)?)?;
+        let crops: Vec<Option<BBox>> = garments.iter().map(|g| Some(g.bbox)).collect();
+        let embeddings = self.pipeline().embed(image, &crops)?;
         timings.embed = ms(t);
-
         let mut results = Vec::with_capacity(garments.len());
-        for ((bbox, known, score, source), embedding) in garments.into_iter().zip(embeddings) {
-            let (category, category_source, category_probability) = match known {
+        for (garment, embedding) in garments.into_iter().zip(embeddings) {
+            let (category, category_source, category_probability) = match garment.known {
                 Some((c, s)) => (c, s, None),
                 None => match self.embedder.guess_category(&embedding) {
                     Some(g) => (g.category, CategorySource::Classifier, Some(g.probability)),
@@ -357,9 +393,18 @@ impl SearchEngine {
                 .map(|(hit, item)| item_hit(&index.snapshot.items[*item as usize].metadata, hit.score, index.snapshot.garments[hit.row as usize].bbox))
                 .collect();
             timings.fetch += ms(t);
-            results.push(GarmentResult { bbox: bbox.to_array(), category, category_source, category_probability, score, source, ranked_first, results: items });
+            results.push(GarmentResult {
+                bbox: garment.bbox.to_array(),
+                category,
+                category_source,
+                category_probability,
+                score: garment.score,
+                source: garment.source,
+                ranked_first,
+                results: items,
+            });
         }
-        Ok(SearchOutcome { width: w, height: h, generation: index.generation(), garments: results, timings_ms: timings })
+        Ok((results, timings))
     }
 }
 

@@ -16,14 +16,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ann::GarmentVectors;
+use crate::ann::{AnnParams, GarmentVectors};
 use crate::geometry::BBox;
 use crate::store::{CatalogStore, GarmentId, ItemMetadata};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 6] = b"SLSNAP";
 /// Bump on any change of [`Snapshot`]'s encoding; older searchers refuse newer files.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Format 2 appended [`Snapshot::ann`]; format 1 files are still read (see [`Snapshot::read`]).
+pub const SNAPSHOT_FORMAT: u32 = 2;
 /// Name of the pointer file inside the serving directory.
 pub const CURRENT: &str = "CURRENT";
 
@@ -59,11 +60,15 @@ pub struct Snapshot {
     pub garments: Vec<ServedGarment>,
     /// Row-major embeddings, one row per garment, in [`Snapshot::garments`] order.
     pub embeddings: Vec<f32>,
+    /// The parameters the generation's graph dump was built with, so the searcher loads it
+    /// rather than rebuild it; `None`: unknown (a generation of store format 1), the defaults.
+    pub ann: Option<AnnParams>,
 }
 
 impl Snapshot {
-    /// The published generation of `store`; `image_paths` maps skus to their image files.
-    pub fn from_store(store: &CatalogStore, image_paths: &dyn Fn(&ItemMetadata) -> PathBuf) -> Result<Self> {
+    /// The published generation of `store`, from the store alone: a snapshot is derived
+    /// data, and rebuilding it gives the same bytes.
+    pub fn from_store(store: &CatalogStore) -> Result<Self> {
         let generation = store.published_id()?.ok_or(Error::NoPublishedGeneration)?;
         let all = store.generation_garments(generation)?;
         let mut items = Vec::new();
@@ -71,7 +76,9 @@ impl Snapshot {
         for (sku, rev) in store.generation_members(generation)? {
             let record = store.item(rev)?;
             item_of_sku.insert(sku, items.len() as u32);
-            let image_path = image_paths(&record.metadata);
+            // A revision of store format 1 has no recorded path: its image is not served
+            // until the next build records it.
+            let image_path = record.image_path.map(PathBuf::from).unwrap_or_default();
             items.push(ServedItem { content_hash: record.content_hash.to_string(), metadata: record.metadata, image_path });
         }
         let mut garments = Vec::with_capacity(all.garments.len());
@@ -84,7 +91,8 @@ impl Snapshot {
             garments.push(ServedGarment { id, item, bbox: g.bbox, category: g.category, score: g.score });
             embeddings.extend_from_slice(&g.embedding);
         }
-        Ok(Self { generation, built_at: all.manifest.built_at, models: all.manifest.spec.models, dim: all.manifest.spec.dim, items, garments, embeddings })
+        let m = all.manifest;
+        Ok(Self { generation, built_at: m.built_at, models: m.spec.models, dim: m.spec.dim, items, garments, embeddings, ann: m.ann })
     }
 
     /// The vectors for [`crate::ann::GarmentIndex`], rows in garment order.
@@ -118,7 +126,7 @@ impl Snapshot {
         bytes.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
         bytes.extend_from_slice(blake3::hash(&body).as_bytes());
         bytes.extend_from_slice(&body);
-        write_atomically(&path, &bytes)?;
+        crate::durable::write_atomically(&path, &bytes)?;
         Ok(path)
     }
 
@@ -130,14 +138,17 @@ impl Snapshot {
             return Err(bad("not a Shoplens serving snapshot"));
         }
         let format = u32::from_le_bytes(bytes[6..10].try_into().expect("4 bytes"));
-        if format != SNAPSHOT_FORMAT {
-            return Err(bad(&format!("format {format}; this searcher reads format {SNAPSHOT_FORMAT}: run the matching indexer to rewrite it")));
+        if format == 0 || format > SNAPSHOT_FORMAT {
+            return Err(bad(&format!("format {format}; this searcher reads formats 1 to {SNAPSHOT_FORMAT}: run the matching searcher, or `indexer serving rebuild` to rewrite it")));
         }
         let body = &bytes[42..];
         if blake3::hash(body).as_bytes() != &bytes[10..42] {
             return Err(bad("checksum mismatch: the file is damaged or truncated"));
         }
-        let snapshot: Snapshot = postcard::from_bytes(body).map_err(|e| bad(&e.to_string()))?;
+        // postcard writes fields in order with nothing between them, so a format 1 body is a
+        // format 2 body without its last field: `ann = None`, encoded as one zero byte.
+        let body = if format == 1 { [body, &[0u8][..]].concat() } else { body.to_vec() };
+        let snapshot: Snapshot = postcard::from_bytes(&body).map_err(|e| bad(&e.to_string()))?;
         snapshot.check(path)?;
         Ok(snapshot)
     }
@@ -150,7 +161,7 @@ pub fn file_name(generation: u64) -> String {
 
 /// Points `dir/CURRENT` at `generation` (atomic rename: readers see the old or the new).
 pub fn set_current(dir: &Path, generation: u64) -> Result<()> {
-    write_atomically(&dir.join(CURRENT), format!("{generation}\n").as_bytes())
+    crate::durable::write_atomically(&dir.join(CURRENT), format!("{generation}\n").as_bytes())
 }
 
 /// The generation `dir/CURRENT` points at, `None` when there is no pointer yet.
@@ -180,22 +191,6 @@ pub fn remove_except(dir: &Path, keep: &[u64]) -> Result<usize> {
     Ok(removed)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    if let Some(dir) = path.parent() {
-        // The rename is durable only once the directory is synced.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +204,7 @@ mod tests {
             items: vec![ServedItem { metadata: ItemMetadata { sku: "a".into(), image: "a.jpg".into(), ..Default::default() }, image_path: "/x/a.jpg".into(), content_hash: "ab".into() }],
             garments: vec![ServedGarment { id: 3, item: 0, bbox: BBox::new(0.0, 0.0, 1.0, 1.0), category: "top".into(), score: 0.9 }],
             embeddings: vec![0.6, 0.8],
+            ann: Some(AnnParams { m: 24, ..AnnParams::default() }),
         }
     }
 
@@ -231,6 +227,25 @@ mod tests {
         std::fs::write(dir.path().join(CURRENT), "x").unwrap();
         assert!(current(dir.path()).is_err());
         assert_eq!(remove_except(dir.path(), &[]).unwrap(), 1);
+    }
+
+    #[test]
+    fn format_1_files_still_read_with_unknown_ann_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Snapshot { ann: None, ..sample() };
+        // A format 1 body is today's body without the trailing `ann = None` byte.
+        let mut body = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(body.pop(), Some(0));
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(blake3::hash(&body).as_bytes());
+        bytes.extend_from_slice(&body);
+        let path = dir.path().join(file_name(7));
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(Snapshot::read(&path).unwrap(), old);
+        bytes[6..10].copy_from_slice(&(SNAPSHOT_FORMAT + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(Snapshot::read(&path).unwrap_err().to_string().contains("reads formats 1 to"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::{
     CatalogStore, ContentHash, GarmentRecord, GenerationManifest, GenerationSpec, GenerationState, IdKey,
     ItemMetadata, ItemRecord, ItemRev, NewGarment, now_rfc3339,
 };
+use crate::ann::AnnParams;
 use crate::{Error, Result};
 
 /// Writes one generation. Nothing it writes is visible to readers until [`publish`].
@@ -77,6 +78,8 @@ impl CatalogStore {
             built_at: None,
             items: 0,
             garments: 0,
+            ann: None,
+            catalogs: Vec::new(),
         };
         let bytes = encode(GENERATIONS_TREE, &IdKey(id), &manifest)?;
         self.generations.insert(layout::id_key(id), bytes)?;
@@ -194,6 +197,11 @@ impl CatalogStore {
 }
 
 impl GenerationBuilder {
+    /// Makes everything written so far durable: a build killed later resumes from here.
+    pub fn flush(&self) -> Result<()> {
+        self.store.flush()
+    }
+
     /// The generation being written.
     pub fn id(&self) -> u64 {
         self.manifest.id
@@ -221,6 +229,11 @@ impl GenerationBuilder {
     /// Writes a new revision of an item with its garments and files it under this
     /// generation, all in one transaction. Replaces an earlier member with the same sku.
     pub fn put_item(&self, metadata: ItemMetadata, content_hash: ContentHash, garments: Vec<NewGarment>) -> Result<ItemRev> {
+        self.put_item_with_image(metadata, content_hash, None, garments)
+    }
+
+    /// [`put_item`](Self::put_item), recording the image file the item was read from.
+    pub fn put_item_with_image(&self, metadata: ItemMetadata, content_hash: ContentHash, image_path: Option<String>, garments: Vec<NewGarment>) -> Result<ItemRev> {
         let dim = self.manifest.spec.dim as usize;
         for g in &garments {
             if g.embedding.len() != dim {
@@ -259,6 +272,7 @@ impl GenerationBuilder {
             models: self.manifest.spec.models.clone(),
             dim: dim as u32,
             garments: ids,
+            image_path,
         };
         let item_value = encode(ITEMS_TREE, &IdKey(rev), &item)?;
         (&self.store.items, &self.store.garments, &self.store.generation_items)
@@ -301,6 +315,13 @@ impl GenerationBuilder {
     pub fn remove_item(&self, sku: &str) -> Result<()> {
         self.store.generation_items.remove(layout::generation_item_key(self.id(), sku))?;
         Ok(())
+    }
+
+    /// Records how the generation's graph is built and what it was built from; written
+    /// with the manifest on [`publish`](Self::publish).
+    pub fn describe(&mut self, ann: AnnParams, catalogs: Vec<String>) {
+        self.manifest.ann = Some(ann);
+        self.manifest.catalogs = catalogs;
     }
 
     /// Publishes the generation: one transaction marks it `Published`, the previous one

@@ -1,7 +1,9 @@
 //! The records the catalog store keeps, and their binary encoding (postcard).
 //!
 //! Records carry no version of their own: the store's format version (see
-//! `shoplens_migrations`) says how every record is encoded.
+//! `shoplens_migrations`) says how every record is encoded. postcard writes a struct as its
+//! fields in order with nothing between them, so a field may only be appended, together
+//! with a migration step that appends its encoding to every old record.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,6 +11,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::ann::AnnParams;
 use crate::geometry::BBox;
 use crate::{Error, Result};
 
@@ -70,6 +73,11 @@ pub struct ItemRecord {
     /// Length of every garment embedding of this revision.
     pub dim: u32,
     pub garments: Vec<GarmentId>,
+    /// The image file this revision was read from, as the build found it (catalog root
+    /// joined with [`ItemMetadata::image`]): what `/v1/items/{sku}/image` serves and what a
+    /// serving snapshot is rebuilt from. `None` for revisions written before format 2; the
+    /// next build records it.
+    pub image_path: Option<String>,
 }
 
 /// A garment found in an item's image, with its embedding.
@@ -129,6 +137,11 @@ pub struct GenerationManifest {
     pub built_at: Option<String>,
     pub items: u64,
     pub garments: u64,
+    /// The ANN parameters the generation's graph was built with, so every reader loads
+    /// the dump as written. `None`: written before format 2, with the defaults of its day.
+    pub ann: Option<AnnParams>,
+    /// The catalogs the generation was built from, as given to the build.
+    pub catalogs: Vec<String>,
 }
 
 pub(crate) fn encode<T: Serialize>(tree: &'static str, key: &dyn fmt::Display, value: &T) -> Result<Vec<u8>> {

@@ -7,10 +7,15 @@ use candle_core::Device;
 use image::{Rgb, RgbImage};
 use shoplens::geometry::BBox;
 use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::pipeline::GarmentPipeline;
 use shoplens::vision::{DecodeLimits, decode_image};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn pipeline(embedder: &GarmentEmbedder) -> GarmentPipeline<'_> {
+    GarmentPipeline { detector: None, embedder, limits: DecodeLimits::default() }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -28,25 +33,35 @@ fn shipped_embedder_embeds_a_real_photo_consistently() {
     let photo = decode_image(&std::fs::read(repo().join("shared/tests/fixtures/lite0/catalog-t-shirt-00003aeb.jpg")).unwrap(), DecodeLimits::default()).unwrap();
     let (w, h) = (photo.width() as f32, photo.height() as f32);
     let boxes = [None, Some(BBox::new(0.05 * w, 0.05 * h, 0.95 * w, 0.95 * h)), Some(BBox::new(0.0, 0.0, 0.3 * w, 0.2 * h))];
-    let e = embedder.embed_crops(&photo, &boxes).unwrap();
+    let e = pipeline(&embedder).embed(&photo, &boxes).unwrap();
     for v in &e {
         assert_eq!(v.len(), 512);
         assert!((dot(v, v) - 1.0).abs() < 1e-4, "unit length");
     }
     // The same garment, slightly recropped, stays closer than a corner of the background or
     // a flat grey picture.
-    let grey = embedder.embed_crops(&RgbImage::from_pixel(300, 300, Rgb([128, 128, 128])), &[None]).unwrap();
+    let grey = pipeline(&embedder).embed(&RgbImage::from_pixel(300, 300, Rgb([128, 128, 128])), &[None]).unwrap();
     assert!(dot(&e[0], &e[1]) > dot(&e[0], &e[2]), "{} vs {}", dot(&e[0], &e[1]), dot(&e[0], &e[2]));
     assert!(dot(&e[0], &e[1]) > dot(&e[0], &grey[0]));
     assert!(dot(&e[0], &e[1]) > 0.8, "{}", dot(&e[0], &e[1]));
 }
 
 #[test]
-fn batching_does_not_change_embeddings() {
+fn a_garment_embeds_the_same_alone_or_among_its_photos_other_garments() {
     let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    let pipeline = pipeline(&embedder);
     let photo = decode_image(&std::fs::read(repo().join("shared/tests/fixtures/lite0/catalog-t-shirt-00003aeb.jpg")).unwrap(), DecodeLimits::default()).unwrap();
-    let boxes: Vec<Option<BBox>> = (0..9).map(|i| Some(BBox::new(i as f32 * 10.0, 0.0, 200.0 + i as f32 * 10.0, 300.0))).collect();
-    let together = embedder.embed_crops(&photo, &boxes).unwrap();
-    let alone = embedder.embed_crops(&photo, &boxes[8..]).unwrap();
-    assert!(dot(&together[8], &alone[0]) > 0.99999);
+    // Nine different crops of one photo, as a photo with nine garments is embedded.
+    let boxes: Vec<Option<BBox>> = (0..9).map(|i| Some(BBox::new(i as f32 * 25.0, i as f32 * 10.0, 120.0 + i as f32 * 25.0, 150.0 + i as f32 * 15.0))).collect();
+    let together = pipeline.embed(&photo, &boxes).unwrap();
+    assert_eq!(together.len(), 9);
+    for (i, b) in boxes.iter().enumerate() {
+        let alone = pipeline.embed(&photo, std::slice::from_ref(b)).unwrap().remove(0);
+        // Batch size moves only the last bits (kernels block differently)...
+        assert!(dot(&together[i], &alone) > 0.99999, "crop {i}: {}", dot(&together[i], &alone));
+        // ...and each row is its own crop's: the crops differ far more than that.
+        for (j, other) in together.iter().enumerate().filter(|(j, _)| *j != i) {
+            assert!(dot(other, &alone) < 0.9999, "crop {j} embeds like crop {i}");
+        }
+    }
 }

@@ -4,13 +4,14 @@
 use std::path::Path;
 
 use candle_core::Device;
-use shoplens::ann::{AnnParams, open_published};
+use shoplens::ann::{AnnParams, LoadOutcome};
 use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::datasets::synth::{self, SynthConfig};
 use shoplens::datasets::{Df2Folder, read_gallery_gt, read_query_gt};
 use shoplens::evaluation::retrieval::{RetrievalInputs, evaluate_with_gt_boxes};
 use shoplens::indexing::{BoxMode, BuildOptions, Models, build_generation};
 use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::serving::engine::{SearchEngine, ServingIndex};
 use shoplens::store::CatalogStore;
 
 #[test]
@@ -19,14 +20,20 @@ fn retrieval_protocol_on_the_synthetic_set() {
     synth::generate(dir.path(), &SynthConfig { images: 8, seed: 21, ..SynthConfig::default() }).unwrap();
     let embedder = GarmentEmbedder::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
     let store = CatalogStore::open(dir.path().join("db")).unwrap();
-    let opts = BuildOptions { boxes: BoxMode::Gt, ..BuildOptions::default() };
+    // Non-default ANN parameters, and a graph even for this small gallery: the evaluation
+    // must load the generation's dump as the searcher does, not rebuild it with defaults.
+    let ann = AnnParams { m: 24, exact_below: 1, ..AnnParams::default() };
+    let opts = BuildOptions { boxes: BoxMode::Gt, ann, ..BuildOptions::default() };
     build_generation(&store, &[CatalogSource::from_path(&dir.path().join("shop")).unwrap()], &LabelMap::default(), Models { embedder: &embedder, detector: None }, &opts, &mut |_| {}).unwrap();
-    let (index, _) = open_published(&store, AnnParams::default()).unwrap();
+    drop(store);
+    let index = ServingIndex::load_current(&dir.path().join("db")).unwrap().unwrap();
+    assert_eq!(index.outcome, LoadOutcome::Loaded);
+    let engine = SearchEngine { detector: None, embedder, limits: Default::default() };
     let folder = Df2Folder::open(dir.path().join("user")).unwrap();
     let query_gt = read_query_gt(&dir.path().join("query_gt.json")).unwrap();
     let gallery_gt = read_gallery_gt(&dir.path().join("gallery_gt.json")).unwrap();
     assert!(gallery_gt.len() <= 20, "a gallery this small is returned whole");
-    let inputs = RetrievalInputs { store: &store, index: &index, embedder: &embedder, queries: &folder, query_gt: &query_gt, gallery_gt: &gallery_gt };
+    let inputs = RetrievalInputs { engine: &engine, index: &index, queries: &folder, query_gt: &query_gt, gallery_gt: &gallery_gt };
     let (report, submission) = evaluate_with_gt_boxes(&inputs, &mut |_| {}).unwrap();
     assert_eq!(report.queries, query_gt.len());
     assert_eq!((report.misses, submission.len()), (0, query_gt.len()));

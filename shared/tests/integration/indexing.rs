@@ -8,7 +8,11 @@ use candle_core::Device;
 use image::{Rgb, RgbImage};
 use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::datasets::synth::{self, SynthConfig};
-use shoplens::indexing::{BoxMode, BuildOptions, Models, BuildReport, build_generation};
+use shoplens::ann::{AnnParams, LoadOutcome};
+use shoplens::indexing::{BoxMode, BuildOptions, BuildReport, Models, build_generation, write_serving_snapshot};
+use shoplens::progress::Progress;
+use shoplens::serving::engine::ServingIndex;
+use shoplens::serving::snapshot;
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::store::{CatalogStore, ContentHash, GenerationState};
 
@@ -117,7 +121,7 @@ fn bad_rows_and_files_are_skipped_with_reasons() {
 }
 
 #[test]
-fn an_interrupted_build_resumes_to_the_same_index() {
+fn an_interrupted_build_resumes_where_it_stopped_to_the_same_index() {
     let dir = tempfile::tempdir().unwrap();
     let csv = catalog(&dir.path().join("shop"), 5);
     let sources = [CatalogSource::from_path(&csv).unwrap()];
@@ -126,22 +130,84 @@ fn an_interrupted_build_resumes_to_the_same_index() {
     let clean = CatalogStore::open(dir.path().join("clean")).unwrap();
     build(&clean, &sources, &embedder, BoxMode::Detected);
 
-    // A build that dies after writing two items: its generation stays Building, unseen.
+    // A build that dies while embedding, after its third item (saved one by one): its
+    // generation stays Building, unseen by readers, with three items written.
     let crashed = CatalogStore::open(dir.path().join("crashed")).unwrap();
-    let first = build(&crashed, &sources, &embedder, BoxMode::Detected);
-    let spec = crashed.published().unwrap().unwrap().spec;
-    let partial = crashed.begin_generation(spec).unwrap();
-    let (rev, _) = crashed.item_in_generation(first.generation, "sku0").unwrap().unwrap();
-    partial.carry_item("sku0", rev).unwrap();
-    partial.remove_item("sku1").unwrap();
-    drop(partial);
-    assert_eq!(crashed.published_id().unwrap(), Some(first.generation));
+    let (mut embedding, mut embedded) = (false, 0);
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let opts = BuildOptions { save_every: 1, ..BuildOptions::default() };
+        build_generation(&crashed, &sources, &LabelMap::default(), Models { embedder: &embedder, detector: None }, &opts, &mut |p| match p {
+            Progress::Stage { name, .. } => embedding = name == "embedding",
+            Progress::Advance(_) if embedding => {
+                embedded += 1;
+                if embedded == 3 {
+                    panic!("killed while embedding");
+                }
+            }
+            _ => {}
+        })
+    }));
+    assert!(died.is_err() && embedded == 3, "the build died in the embedding stage");
+    assert_eq!(crashed.published_id().unwrap(), None);
     assert!(crashed.generations().unwrap().iter().any(|g| g.state == GenerationState::Building));
 
+    // The rerun embeds only the two items the dead build had not reached.
     let resumed = build(&crashed, &sources, &embedder, BoxMode::Detected);
     assert!(resumed.resumed);
-    assert_eq!(resumed.embedded_items, 0);
+    assert_eq!((resumed.embedded_items, resumed.added, resumed.items), (2, 5, 5));
     assert_eq!(contents(&crashed), contents(&clean));
+}
+
+#[test]
+fn a_generation_records_its_ann_parameters_and_its_snapshot_rebuilds_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = catalog(&dir.path().join("shop"), 6);
+    let db = dir.path().join("db");
+    let store = CatalogStore::open(&db).unwrap();
+    // Non-default parameters, and a graph even for six garments.
+    let ann = AnnParams { m: 24, ef_construction: 120, exact_below: 1, ..AnnParams::default() };
+    let opts = BuildOptions { ann: ann.clone(), ..BuildOptions::default() };
+    let sources = [CatalogSource::from_path(&csv).unwrap()];
+    let report = build_generation(&store, &sources, &LabelMap::default(), Models { embedder: &embedder(), detector: None }, &opts, &mut |_| {}).unwrap();
+    let manifest = store.published().unwrap().unwrap();
+    assert_eq!(manifest.ann, Some(ann.clone()));
+    assert_eq!(manifest.catalogs, vec![csv.display().to_string()]);
+    let (_, item) = store.published_item("sku4").unwrap();
+    assert_eq!(item.image_path.as_deref().map(Path::new), Some(dir.path().join("shop/images/4.jpg").as_path()));
+
+    // Readers load the dump built with those parameters rather than rebuild it.
+    let index = ServingIndex::load_current(&db).unwrap().unwrap();
+    assert_eq!(index.outcome, LoadOutcome::Loaded);
+    assert_eq!(index.snapshot().ann, Some(ann));
+    assert_eq!(index.item("sku4").unwrap().image_path, dir.path().join("shop/images/4.jpg"));
+
+    // The snapshot is derived data: rewritten from the store alone, byte for byte.
+    let file = db.join("serving").join(snapshot::file_name(report.generation));
+    let written = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_file(db.join("serving").join(snapshot::CURRENT)).unwrap();
+    assert_eq!(write_serving_snapshot(&store).unwrap(), Some(report.generation));
+    assert_eq!(std::fs::read(&file).unwrap(), written);
+    assert_eq!(snapshot::current(&db.join("serving")).unwrap(), Some(report.generation));
+}
+
+#[test]
+fn a_moved_image_file_gets_a_new_revision_without_new_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = catalog(&dir.path().join("shop"), 2);
+    let store = CatalogStore::open(dir.path().join("db")).unwrap();
+    let embedder = embedder();
+    let sources = [CatalogSource::from_path(&csv).unwrap()];
+    build(&store, &sources, &embedder, BoxMode::Detected);
+    let before = contents(&store);
+    std::fs::rename(dir.path().join("shop/images/1.jpg"), dir.path().join("shop/images/moved.jpg")).unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap().replace("images/1.jpg", "images/moved.jpg");
+    std::fs::write(&csv, text).unwrap();
+    let again = build(&store, &sources, &embedder, BoxMode::Detected);
+    assert_eq!((again.updated, again.unchanged, again.embedded_items), (1, 1, 0));
+    assert_eq!(contents(&store), before);
+    let (_, item) = store.published_item("sku1").unwrap();
+    assert!(item.image_path.unwrap().ends_with("moved.jpg"));
 }
 
 #[test]

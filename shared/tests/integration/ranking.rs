@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use image::RgbImage;
-use shoplens::ann::AnnParams;
 use shoplens::geometry::BBox;
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::serving::engine::{CategorySource, Ranking, SearchEngine, SearchRequest, ServingIndex};
@@ -48,7 +47,7 @@ fn at_similarity(e: &[f32], cos: f32) -> Vec<f32> {
 /// A shop of items, each `(sku, category, embeddings of its garments)`.
 fn shop(items: &[(&str, &str, Vec<Vec<f32>>)]) -> ServingIndex {
     let dim = items[0].2[0].len();
-    let mut snapshot = Snapshot { generation: 1, built_at: None, models: BTreeMap::new(), dim: dim as u32, items: Vec::new(), garments: Vec::new(), embeddings: Vec::new() };
+    let mut snapshot = Snapshot { generation: 1, built_at: None, models: BTreeMap::new(), dim: dim as u32, items: Vec::new(), garments: Vec::new(), embeddings: Vec::new(), ann: None };
     for (i, (sku, category, garments)) in items.iter().enumerate() {
         let metadata = ItemMetadata { sku: sku.to_string(), category: Some(category.to_string()), image: format!("{sku}.jpg"), ..Default::default() };
         snapshot.items.push(ServedItem { metadata, image_path: format!("/shop/{sku}.jpg").into(), content_hash: "00".into() });
@@ -58,7 +57,7 @@ fn shop(items: &[(&str, &str, Vec<Vec<f32>>)]) -> ServingIndex {
             snapshot.embeddings.extend(e);
         }
     }
-    ServingIndex::from_snapshot(snapshot, None, AnnParams::default()).unwrap()
+    ServingIndex::from_snapshot(snapshot, None).unwrap()
 }
 
 fn request(k: usize, region: BBox, ranking: Ranking) -> SearchRequest {
@@ -73,7 +72,7 @@ fn skus(engine: &SearchEngine, index: &ServingIndex, image: &RgbImage, req: &Sea
 fn a_drawn_box_gets_its_category_from_the_category_head() {
     let engine = engine();
     let (image, region) = photo();
-    let e = engine.embedder.embed_crops(&image, &[Some(region)]).unwrap().remove(0);
+    let e = engine.pipeline().embed(&image, &[Some(region)]).unwrap().remove(0);
     let index = shop(&[("p", "pants", vec![at_similarity(&e, 0.5)])]);
     let garment = engine.search_image(&index, &image, &request(1, region, Ranking::SameKindFirst)).unwrap().garments.remove(0);
     assert_eq!((garment.category.as_str(), garment.category_source, garment.source), ("top", CategorySource::Classifier, "region"));
@@ -88,7 +87,7 @@ fn a_drawn_box_gets_its_category_from_the_category_head() {
 fn default_ranking_lists_the_garments_category_first() {
     let engine = engine();
     let (image, region) = photo();
-    let e = engine.embedder.embed_crops(&image, &[Some(region)]).unwrap().remove(0);
+    let e = engine.pipeline().embed(&image, &[Some(region)]).unwrap().remove(0);
     // Pants are nearer to the shirt than any top (but not so near as to be the very item):
     // similarity alone would list them first.
     let exact = engine.embedder.config().exact_match_similarity.unwrap_or(1.0);
@@ -111,7 +110,7 @@ fn default_ranking_lists_the_garments_category_first() {
 fn after_the_last_of_its_kind_come_its_substitutes_then_the_rest() {
     let engine = engine();
     let (image, region) = photo();
-    let e = engine.embedder.embed_crops(&image, &[Some(region)]).unwrap().remove(0);
+    let e = engine.pipeline().embed(&image, &[Some(region)]).unwrap().remove(0);
     let near = engine.embedder.config().exact_match_similarity.unwrap_or(1.0) - 0.05;
     let index = shop(&[
         ("pants-1", "pants", vec![at_similarity(&e, near)]),
@@ -128,7 +127,7 @@ fn the_very_item_stays_first_whatever_its_category() {
     let exact = engine.embedder.config().exact_match_similarity.expect("the shipped embedder has a calibrated exact-match similarity");
     assert!(exact > 0.3 && exact < 0.99, "{exact}");
     let (image, region) = photo();
-    let e = engine.embedder.embed_crops(&image, &[Some(region)]).unwrap().remove(0);
+    let e = engine.pipeline().embed(&image, &[Some(region)]).unwrap().remove(0);
     // Indexed as pants (a wrong catalog label, or a misjudged garment), but nearly identical.
     let index = shop(&[
         ("same-item", "pants", vec![at_similarity(&e, (exact + 1.0) / 2.0)]),
@@ -144,7 +143,7 @@ fn the_very_item_stays_first_whatever_its_category() {
 fn a_substitute_kind_first_when_the_shop_has_none_of_the_garments_own() {
     let engine = engine();
     let (image, region) = photo();
-    let e = engine.embedder.embed_crops(&image, &[Some(region)]).unwrap().remove(0);
+    let e = engine.pipeline().embed(&image, &[Some(region)]).unwrap().remove(0);
     let near = engine.embedder.config().exact_match_similarity.unwrap_or(1.0) - 0.05;
     let with_outer = shop(&[("pants-1", "pants", vec![at_similarity(&e, near)]), ("coat-1", "outer", vec![at_similarity(&e, 0.3)])]);
     let garment = engine.search_image(&with_outer, &image, &request(2, region, Ranking::SameKindFirst)).unwrap().garments.remove(0);
@@ -161,7 +160,7 @@ fn a_substitute_kind_first_when_the_shop_has_none_of_the_garments_own() {
 fn an_item_owning_many_garments_still_leaves_k_items() {
     let engine = engine();
     let (image, region) = photo();
-    let e = engine.embedder.embed_crops(&image, &[Some(region)]).unwrap().remove(0);
+    let e = engine.pipeline().embed(&image, &[Some(region)]).unwrap().remove(0);
     let many: Vec<Vec<f32>> = (0..30).map(|i| at_similarity(&e, 0.99 - i as f32 * 0.001)).collect();
     let index = shop(&[
         ("outfit", "top", many),

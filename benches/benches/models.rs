@@ -83,9 +83,7 @@ fn bench(c: &mut Criterion) {
     let size = detector.config().preprocess.size;
     let id = format!("{}x{},input={size},threads={}", image.width(), image.height(), rayon::current_num_threads());
     group.bench_function(BenchmarkId::new("detect", &id), |b| b.iter(|| detector.detect(&image).unwrap()));
-    group.bench_function(BenchmarkId::new("decode_jpeg+detect", &id), |b| {
-        b.iter(|| detector.detect(&shoplens::vision::decode_image(&jpeg, Default::default()).unwrap()).unwrap())
-    });
+    group.bench_function(BenchmarkId::new("decode_jpeg+detect", &id), |b| b.iter(|| detector.detect(&shoplens::vision::decode_image(&jpeg, Default::default()).unwrap()).unwrap()));
     // Detection and the embedding of what it found: the engine's work for one photo
     // before the ANN search.
     group.bench_function(BenchmarkId::new("detect+embed_garments", &id), |b| {
@@ -123,7 +121,13 @@ fn synthetic_index(n: usize, dim: usize, detector: &GarmentDetector) -> shoplens
         })
         .collect();
     let garments = (0..n)
-        .map(|i| ServedGarment { id: i as u64, item: i as u32, bbox: shoplens::geometry::BBox::new(0., 0., 10., 10.), category: categories[i % categories.len()].clone(), score: 1.0 })
+        .map(|i| ServedGarment {
+            id: i as u64,
+            item: i as u32,
+            bbox: shoplens::geometry::BBox::new(0., 0., 10., 10.),
+            category: categories[i % categories.len()].clone(),
+            score: 1.0,
+        })
         .collect();
     let snapshot = Snapshot { generation: 1, built_at: None, models: Default::default(), dim: dim as u32, items, garments, embeddings: vectors.as_slice().to_vec(), ann: None };
     shoplens::serving::engine::ServingIndex::from_snapshot(snapshot, None).unwrap()

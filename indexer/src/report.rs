@@ -38,7 +38,10 @@ pub fn topk_svg(path: &Path, runs: &[(&str, &BTreeMap<String, f64>)]) -> Result<
     for (i, (name, top_k)) in runs.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
         let points: Vec<(f64, f64)> = TOP_K.iter().filter_map(|k| top_k.get(&k.to_string()).map(|v| (*k as f64, *v))).collect();
-        chart.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?.label(name.to_string()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+        chart
+            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
+            .label(name.to_string())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
         chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, colour.filled())))?;
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw()?;
@@ -52,12 +55,8 @@ pub fn bars_svg(path: &Path, title: &str, series: &[&str], groups: &[(String, Ve
     let root = SVGBackend::new(path, (width, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let n = groups.len().max(1);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(70)
-        .y_label_area_size(48)
-        .build_cartesian_2d(0f64..n as f64, 0f64..1f64)?;
+    let mut chart =
+        ChartBuilder::on(&root).caption(title, ("sans-serif", 18)).margin(12).x_label_area_size(70).y_label_area_size(48).build_cartesian_2d(0f64..n as f64, 0f64..1f64)?;
     chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("score").draw()?;
     // Category names under their groups, drawn on the whole canvas (the plotting area
     // clips what lies below its axis).
@@ -209,7 +208,13 @@ fn thumbnail(image: &RgbImage, bbox: [f32; 4], path: &Path) -> Result<()> {
 
 /// An HTML page of the worst queries (no hit in the top 20, then the latest first hits):
 /// the query crop beside its first five results, each marked hit or not.
-pub fn worst_queries(out: &Path, details: &[QueryDetail], query_image: &dyn Fn(u64) -> Option<PathBuf>, gallery_image: &dyn Fn(&str) -> Option<PathBuf>, limit: usize) -> Result<PathBuf> {
+pub fn worst_queries(
+    out: &Path,
+    details: &[QueryDetail],
+    query_image: &dyn Fn(u64) -> Option<PathBuf>,
+    gallery_image: &dyn Fn(&str) -> Option<PathBuf>,
+    limit: usize,
+) -> Result<PathBuf> {
     let dir = sibling(out, "-worst");
     std::fs::create_dir_all(&dir)?;
     let mut worst: Vec<&QueryDetail> = details.iter().collect();
@@ -239,7 +244,8 @@ pub fn worst_queries(out: &Path, details: &[QueryDetail], query_image: &dyn Fn(u
         if let Some(img) = query_image(d.query_image_id).and_then(|p| open(&p)) {
             let name = format!("q{i}.jpg");
             thumbnail(&img, d.query_bbox.unwrap_or(d.gt_bbox), &dir.join(&name))?;
-            let _ = write!(html, "<figure class=q><img src=\"{}/{name}\"><figcaption>query {} · {} · {status}</figcaption></figure>", file_name(&dir), d.query_image_id, d.category);
+            let _ =
+                write!(html, "<figure class=q><img src=\"{}/{name}\"><figcaption>query {} · {} · {status}</figcaption></figure>", file_name(&dir), d.query_image_id, d.category);
         }
         for (rank, (sku, bbox, score)) in d.retrieved.iter().enumerate() {
             let Some(img) = gallery_image(sku).and_then(|p| open(&p)) else { continue };
@@ -314,7 +320,9 @@ fn metrics(v: &Value) -> BTreeMap<String, f64> {
 
 /// Two reports side by side with differences (b − a).
 pub fn compare(a: &Path, b: &Path) -> Result<String> {
-    let read = |p: &Path| -> Result<Value> { serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("{} is not JSON", p.display())) };
+    let read = |p: &Path| -> Result<Value> {
+        serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("{} is not JSON", p.display()))
+    };
     let (va, vb) = (read(a)?, read(b)?);
     if va["protocol"] != vb["protocol"] {
         anyhow::bail!("{} is a {} report, {} a {} report: nothing to compare", a.display(), va["protocol"], b.display(), vb["protocol"]);

@@ -21,13 +21,7 @@ pub const GENERATIONS_TREE: &str = "generations";
 pub const GENERATION_ITEMS_TREE: &str = "generation_items";
 
 /// Every tree of the store, in the order [`crate::MigrationTx`] exposes them.
-pub const ALL_TREES: [&str; 5] = [
-    META_TREE,
-    ITEMS_TREE,
-    GARMENTS_TREE,
-    GENERATIONS_TREE,
-    GENERATION_ITEMS_TREE,
-];
+pub const ALL_TREES: [&str; 5] = [META_TREE, ITEMS_TREE, GARMENTS_TREE, GENERATIONS_TREE, GENERATION_ITEMS_TREE];
 
 pub const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 pub const PUBLISHED_GENERATION_KEY: &[u8] = b"published_generation";

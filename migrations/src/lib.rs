@@ -52,11 +52,7 @@ pub trait Migration: Sync {
 pub enum StepError {
     /// A record the step must rewrite cannot be read in the old format.
     #[error("record {tree}/{key} cannot be upgraded: {reason}")]
-    Record {
-        tree: &'static str,
-        key: String,
-        reason: String,
-    },
+    Record { tree: &'static str, key: String, reason: String },
     /// sled failed inside the transaction (conflicts are retried by sled itself).
     #[error(transparent)]
     Storage(#[from] sled::transaction::UnabortableTransactionError),
@@ -77,11 +73,7 @@ pub enum MigrationError {
     #[error("no migration step upgrades format version {from} (this build writes {current})")]
     NoStep { from: u32, current: u32 },
     #[error("migration step {description:?} does not move the version forward ({from} -> {to})")]
-    BadStep {
-        description: &'static str,
-        from: u32,
-        to: u32,
-    },
+    BadStep { description: &'static str, from: u32, to: u32 },
     #[error("migration step {description:?} from version {from} failed: {source}")]
     Step {
         description: &'static str,

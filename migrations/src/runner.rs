@@ -21,10 +21,7 @@ impl<'a> MigrationTx<'a> {
     /// # Panics
     /// On a name outside [`ALL_TREES`]: that is a bug in the step, caught by its test.
     pub fn tree(&self, name: &str) -> &TransactionalTree {
-        let at = ALL_TREES
-            .iter()
-            .position(|t| *t == name)
-            .unwrap_or_else(|| panic!("migration step asked for unknown tree {name:?}"));
+        let at = ALL_TREES.iter().position(|t| *t == name).unwrap_or_else(|| panic!("migration step asked for unknown tree {name:?}"));
         &self.trees[at]
     }
 
@@ -35,11 +32,7 @@ impl<'a> MigrationTx<'a> {
     /// # Panics
     /// On a tree the step did not declare: a bug in the step, caught by its test.
     pub fn snapshot(&self, name: &str) -> &'a [(IVec, IVec)] {
-        self.snapshots
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, s)| s.as_slice())
-            .unwrap_or_else(|| panic!("migration step reads tree {name:?} without declaring it in reads()"))
+        self.snapshots.iter().find(|(n, _)| *n == name).map(|(_, s)| s.as_slice()).unwrap_or_else(|| panic!("migration step reads tree {name:?} without declaring it in reads()"))
     }
 }
 
@@ -60,10 +53,7 @@ pub fn read_version(db: &Db) -> Result<Option<u32>, MigrationError> {
     match meta.get(FORMAT_VERSION_KEY)? {
         None => Ok(None),
         Some(bytes) => {
-            let raw: [u8; 4] = bytes
-                .as_ref()
-                .try_into()
-                .map_err(|_| MigrationError::DamagedVersion { len: bytes.len() })?;
+            let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| MigrationError::DamagedVersion { len: bytes.len() })?;
             Ok(Some(u32::from_be_bytes(raw)))
         }
     }
@@ -75,15 +65,8 @@ pub fn upgrade(db: &Db) -> Result<UpgradeReport, MigrationError> {
 }
 
 /// [`upgrade`] with an explicit step list and target, so the runner itself is testable.
-pub fn upgrade_with(
-    db: &Db,
-    steps: &[&dyn Migration],
-    current: u32,
-) -> Result<UpgradeReport, MigrationError> {
-    let trees: Vec<Tree> = ALL_TREES
-        .iter()
-        .map(|name| db.open_tree(name))
-        .collect::<Result<_, _>>()?;
+pub fn upgrade_with(db: &Db, steps: &[&dyn Migration], current: u32) -> Result<UpgradeReport, MigrationError> {
+    let trees: Vec<Tree> = ALL_TREES.iter().map(|name| db.open_tree(name)).collect::<Result<_, _>>()?;
     let found = read_version(db)?;
     let Some(mut version) = found else {
         if trees.iter().any(|t| !t.is_empty()) {
@@ -91,69 +74,38 @@ pub fn upgrade_with(
         }
         trees[0].insert(FORMAT_VERSION_KEY, &current.to_be_bytes())?;
         db.flush()?;
-        return Ok(UpgradeReport {
-            found: None,
-            version: current,
-            applied: Vec::new(),
-        });
+        return Ok(UpgradeReport { found: None, version: current, applied: Vec::new() });
     };
     if version > current {
-        return Err(MigrationError::NewerStore {
-            found: version,
-            supported: current,
-        });
+        return Err(MigrationError::NewerStore { found: version, supported: current });
     }
     let mut applied = Vec::new();
     while version < current {
-        let step = steps
-            .iter()
-            .find(|s| s.applies_to(version))
-            .ok_or(MigrationError::NoStep {
-                from: version,
-                current,
-            })?;
+        let step = steps.iter().find(|s| s.applies_to(version)).ok_or(MigrationError::NoStep { from: version, current })?;
         let to = step.target_version();
         if to <= version || to > current {
-            return Err(MigrationError::BadStep {
-                description: step.description(),
-                from: version,
-                to,
-            });
+            return Err(MigrationError::BadStep { description: step.description(), from: version, to });
         }
         tracing::info!(from = version, to, step = step.description(), "upgrading store");
-        let snapshots: Vec<(&'static str, Snapshot)> = step
-            .reads()
-            .iter()
-            .map(|name| Ok((*name, db.open_tree(name)?.iter().collect::<Result<Snapshot, _>>()?)))
-            .collect::<Result<_, sled::Error>>()?;
+        let snapshots: Vec<(&'static str, Snapshot)> =
+            step.reads().iter().map(|name| Ok((*name, db.open_tree(name)?.iter().collect::<Result<Snapshot, _>>()?))).collect::<Result<_, sled::Error>>()?;
         let refs: Vec<&Tree> = trees.iter().collect();
         refs.as_slice()
             .transaction(|txs| {
-                let tx = MigrationTx {
-                    trees: txs,
-                    snapshots: &snapshots,
-                };
+                let tx = MigrationTx { trees: txs, snapshots: &snapshots };
                 step.run(&tx)?;
                 txs[0].insert(FORMAT_VERSION_KEY, &to.to_be_bytes())?;
                 Ok(())
             })
             .map_err(|e| match e {
-                TransactionError::Abort(source) => MigrationError::Step {
-                    description: step.description(),
-                    from: version,
-                    source,
-                },
+                TransactionError::Abort(source) => MigrationError::Step { description: step.description(), from: version, source },
                 TransactionError::Storage(e) => MigrationError::Storage(e),
             })?;
         db.flush()?;
         applied.push(step.description());
         version = to;
     }
-    Ok(UpgradeReport {
-        found,
-        version,
-        applied,
-    })
+    Ok(UpgradeReport { found, version, applied })
 }
 
 impl From<StepError> for ConflictableTransactionError<StepError> {
@@ -191,11 +143,7 @@ mod tests {
         }
         fn run(&self, tx: &MigrationTx<'_>) -> Result<(), StepError> {
             for (k, v) in tx.snapshot(ITEMS_TREE) {
-                let raw: [u8; 8] = v.as_ref().try_into().map_err(|_| StepError::Record {
-                    tree: ITEMS_TREE,
-                    key: format!("{k:?}"),
-                    reason: "not 8 bytes".into(),
-                })?;
+                let raw: [u8; 8] = v.as_ref().try_into().map_err(|_| StepError::Record { tree: ITEMS_TREE, key: format!("{k:?}"), reason: "not 8 bytes".into() })?;
                 let doubled = u64::from_be_bytes(raw) * 2;
                 tx.tree(ITEMS_TREE).insert(k.clone(), &doubled.to_be_bytes())?;
             }
@@ -218,10 +166,7 @@ mod tests {
     #[test]
     fn newer_store_is_refused_with_both_versions() {
         let db = temp_db();
-        db.open_tree(META_TREE)
-            .unwrap()
-            .insert(FORMAT_VERSION_KEY, &(CURRENT_VERSION + 7).to_be_bytes())
-            .unwrap();
+        db.open_tree(META_TREE).unwrap().insert(FORMAT_VERSION_KEY, &(CURRENT_VERSION + 7).to_be_bytes()).unwrap();
         let err = upgrade(&db).unwrap_err();
         assert!(matches!(err, MigrationError::NewerStore { found, supported }
             if found == CURRENT_VERSION + 7 && supported == CURRENT_VERSION));
@@ -271,9 +216,6 @@ mod tests {
     fn missing_step_is_an_error_not_a_silent_skip() {
         let db = temp_db();
         upgrade_with(&db, &[], 1).unwrap();
-        assert!(matches!(
-            upgrade_with(&db, &[], 3),
-            Err(MigrationError::NoStep { from: 1, current: 3 })
-        ));
+        assert!(matches!(upgrade_with(&db, &[], 3), Err(MigrationError::NoStep { from: 1, current: 3 })));
     }
 }

@@ -198,9 +198,8 @@ fn ready(state: &SearcherState) -> Result<Arc<shoplens::serving::engine::Serving
 /// Parses the query string of `/v1/search`, refusing anything unknown or out of range.
 pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
     let mut req = SearchRequest { k: 10, category: None, region: None, ranking: Default::default() };
-    let pairs: Vec<(String, String)> = web::Query::<Vec<(String, String)>>::from_query(query)
-        .map_err(|e| ApiError::bad_request("invalid_query", format!("cannot read the query string: {e}")))?
-        .into_inner();
+    let pairs: Vec<(String, String)> =
+        web::Query::<Vec<(String, String)>>::from_query(query).map_err(|e| ApiError::bad_request("invalid_query", format!("cannot read the query string: {e}")))?.into_inner();
     for (key, value) in pairs {
         match key.as_str() {
             "k" => {
@@ -220,9 +219,11 @@ pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
                 }
             }
             "box" => {
-                let v: Vec<f32> = value.split(',').map(|p| p.trim().parse::<f32>()).collect::<Result<_, _>>().map_err(|_| {
-                    ApiError::bad_request("invalid_box", format!("box must be x1,y1,x2,y2 in pixels, got {value:?}"))
-                })?;
+                let v: Vec<f32> = value
+                    .split(',')
+                    .map(|p| p.trim().parse::<f32>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| ApiError::bad_request("invalid_box", format!("box must be x1,y1,x2,y2 in pixels, got {value:?}")))?;
                 let b = match v.as_slice() {
                     [x1, y1, x2, y2] => BBox::new(*x1, *y1, *x2, *y2),
                     _ => return Err(ApiError::bad_request("invalid_box", format!("box needs 4 numbers x1,y1,x2,y2, got {}", v.len()))),
@@ -243,10 +244,15 @@ pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
 async fn read_photo(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the upload is over the {limit}-byte limit"));
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
-        && len > limit + 64 * 1024 {
-            return Err(too_large());
-        }
-    let is_multipart = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim_start().get(..19).is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data")));
+        && len > limit + 64 * 1024
+    {
+        return Err(too_large());
+    }
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().get(..19).is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data")));
     let mut bytes = Vec::new();
     let payload_error = |e: &dyn std::fmt::Display| ApiError::bad_request("invalid_body", format!("reading the upload failed: {e}"));
     if is_multipart {
@@ -373,7 +379,12 @@ async fn item_image(req: HttpRequest, path: web::Path<String>, state: web::Data<
     let item = index.item(&sku).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no item with sku {sku:?}")))?;
     let etag = format!("\"{}\"", item.content_hash);
     // If-None-Match compares weakly (RFC 9110 §13.1.2): `W/"…"` matches our strong tag.
-    if req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)) {
+    if req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag))
+    {
         return Ok(HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish());
     }
     // Serve what was indexed, and only that: the same link-, device- and FIFO-refusing read

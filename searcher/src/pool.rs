@@ -68,9 +68,8 @@ impl SearchPool {
     pub fn submit<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<Pending<T>, Busy> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-                p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "search panicked".into())
-            });
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .map_err(|p| p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "search panicked".into()));
             let _ = tx.send(result);
         });
         match self.sender.try_send(job) {

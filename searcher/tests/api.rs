@@ -340,11 +340,8 @@ async fn the_hostile_corpus_gets_4xx_and_the_server_keeps_serving() {
         let got = error_of!(app, uri, file(name));
         assert_eq!(got, (status, code.to_string()), "{name} {uri}");
     }
-    let more: [(&str, u16, &str); 3] = [
-        ("/v1/search?box=5000,5000,6000,6000", 400, "invalid_box"),
-        ("/v1/search?category=", 200, ""),
-        ("/v1/search?k=3&k=4&category=top&category=dress", 200, ""),
-    ];
+    let more: [(&str, u16, &str); 3] =
+        [("/v1/search?box=5000,5000,6000,6000", 400, "invalid_box"), ("/v1/search?category=", 200, ""), ("/v1/search?k=3&k=4&category=top&category=dress", 200, "")];
     for (uri, status, code) in more {
         assert_eq!(error_of!(app, uri, file("photo.jpg")), (status, code.to_string()), "{uri}");
     }
@@ -435,7 +432,11 @@ async fn a_photo_too_small_for_a_garment_is_one_whole_image_search() {
 async fn wrong_methods_are_405_with_allow_head_works_and_weak_etags_match() {
     let state = state_with(SearchPool::new(1, 4));
     let app = app!(state);
-    for (method, uri, allow) in [(actix_web::http::Method::GET, "/v1/search", "POST"), (actix_web::http::Method::POST, "/healthz", "GET, HEAD"), (actix_web::http::Method::DELETE, "/v1/items/x", "GET, HEAD")] {
+    for (method, uri, allow) in [
+        (actix_web::http::Method::GET, "/v1/search", "POST"),
+        (actix_web::http::Method::POST, "/healthz", "GET, HEAD"),
+        (actix_web::http::Method::DELETE, "/v1/items/x", "GET, HEAD"),
+    ] {
         let resp = test::call_service(&app, test::TestRequest::default().method(method.clone()).uri(uri).to_request()).await;
         assert_eq!(resp.status(), 405, "{method} {uri}");
         assert_eq!(resp.headers().get("allow").unwrap(), allow);

@@ -11,11 +11,7 @@ pub enum Error {
     // ---- the caller's or the data's fault ----
     /// A DeepFashion2-format file (annotation, ground truth) does not follow the format.
     #[error("{}: field `{field}`: {reason}", file.display())]
-    MalformedDataset {
-        file: PathBuf,
-        field: String,
-        reason: String,
-    },
+    MalformedDataset { file: PathBuf, field: String, reason: String },
     /// A dataset folder lacks a part it must have.
     #[error("{}: {reason}", path.display())]
     InvalidDatasetLayout { path: PathBuf, reason: String },
@@ -59,11 +55,7 @@ pub enum Error {
     StoreFormat(#[from] shoplens_migrations::MigrationError),
     /// A record in the store cannot be decoded: damaged or hostile data.
     #[error("store record {tree}/{key} is damaged: {reason}")]
-    CorruptRecord {
-        tree: &'static str,
-        key: String,
-        reason: String,
-    },
+    CorruptRecord { tree: &'static str, key: String, reason: String },
     /// A store operation breaks the generation rules (a bug or a concurrent writer).
     #[error("index generation {generation}: {reason}")]
     GenerationConflict { generation: u64, reason: String },
@@ -160,9 +152,6 @@ impl Error {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }

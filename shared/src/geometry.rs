@@ -70,12 +70,7 @@ impl BBox {
     /// The box clipped to an image of `width` × `height`.
     pub fn clip(&self, width: u32, height: u32) -> BBox {
         let (w, h) = (width as f32, height as f32);
-        BBox {
-            x1: self.x1.clamp(0.0, w),
-            y1: self.y1.clamp(0.0, h),
-            x2: self.x2.clamp(0.0, w),
-            y2: self.y2.clamp(0.0, h),
-        }
+        BBox { x1: self.x1.clamp(0.0, w), y1: self.y1.clamp(0.0, h), x2: self.x2.clamp(0.0, w), y2: self.y2.clamp(0.0, h) }
     }
 }
 

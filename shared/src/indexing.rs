@@ -24,17 +24,17 @@ use image::RgbImage;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::Result;
 use crate::ann::{AnnParams, GarmentIndex, GarmentVectors, LoadOutcome, graph};
 use crate::catalog::{CatalogEntry, CatalogSource, LabelMap, read_catalog};
 use crate::geometry::BBox;
 use crate::models::detector::{Detection, GarmentDetector};
 use crate::models::embedder::GarmentEmbedder;
+use crate::pipeline::GarmentPipeline;
 use crate::progress::{Progress, ProgressFn};
 use crate::serving::snapshot::{self, Snapshot};
-use crate::pipeline::GarmentPipeline;
 use crate::store::{CatalogStore, ContentHash, GenerationBuilder, GenerationSpec, ItemRecord, NewGarment, PruneReport};
 use crate::vision::DecodeLimits;
-use crate::Result;
 
 /// Largest image file read, in bytes.
 pub const MAX_IMAGE_BYTES: u64 = 50 << 20;
@@ -118,10 +118,7 @@ fn spec_for(embedder: &GarmentEmbedder, detector: Option<&GarmentDetector>, boxe
         (BoxMode::Gt, Some(d)) => format!("ground-truth boxes; {}", d.version()),
         (BoxMode::Gt, None) => "ground-truth boxes; whole-image garments".to_string(),
     };
-    GenerationSpec {
-        dim: embedder.dim() as u32,
-        models: BTreeMap::from([("embedder".to_string(), embedder.version().to_string()), ("detector".to_string(), detector)]),
-    }
+    GenerationSpec { dim: embedder.dim() as u32, models: BTreeMap::from([("embedder".to_string(), embedder.version().to_string()), ("detector".to_string(), detector)]) }
 }
 
 /// The garments of an item whose image needs no new embedding: its previous revision's.

@@ -41,9 +41,10 @@ fn post(stream: &mut BufReader<TcpStream>, addr: &str, path: &str, body: &[u8]) 
             break;
         }
         if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().unwrap_or(0);
-            }
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
     }
     let mut body = vec![0; length];
     stream.read_exact(&mut body)?;
@@ -147,9 +148,5 @@ fn main() {
         ok.iter().sum::<f64>() / n,
         ok.last().copied().unwrap_or(f64::NAN)
     );
-    println!(
-        "server stages, mean ms: {}; garments per photo {:.1}",
-        stages.iter().map(|(k, v)| format!("{k} {:.1}", v / n)).collect::<Vec<_>>().join(", "),
-        garments as f64 / n
-    );
+    println!("server stages, mean ms: {}; garments per photo {:.1}", stages.iter().map(|(k, v)| format!("{k} {:.1}", v / n)).collect::<Vec<_>>().join(", "), garments as f64 / n);
 }

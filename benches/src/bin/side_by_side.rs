@@ -42,7 +42,13 @@ fn main() -> Result<()> {
     let line = match command.as_str() {
         "models" => models_case(&models, &opt("--case").context("--case")?, num("--batch", 1)?, num("--runs", 10)?, opt("--dump").map(PathBuf::from))?,
         "photo" => photo_case(&models, Path::new(&opt("--photo").context("--photo")?), num("--runs", 10)?)?,
-        "ann" => ann_case(num("--n", 100_000)?, num("--dim", 256)?, num("--queries", 1000)?, Path::new(&opt("--data").context("--data")?), &opt("--ef").unwrap_or_else(|| "10,16,24,32,48,64,96,128,256".into()))?,
+        "ann" => ann_case(
+            num("--n", 100_000)?,
+            num("--dim", 256)?,
+            num("--queries", 1000)?,
+            Path::new(&opt("--data").context("--data")?),
+            &opt("--ef").unwrap_or_else(|| "10,16,24,32,48,64,96,128,256".into()),
+        )?,
         other => bail!("unknown command {other}"),
     };
     println!("{line}");

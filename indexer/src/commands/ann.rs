@@ -30,13 +30,7 @@ pub fn run(cmd: AnnCommand) -> Result<()> {
                 LoadOutcome::Loaded => "graph dump valid, loaded".to_string(),
                 LoadOutcome::Built { reason } => format!("graph rebuilt and dumped ({reason})"),
             };
-            println!(
-                "generation {}: {} garments, {}-d, opened in {:.2?}; {what}",
-                index.generation(),
-                index.len(),
-                index.dim(),
-                started.elapsed()
-            );
+            println!("generation {}: {} garments, {}-d, opened in {:.2?}; {what}", index.generation(), index.len(), index.dim(), started.elapsed());
             Ok(())
         }
     }

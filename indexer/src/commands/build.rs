@@ -79,9 +79,7 @@ pub fn run(args: BuildArgs) -> Result<()> {
     let embedder = GarmentEmbedder::load(&args.embedder, &device).with_context(|| format!("loading the embedder {}", args.embedder.display()))?;
     // With --boxes gt the detector still serves the catalogs without annotated boxes.
     let detector = match (args.boxes, args.no_detector) {
-        (_, false) => {
-            Some(GarmentDetector::load(&args.detector, &device).with_context(|| format!("loading the detector {} (or pass --no-detector)", args.detector.display()))?)
-        }
+        (_, false) => Some(GarmentDetector::load(&args.detector, &device).with_context(|| format!("loading the detector {} (or pass --no-detector)", args.detector.display()))?),
         _ => None,
     };
     let store = CatalogStore::open(&args.db).with_context(|| format!("opening store {}", args.db.display()))?;

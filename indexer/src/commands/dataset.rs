@@ -64,11 +64,8 @@ pub fn run(cmd: DatasetCommand) -> Result<()> {
 }
 
 fn check(data: &Path) -> Result<()> {
-    let folders: Vec<PathBuf> = if data.join("annos").is_dir() {
-        vec![data.to_path_buf()]
-    } else {
-        ["user", "shop"].iter().map(|s| data.join(s)).filter(|p| p.join("annos").is_dir()).collect()
-    };
+    let folders: Vec<PathBuf> =
+        if data.join("annos").is_dir() { vec![data.to_path_buf()] } else { ["user", "shop"].iter().map(|s| data.join(s)).filter(|p| p.join("annos").is_dir()).collect() };
     if folders.is_empty() {
         anyhow::bail!("{} holds neither annos/ nor user/annos or shop/annos", data.display());
     }

@@ -9,10 +9,10 @@ use shoplens::device::{DevicePreference, select_device};
 use shoplens::evaluation::detection::evaluate_detector;
 use shoplens::evaluation::relevance::{RelevanceBoxes, RelevanceInputs, evaluate_relevance};
 use shoplens::evaluation::retrieval::{QueryBoxes, RetrievalInputs, TOP_K, evaluate};
-use shoplens::serving::engine::{Ranking, SearchEngine, ServingIndex};
-use shoplens::vision::DecodeLimits;
 use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::serving::engine::{Ranking, SearchEngine, ServingIndex};
+use shoplens::vision::DecodeLimits;
 
 use crate::progress::Reporter;
 use crate::report;
@@ -168,7 +168,17 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
 
 #[allow(clippy::too_many_arguments)]
 fn retrieval(
-    db: PathBuf, queries: PathBuf, query_gt: PathBuf, gallery_gt: PathBuf, boxes: EvalBoxes, split: Split, embedder: PathBuf, detector: PathBuf, out: PathBuf, submission: Option<PathBuf>) -> Result<()> {
+    db: PathBuf,
+    queries: PathBuf,
+    query_gt: PathBuf,
+    gallery_gt: PathBuf,
+    boxes: EvalBoxes,
+    split: Split,
+    embedder: PathBuf,
+    detector: PathBuf,
+    out: PathBuf,
+    submission: Option<PathBuf>,
+) -> Result<()> {
     prepare_out(&out)?;
     let device = select_device(DevicePreference::Auto)?;
     let embedder = GarmentEmbedder::load(&embedder, &device).context("loading the embedder")?;
@@ -180,7 +190,10 @@ fn retrieval(
     let index = ServingIndex::load_current(&db)?.with_context(|| format!("{} has no published generation", db.display()))?;
     let indexed_with = index.snapshot().models.get("embedder").cloned();
     if indexed_with.as_deref() != Some(embedder.version()) {
-        bail!("the index was built with embedder {indexed_with:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder", embedder.version());
+        bail!(
+            "the index was built with embedder {indexed_with:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder",
+            embedder.version()
+        );
     }
     let query_boxes = if detector.is_some() { QueryBoxes::Detected } else { QueryBoxes::GroundTruth };
     let engine = SearchEngine { detector, embedder, limits: DecodeLimits::default() };
@@ -241,7 +254,10 @@ fn relevance(args: RelevanceArgs) -> Result<()> {
     let index = ServingIndex::load_current(&args.db)?.with_context(|| format!("{} has no published generation", args.db.display()))?;
     let indexed_with = index.snapshot().models.get("embedder").cloned();
     if indexed_with.as_deref() != Some(embedder.version()) {
-        bail!("the index was built with embedder {indexed_with:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder", embedder.version());
+        bail!(
+            "the index was built with embedder {indexed_with:?}, this evaluation embeds queries with {:?}: rebuild the index or pass the matching --embedder",
+            embedder.version()
+        );
     }
     let engine = SearchEngine { detector, embedder, limits: DecodeLimits::default() };
     let folder = Df2Folder::open(&args.queries)?;

@@ -55,10 +55,7 @@ pub fn run(db: &Path, as_json: bool, with_digest: bool) -> Result<()> {
         (Some(m), true) => Some(content_digest(&store, m.id)?),
         _ => None,
     };
-    let building = store
-        .generations()?
-        .into_iter()
-        .find(|g| g.state == shoplens::store::GenerationState::Building);
+    let building = store.generations()?.into_iter().find(|g| g.state == shoplens::store::GenerationState::Building);
     if as_json {
         let value = match &published {
             Some(m) => json!({

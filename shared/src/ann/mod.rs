@@ -12,8 +12,8 @@
 
 pub mod exact;
 pub mod graph;
-pub mod synthetic;
 mod index;
+pub mod synthetic;
 mod vectors;
 
 pub use index::{GarmentIndex, LoadOutcome, SearchPath};
@@ -50,25 +50,14 @@ pub struct AnnParams {
 
 impl Default for AnnParams {
     fn default() -> Self {
-        Self {
-            m: 16,
-            ef_construction: 200,
-            ef_search: 64,
-            exact_below: 10_000,
-            filter_exact_max: 50_000,
-        }
+        Self { m: 16, ef_construction: 200, ef_search: 64, exact_below: 10_000, filter_exact_max: 50_000 }
     }
 }
 
 impl AnnParams {
     /// Checks the parameters are usable (hnsw_rs exits the process on M > 256).
     pub fn validate(&self) -> Result<()> {
-        let bad = |name, reason: &str| {
-            Err(Error::InvalidSetting {
-                name,
-                reason: reason.to_string(),
-            })
-        };
+        let bad = |name, reason: &str| Err(Error::InvalidSetting { name, reason: reason.to_string() });
         if !(2..=256).contains(&self.m) {
             return bad("m", "must be between 2 and 256");
         }

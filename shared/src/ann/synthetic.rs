@@ -18,9 +18,7 @@ pub fn clustered(n: usize, dim: usize, centres: usize, categories: usize, seed: 
     for i in 0..n {
         let c = rng.random_range(0..centre_vecs.len());
         let v = near(&mut rng, &centre_vecs[c], 0.7);
-        vectors
-            .push(1000 + i as u64, &format!("cat{}", i % categories.max(1)), &v)
-            .expect("synthetic vectors are finite and non-zero");
+        vectors.push(1000 + i as u64, &format!("cat{}", i % categories.max(1)), &v).expect("synthetic vectors are finite and non-zero");
     }
     vectors
 }

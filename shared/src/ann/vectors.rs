@@ -28,31 +28,19 @@ pub(crate) fn normalise(v: &mut [f32]) -> Option<()> {
 impl GarmentVectors {
     /// An empty matrix of `dim`-d vectors.
     pub fn new(dim: usize) -> Self {
-        Self {
-            dim,
-            ids: Vec::new(),
-            categories: Vec::new(),
-            category_names: Vec::new(),
-            data: Vec::new(),
-        }
+        Self { dim, ids: Vec::new(), categories: Vec::new(), category_names: Vec::new(), data: Vec::new() }
     }
 
     /// Appends one garment, normalising its embedding.
     pub fn push(&mut self, id: GarmentId, category: &str, embedding: &[f32]) -> Result<()> {
         if embedding.len() != self.dim {
-            return Err(Error::DimensionMismatch {
-                expected: self.dim,
-                found: embedding.len(),
-            });
+            return Err(Error::DimensionMismatch { expected: self.dim, found: embedding.len() });
         }
         let start = self.data.len();
         self.data.extend_from_slice(embedding);
         if normalise(&mut self.data[start..]).is_none() {
             self.data.truncate(start);
-            return Err(Error::InvalidVector {
-                what: format!("of garment {id}"),
-                reason: "zero length or not finite".into(),
-            });
+            return Err(Error::InvalidVector { what: format!("of garment {id}"), reason: "zero length or not finite".into() });
         }
         let category = match self.category_names.iter().position(|c| c == category) {
             Some(at) => at,

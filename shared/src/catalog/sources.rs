@@ -132,7 +132,9 @@ fn entry_from_fields(mut fields: BTreeMap<String, String>, root: &Path, labels: 
     let image_path = resolve_image(root, image.trim()).map_err(|r| fail(Some(sku.clone()), r))?;
     let price = match fields.remove("price").filter(|p| !p.trim().is_empty()) {
         None => None,
-        Some(p) => Some(p.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| fail(Some(sku.clone()), format!("price {p:?} is not a non-negative number")))?),
+        Some(p) => {
+            Some(p.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| fail(Some(sku.clone()), format!("price {p:?} is not a non-negative number")))?)
+        }
     };
     let label = fields.remove("label").filter(|l| !l.trim().is_empty());
     let category = fields.remove("category").filter(|c| !c.trim().is_empty()).or_else(|| label.as_deref().map(|l| labels.category(l)));
@@ -191,7 +193,11 @@ pub fn parse_csv(bytes: &[u8], path: &Path, labels: &LabelMap) -> Result<(Vec<Ca
             Ok(r) => {
                 let line = r.position().map_or(0, |p| p.line());
                 if r.len() != headers.len() {
-                    errors.push(RowError { origin: format!("{}:{line}", path.display()), sku: r.get(0).map(str::to_string), reason: format!("{} fields, the header has {}", r.len(), headers.len()) });
+                    errors.push(RowError {
+                        origin: format!("{}:{line}", path.display()),
+                        sku: r.get(0).map(str::to_string),
+                        reason: format!("{} fields, the header has {}", r.len(), headers.len()),
+                    });
                     continue;
                 }
                 let fields: BTreeMap<String, String> = headers.iter().cloned().zip(r.iter().map(str::to_string)).collect();
@@ -263,11 +269,8 @@ fn read_df2(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<Ro
         let origin = image.annotation.display().to_string();
         match Df2Annotation::read(&image.annotation) {
             Ok(anno) => {
-                let boxes: Vec<(BBox, String)> = anno
-                    .items
-                    .iter()
-                    .map(|i| (i.bbox, if i.category_name.is_empty() { i.category_id.to_string() } else { labels.category(&i.category_name) }))
-                    .collect();
+                let boxes: Vec<(BBox, String)> =
+                    anno.items.iter().map(|i| (i.bbox, if i.category_name.is_empty() { i.category_id.to_string() } else { labels.category(&i.category_name) })).collect();
                 let first_category = boxes.first().map(|(_, c)| c.clone());
                 let image_ref = image.image.strip_prefix(path).unwrap_or(&image.image).to_string_lossy().into_owned();
                 let metadata = ItemMetadata {

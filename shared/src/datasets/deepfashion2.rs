@@ -68,11 +68,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, field: &str, reason: impl Into<String>) -> Error {
-        Error::MalformedDataset {
-            file: self.file.to_path_buf(),
-            field: field.to_string(),
-            reason: reason.into(),
-        }
+        Error::MalformedDataset { file: self.file.to_path_buf(), field: field.to_string(), reason: reason.into() }
     }
 
     fn required<'v>(&self, obj: &'v Map<String, Value>, prefix: &str, key: &str) -> Result<&'v Value> {
@@ -80,9 +76,7 @@ impl Ctx<'_> {
     }
 
     fn uint(&self, value: &Value, field: &str, max: u64) -> Result<u64> {
-        let n = value
-            .as_u64()
-            .ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {}", kind(value))))?;
+        let n = value.as_u64().ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {}", kind(value))))?;
         if n > max {
             return Err(self.err(field, format!("{n} is larger than {max}")));
         }
@@ -97,17 +91,10 @@ impl Ctx<'_> {
     }
 
     fn numbers(&self, value: &Value, field: &str) -> Result<Vec<f32>> {
-        let arr = value
-            .as_array()
-            .ok_or_else(|| self.err(field, format!("expected a list of numbers, found {}", kind(value))))?;
+        let arr = value.as_array().ok_or_else(|| self.err(field, format!("expected a list of numbers, found {}", kind(value))))?;
         arr.iter()
             .enumerate()
-            .map(|(i, v)| {
-                v.as_f64()
-                    .filter(|x| x.is_finite())
-                    .map(|x| x as f32)
-                    .ok_or_else(|| self.err(&format!("{field}[{i}]"), format!("expected a number, found {}", kind(v))))
-            })
+            .map(|(i, v)| v.as_f64().filter(|x| x.is_finite()).map(|x| x as f32).ok_or_else(|| self.err(&format!("{field}[{i}]"), format!("expected a number, found {}", kind(v)))))
             .collect()
     }
 }
@@ -142,9 +129,7 @@ impl Df2Annotation {
         let mut items = Vec::new();
         for (key, value) in obj {
             let Some(index) = key.strip_prefix("item") else { continue };
-            let index: u32 = index
-                .parse()
-                .map_err(|_| ctx.err(key, "item keys are item1, item2, ..."))?;
+            let index: u32 = index.parse().map_err(|_| ctx.err(key, "item keys are item1, item2, ..."))?;
             items.push(Self::parse_item(&ctx, key, index, value)?);
         }
         items.sort_by_key(|i| i.index);
@@ -175,11 +160,7 @@ impl Df2Annotation {
         };
         let segmentation = match obj.get("segmentation") {
             None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(polys)) => polys
-                .iter()
-                .enumerate()
-                .map(|(i, p)| ctx.numbers(p, &format!("{key}.segmentation[{i}]")))
-                .collect::<Result<_>>()?,
+            Some(Value::Array(polys)) => polys.iter().enumerate().map(|(i, p)| ctx.numbers(p, &format!("{key}.segmentation[{i}]"))).collect::<Result<_>>()?,
             Some(other) => return Err(ctx.err(&join(key, "segmentation"), format!("expected a list of polygons, found {}", kind(other)))),
         };
         Ok(Df2Item {
@@ -213,10 +194,7 @@ impl Df2Folder {
         let image_dir = root.join("image");
         for dir in [&annos, &image_dir] {
             if !dir.is_dir() {
-                return Err(Error::InvalidDatasetLayout {
-                    path: dir.clone(),
-                    reason: "missing: a DeepFashion2-format folder holds image/ and annos/".into(),
-                });
+                return Err(Error::InvalidDatasetLayout { path: dir.clone(), reason: "missing: a DeepFashion2-format folder holds image/ and annos/".into() });
             }
         }
         let mut images = Vec::new();
@@ -226,18 +204,12 @@ impl Df2Folder {
                 continue;
             }
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-            let id: u64 = stem.parse().map_err(|_| Error::InvalidDatasetLayout {
-                path: path.clone(),
-                reason: "annotation file names are numeric ids (000123.json)".into(),
-            })?;
+            let id: u64 = stem.parse().map_err(|_| Error::InvalidDatasetLayout { path: path.clone(), reason: "annotation file names are numeric ids (000123.json)".into() })?;
             let image = ["jpg", "jpeg", "png"]
                 .iter()
                 .map(|ext| image_dir.join(format!("{stem}.{ext}")))
                 .find(|p| p.is_file())
-                .ok_or_else(|| Error::InvalidDatasetLayout {
-                    path: path.clone(),
-                    reason: format!("no image {stem}.jpg in {}", image_dir.display()),
-                })?;
+                .ok_or_else(|| Error::InvalidDatasetLayout { path: path.clone(), reason: format!("no image {stem}.jpg in {}", image_dir.display()) })?;
             images.push(Df2Image { id, image, annotation: path });
         }
         images.sort_by_key(|i| i.id);

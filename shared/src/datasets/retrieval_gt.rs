@@ -54,13 +54,7 @@ pub fn parse_list<T: for<'de> Deserialize<'de>>(bytes: &[u8], path: &Path) -> Re
     })?;
     raw.into_iter()
         .enumerate()
-        .map(|(i, v)| {
-            serde_json::from_value(v).map_err(|e| Error::MalformedDataset {
-                file: path.to_path_buf(),
-                field: format!("[{i}]"),
-                reason: e.to_string(),
-            })
-        })
+        .map(|(i, v)| serde_json::from_value(v).map_err(|e| Error::MalformedDataset { file: path.to_path_buf(), field: format!("[{i}]"), reason: e.to_string() }))
         .collect()
 }
 

@@ -38,14 +38,7 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self {
-            images: 12,
-            seed: 7,
-            width: 240,
-            height: 320,
-            max_items: 3,
-            unmatched_rate: 0.2,
-        }
+        Self { images: 12, seed: 7, width: 240, height: 320, max_items: 3, unmatched_rate: 0.2 }
     }
 }
 
@@ -89,12 +82,7 @@ impl Look {
             3 => Pattern::Checks(period),
             _ => Pattern::Dots(period),
         };
-        Self {
-            category: rng.random_range(0..CATEGORIES.len()),
-            base: colour(rng),
-            accent: colour(rng),
-            pattern,
-        }
+        Self { category: rng.random_range(0..CATEGORIES.len()), base: colour(rng), accent: colour(rng), pattern }
     }
 
     /// Whether unit point (u, v) lies inside the category's shape. Every shape reaches all
@@ -144,10 +132,7 @@ impl Look {
 fn write_jpeg(img: &RgbImage, path: &Path) -> Result<()> {
     let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(BufWriter::new(file), 92);
-    encoder.encode_image(img).map_err(|source| Error::ImageWrite {
-        path: path.to_path_buf(),
-        source,
-    })
+    encoder.encode_image(img).map_err(|source| Error::ImageWrite { path: path.to_path_buf(), source })
 }
 
 fn write_json(value: &Value, path: &Path) -> Result<()> {
@@ -157,7 +142,13 @@ fn write_json(value: &Value, path: &Path) -> Result<()> {
 fn item_json(look: &Look, style: u32, bbox: BBox, image_area: f32) -> Value {
     let (id, name) = CATEGORIES[look.category];
     let ratio = bbox.area() / image_area;
-    let scale = if ratio < 0.05 { 1 } else if ratio < 0.2 { 2 } else { 3 };
+    let scale = if ratio < 0.05 {
+        1
+    } else if ratio < 0.2 {
+        2
+    } else {
+        3
+    };
     json!({"category_id": id, "category_name": name, "style": style, "bounding_box": bbox.to_array().map(|v| v as i64),
            "landmarks": [], "segmentation": [], "scale": scale, "occlusion": 1, "zoom_in": 1, "viewpoint": 2})
 }
@@ -176,22 +167,14 @@ fn random_box(rng: &mut ChaCha8Rng, width: u32, height: u32, min: f32, max: f32)
 /// `gallery_gt.json`. The same config always gives the same bytes.
 pub fn generate(dir: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
     if cfg.images == 0 || cfg.max_items == 0 || cfg.width < 64 || cfg.height < 64 {
-        return Err(Error::InvalidSetting {
-            name: "synth",
-            reason: "need at least one image and one item per image, and images of at least 64×64".into(),
-        });
+        return Err(Error::InvalidSetting { name: "synth", reason: "need at least one image and one item per image, and images of at least 64×64".into() });
     }
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     for sub in ["user/image", "user/annos", "shop/image", "shop/annos"] {
         let path = dir.join(sub);
         fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
     }
-    let mut summary = SynthSummary {
-        user_images: 0,
-        shop_images: 0,
-        matched_items: 0,
-        unmatched_items: 0,
-    };
+    let mut summary = SynthSummary { user_images: 0, shop_images: 0, matched_items: 0, unmatched_items: 0 };
     let (mut queries, mut gallery) = (Vec::new(), Vec::new());
     for pair_id in 1..=cfg.images as u64 {
         let mut img = RgbImage::from_fn(cfg.width, cfg.height, |x, y| {

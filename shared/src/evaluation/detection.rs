@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::Result;
 use crate::datasets::{Df2Annotation, Df2Folder};
 use crate::geometry::BBox;
 use crate::models::detector::{GarmentDetector, Postprocess};
 use crate::progress::{Progress, ProgressFn};
 use crate::vision::{DecodeLimits, decode_image};
-use crate::Result;
 
 /// Categories whose mean AP50 the detector issue sets its target on.
 pub const HEADLINE: [&str; 8] = ["top", "outer", "dress", "pants", "skirt", "shorts", "footwear", "bag"];
@@ -149,10 +149,7 @@ pub fn evaluate(gts: &[GroundTruth], dets: &[Detected], num_classes: usize) -> A
         // Deterministic order before the stable score sort: by image, then input position.
         d.sort_by_key(|d| d.image);
         let aps: Vec<f64> = IOU_THRESHOLDS.iter().map(|&t| average_precision(&g, &d, t)).collect();
-        per_class.insert(
-            class,
-            ClassAp { ap: aps.iter().sum::<f64>() / aps.len() as f64, ap50: aps[0], ap75: aps[5], instances: g.len(), detections: d.len() },
-        );
+        per_class.insert(class, ClassAp { ap: aps.iter().sum::<f64>() / aps.len() as f64, ap50: aps[0], ap75: aps[5], instances: g.len(), detections: d.len() });
     }
     let mean = |f: fn(&ClassAp) -> f64| if per_class.is_empty() { 0.0 } else { per_class.values().map(f).sum::<f64>() / per_class.len() as f64 };
     ApSummary { ap: mean(|c| c.ap), ap50: mean(|c| c.ap50), ap75: mean(|c| c.ap75), per_class }
@@ -239,7 +236,13 @@ fn served_points(gts: &[GroundTruth], served: &[Detected], images: usize, config
                 let mut taken = vec![false; g.len()];
                 for d in dets.iter().filter(|d| d.score >= t) {
                     found += 1;
-                    let best = g.iter().enumerate().filter(|(i, x)| !taken[*i] && x.class == d.class).map(|(i, x)| (i, x.bbox.iou(&d.bbox))).filter(|(_, iou)| *iou >= 0.5).max_by(|a, b| a.1.total_cmp(&b.1));
+                    let best = g
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, x)| !taken[*i] && x.class == d.class)
+                        .map(|(i, x)| (i, x.bbox.iou(&d.bbox)))
+                        .filter(|(_, iou)| *iou >= 0.5)
+                        .max_by(|a, b| a.1.total_cmp(&b.1));
                     if let Some((i, _)) = best {
                         taken[i] = true;
                         right += 1;
@@ -250,7 +253,15 @@ fn served_points(gts: &[GroundTruth], served: &[Detected], images: usize, config
             let recall = if gts.is_empty() { 0.0 } else { right as f64 / gts.len() as f64 };
             let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
             let n = images.max(1) as f64;
-            ServedPoint { min_score: t, configured: (t - configured).abs() < 1e-6, precision, recall, f1, garments_per_image: found as f64 / n, annotated_per_image: gts.len() as f64 / n }
+            ServedPoint {
+                min_score: t,
+                configured: (t - configured).abs() < 1e-6,
+                precision,
+                recall,
+                f1,
+                garments_per_image: found as f64 / n,
+                annotated_per_image: gts.len() as f64 / n,
+            }
         })
         .collect()
 }
@@ -374,11 +385,7 @@ mod tests {
         // Precision 0, 1/2, 2/3 at recall 0, 0.5, 1. Envelope: 2/3, 2/3, 2/3.
         // Recall points 0..=1: all 101 read 2/3 → AP = 2/3.
         let g = vec![gt(1, 0, [0., 0., 10., 10.]), gt(1, 0, [20., 20., 30., 30.])];
-        let d = vec![
-            det(1, 0, [50., 50., 60., 60.], 0.9),
-            det(1, 0, [0., 0., 10., 10.], 0.8),
-            det(1, 0, [20., 20., 30., 30.], 0.7),
-        ];
+        let d = vec![det(1, 0, [50., 50., 60., 60.], 0.9), det(1, 0, [0., 0., 10., 10.], 0.8), det(1, 0, [20., 20., 30., 30.], 0.7)];
         let s = evaluate(&g, &d, 1);
         assert!((s.ap50 - 2.0 / 3.0).abs() < 1e-9, "{s:?}");
     }

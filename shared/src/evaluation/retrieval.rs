@@ -92,12 +92,7 @@ pub fn assign_queries(items: &[(BBox, u32, u32)], detections: &[Detection]) -> V
     // items: (box, category_id, style)
     let mut best: Vec<Option<usize>> = vec![None; items.len()];
     for (d, det) in detections.iter().enumerate() {
-        let Some((owner, _)) = items
-            .iter()
-            .enumerate()
-            .map(|(i, (b, _, _))| (i, det.bbox.iou(b)))
-            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
-        else {
+        let Some((owner, _)) = items.iter().enumerate().map(|(i, (b, _, _))| (i, det.bbox.iou(b))).max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0))) else {
             continue;
         };
         let (_, class, style) = items[owner];
@@ -151,10 +146,7 @@ fn group(rows: &[&Scored]) -> GroupAccuracy {
     GroupAccuracy {
         queries: n,
         misses: rows.iter().filter(|r| !r.detected).count(),
-        top_k: TOP_K
-            .iter()
-            .map(|k| (k.to_string(), if n == 0 { 0.0 } else { rows.iter().filter(|r| r.first_hit.is_some_and(|h| h < *k)).count() as f64 / n as f64 }))
-            .collect(),
+        top_k: TOP_K.iter().map(|k| (k.to_string(), if n == 0 { 0.0 } else { rows.iter().filter(|r| r.first_hit.is_some_and(|h| h < *k)).count() as f64 / n as f64 })).collect(),
     }
 }
 
@@ -253,11 +245,8 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes, progress: Progr
                 }
             })
             .collect();
-        let garments: Vec<QueryGarment> = todo
-            .iter()
-            .filter_map(|q| q.detection)
-            .map(|d| QueryGarment { bbox: detections[d].bbox, known: None, score: detections[d].score, source: "detected" })
-            .collect();
+        let garments: Vec<QueryGarment> =
+            todo.iter().filter_map(|q| q.detection).map(|d| QueryGarment { bbox: detections[d].bbox, known: None, score: detections[d].score, source: "detected" }).collect();
         let (results, _) = inputs.engine.search_garments(inputs.index, &image, garments, &request)?;
         let mut results = results.into_iter();
         for q in todo {
@@ -280,7 +269,14 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes, progress: Progr
                 gallery_bbox: gallery.iter().map(|(_, b)| b.to_array()).collect(),
             });
             let retrieved = found.results.iter().take(5).map(|hit| (hit.sku.clone(), hit.bbox, hit.score)).collect();
-            details.push(QueryDetail { query_image_id: image_id, category: q.category.clone(), gt_bbox: q.gt_bbox, query_bbox: Some(detections[det].bbox.to_array()), first_hit, retrieved });
+            details.push(QueryDetail {
+                query_image_id: image_id,
+                category: q.category.clone(),
+                gt_bbox: q.gt_bbox,
+                query_bbox: Some(detections[det].bbox.to_array()),
+                first_hit,
+                retrieved,
+            });
             scored.push(Scored { category: q.category, scale: q.scale, first_hit, detected: true });
         }
     }
@@ -291,12 +287,15 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes, progress: Progr
     for s in &scored {
         per_category.entry(s.category.clone()).or_default().push(s);
         per_scale
-            .entry(match s.scale {
-                1 => "small",
-                2 => "moderate",
-                3 => "large",
-                _ => "unknown",
-            }.to_string())
+            .entry(
+                match s.scale {
+                    1 => "small",
+                    2 => "moderate",
+                    3 => "large",
+                    _ => "unknown",
+                }
+                .to_string(),
+            )
             .or_default()
             .push(s);
     }
@@ -336,10 +335,10 @@ mod tests {
         // Items: A (class 1, style 1) at 0..10, B (class 2, style 0) at 20..30, C (class 3, style 2) at 40..50.
         let items = [(BBox::new(0.0, 0.0, 10.0, 10.0), 1, 1), (BBox::new(20.0, 0.0, 30.0, 10.0), 2, 0), (BBox::new(40.0, 0.0, 50.0, 10.0), 3, 2)];
         let dets = [
-            det(1.0, 1, 0.6),  // A, right class
-            det(2.0, 1, 0.9),  // A, right class, better
+            det(1.0, 1, 0.6),   // A, right class
+            det(2.0, 1, 0.9),   // A, right class, better
             det(19.0, 1, 0.99), // overlaps B most: absorbed by the style-0 item, never scored
-            det(41.0, 9, 0.8), // C, wrong class
+            det(41.0, 9, 0.8),  // C, wrong class
             det(100.0, 3, 0.9), // overlaps nothing: arg-max picks an item with IoU 0; C's class but no overlap
         ];
         let q = assign_queries(&items, &dets);

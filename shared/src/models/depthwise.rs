@@ -43,29 +43,20 @@ impl DepthwiseConvBn {
     /// Loads `{conv}.weight` `[c,1,k,k]` and folds `{bn}.*` into it.
     pub fn load(weights: &Weights, conv: &str, bn: &str, channels: usize, kernel: usize, stride: usize, relu6: bool, eps: f64) -> Result<Self> {
         if !(1..=MAX_KERNEL).contains(&kernel) || stride == 0 {
-            return Err(crate::Error::InvalidWeights { reason: format!("{conv}: depthwise kernel {kernel}×{kernel}, stride {stride}: kernels from 1 to {MAX_KERNEL}, stride ≥ 1") });
+            return Err(crate::Error::InvalidWeights {
+                reason: format!("{conv}: depthwise kernel {kernel}×{kernel}, stride {stride}: kernels from 1 to {MAX_KERNEL}, stride ≥ 1"),
+            });
         }
         let weight = take(weights, &format!("{conv}.weight"), &[channels, 1, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, channels, eps)?;
         let weight = weight.broadcast_mul(&scale.reshape((channels, 1, 1, 1))?)?.contiguous()?;
-        let op = DepthwiseKernel {
-            weight: Arc::new(weight.flatten_all()?.to_vec1::<f32>()?),
-            bias: Arc::new(shift.to_vec1::<f32>()?),
-            channels,
-            kernel,
-            stride,
-            relu6,
-        };
+        let op = DepthwiseKernel { weight: Arc::new(weight.flatten_all()?.to_vec1::<f32>()?), bias: Arc::new(shift.to_vec1::<f32>()?), channels, kernel, stride, relu6 };
         Ok(Self { op, weight, bias: shift })
     }
 
     /// Moves the tensor copies of the parameters to `device` (the CPU kernel keeps its own).
     pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
-        Ok(Self {
-            op: self.op.clone(),
-            weight: self.weight.to_device(device)?,
-            bias: self.bias.to_device(device)?,
-        })
+        Ok(Self { op: self.op.clone(), weight: self.weight.to_device(device)?, bias: self.bias.to_device(device)? })
     }
 
     /// `x`: `[n, c, h, w]` → `[n, c, ceil(h/s), ceil(w/s)]`.
@@ -83,9 +74,7 @@ impl DepthwiseConvBn {
         let (pt, pb) = same_padding(h, k, self.op.stride);
         let (pl, pr) = same_padding(w, k, self.op.stride);
         let x = x.pad_with_zeros(D::Minus2, pt, pb)?.pad_with_zeros(D::Minus1, pl, pr)?;
-        let y = x
-            .conv2d(&self.weight, 0, self.op.stride, 1, c)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        let y = x.conv2d(&self.weight, 0, self.op.stride, 1, c)?.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
         Ok(if self.op.relu6 { y.clamp(0f32, 6f32)? } else { y })
     }
 }

@@ -236,16 +236,11 @@ impl DetectorHead {
     pub fn build(config: &DetectorConfig, in_channels: &[usize], param: &mut ParamSource<'_>) -> Result<Self> {
         config.validate()?;
         if in_channels.len() != config.strides.len() {
-            return Err(Error::InvalidWeights {
-                reason: format!("the backbone gives {} pyramid levels, the detector expects {}", in_channels.len(), config.strides.len()),
-            });
+            return Err(Error::InvalidWeights { reason: format!("the backbone gives {} pyramid levels, the detector expects {}", in_channels.len(), config.strides.len()) });
         }
         let c = config.channels;
         let conv = |param: &mut ParamSource<'_>, name: &str, out: usize, inp: usize, k: usize, std: f64, bias: ParamInit| -> Result<Conv> {
-            Ok(Conv {
-                weight: param(&format!("{name}.weight"), &[out, inp, k, k], ParamInit::Normal(std))?,
-                bias: param(&format!("{name}.bias"), &[out], bias)?,
-            })
+            Ok(Conv { weight: param(&format!("{name}.weight"), &[out, inp, k, k], ParamInit::Normal(std))?, bias: param(&format!("{name}.bias"), &[out], bias)? })
         };
         // He initialisation where ReLU follows; the output starts small (std 0.01, FCOS).
         let he = |inp: usize, k: usize| (2.0 / (inp * k * k) as f64).sqrt();
@@ -407,9 +402,10 @@ impl Postprocess {
 pub fn input_channels(backbone: &EfficientNetLite, config: &DetectorConfig) -> Vec<usize> {
     let mut channels = backbone.pyramid_channels();
     if config.semantic_top
-        && let Some(last) = channels.last_mut() {
-            *last = super::efficientnet_lite::FEATURE_DIM;
-        }
+        && let Some(last) = channels.last_mut()
+    {
+        *last = super::efficientnet_lite::FEATURE_DIM;
+    }
     channels
 }
 
@@ -418,9 +414,10 @@ pub fn input_channels(backbone: &EfficientNetLite, config: &DetectorConfig) -> V
 /// pyramids the same way.
 pub fn head_inputs(backbone: &EfficientNetLite, config: &DetectorConfig, mut levels: Vec<Tensor>) -> Result<Vec<Tensor>> {
     if config.semantic_top
-        && let Some(last) = levels.pop() {
-            levels.push(backbone.head_features(&last)?);
-        }
+        && let Some(last) = levels.pop()
+    {
+        levels.push(backbone.head_features(&last)?);
+    }
     Ok(levels)
 }
 
@@ -439,9 +436,7 @@ impl GarmentDetector {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let config: DetectorConfig = weights_file::read_config(path)?;
         let backbone = EfficientNetLite::load(&weights_file::sibling(path, &config.backbone), device)?;
-        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights {
-            reason: format!("{}: {e}", path.display()),
-        })?;
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })?;
         let head = DetectorHead::build(&config, &input_channels(&backbone, &config), &mut |name, shape, _| {
             let t = tensors.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("{}: {name} missing", path.display()) })?;
             if t.dims() != shape {
@@ -544,13 +539,13 @@ mod tests {
         let big = 10.0f32;
         // Rows: class 0, class 1, l, t, r, b (in strides), centre-ness.
         let out = [
-            [big, big, -big],   // class 0: locations 0 and 1
-            [-big, big, big],   // class 1: locations 1 and 2
-            [1.0, 1.5, 1.0],    // l
-            [1.0, 1.0, 1.0],    // t
-            [1.0, 0.5, 1.0],    // r
-            [1.0, 1.0, 1.0],    // b
-            [big, big, big],    // centre-ness
+            [big, big, -big], // class 0: locations 0 and 1
+            [-big, big, big], // class 1: locations 1 and 2
+            [1.0, 1.5, 1.0],  // l
+            [1.0, 1.0, 1.0],  // t
+            [1.0, 0.5, 1.0],  // r
+            [1.0, 1.0, 1.0],  // b
+            [big, big, big],  // centre-ness
         ]
         .concat();
         let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 1.0, cross_class_containment: 1.0 };
@@ -576,12 +571,12 @@ mod tests {
         // inside it (lower score) and, elsewhere, another garment of the class.
         let grid = [(40.0, 40.0, 8.0), (40.0, 24.0, 8.0), (120.0, 40.0, 8.0)];
         let out = [
-            [4.0, 2.0, 3.0],   // class 0 logits: whole, part, elsewhere
-            [4.0, 1.0, 1.0],   // l (strides)
-            [4.0, 1.0, 1.0],   // t
-            [4.0, 1.0, 1.0],   // r
-            [4.0, 1.0, 1.0],   // b
-            [9.0, 9.0, 9.0],   // centre-ness
+            [4.0, 2.0, 3.0], // class 0 logits: whole, part, elsewhere
+            [4.0, 1.0, 1.0], // l (strides)
+            [4.0, 1.0, 1.0], // t
+            [4.0, 1.0, 1.0], // r
+            [4.0, 1.0, 1.0], // b
+            [9.0, 9.0, 9.0], // centre-ness
         ]
         .concat();
         let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 0.8, cross_class_containment: 1.0 };
@@ -598,10 +593,7 @@ mod tests {
     fn unfolded_convolution_matches_candles() {
         let dev = Device::Cpu;
         for (k, c, o, h, w) in [(3usize, 5usize, 4usize, 7usize, 6usize), (1, 8, 3, 5, 5), (3, 2, 2, 1, 3)] {
-            let conv = Conv {
-                weight: Tensor::randn(0f32, 1., (o, c, k, k), &dev).unwrap(),
-                bias: Tensor::randn(0f32, 1., o, &dev).unwrap(),
-            };
+            let conv = Conv { weight: Tensor::randn(0f32, 1., (o, c, k, k), &dev).unwrap(), bias: Tensor::randn(0f32, 1., o, &dev).unwrap() };
             let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
             let fast = conv.forward(&x).unwrap();
             let slow = x.conv2d(&conv.weight, k / 2, 1, 1, 1).unwrap().broadcast_add(&conv.bias.reshape((1, o, 1, 1)).unwrap()).unwrap();

@@ -62,40 +62,24 @@ impl Config {
                 break;
             };
             let (hidden, _, kernel, _) = dw.dims4()?;
-            let project = weights.get(&format!("{prefix}_project_conv.weight")).ok_or_else(|| Error::InvalidWeights {
-                reason: format!("{prefix}_project_conv.weight is missing"),
-            })?;
+            let project =
+                weights.get(&format!("{prefix}_project_conv.weight")).ok_or_else(|| Error::InvalidWeights { reason: format!("{prefix}_project_conv.weight is missing") })?;
             let out_channels = project.dims4()?.0;
             if hidden % in_channels != 0 {
-                return Err(Error::InvalidWeights {
-                    reason: format!("block {i}: {hidden} depthwise channels is not a multiple of {in_channels} inputs"),
-                });
+                return Err(Error::InvalidWeights { reason: format!("block {i}: {hidden} depthwise channels is not a multiple of {in_channels} inputs") });
             }
             let first_of_stage = i > 0 && in_channels != out_channels;
             if first_of_stage {
                 stage += 1;
             }
-            let stride = *STAGE_STRIDES.get(stage).ok_or_else(|| Error::InvalidWeights {
-                reason: format!("block {i} would start stage {}, EfficientNet has 7", stage + 1),
-            })?;
-            blocks.push(BlockConfig {
-                in_channels,
-                out_channels,
-                expand: hidden / in_channels,
-                kernel,
-                stride: if i == 0 || first_of_stage { stride } else { 1 },
-            });
+            let stride = *STAGE_STRIDES.get(stage).ok_or_else(|| Error::InvalidWeights { reason: format!("block {i} would start stage {}, EfficientNet has 7", stage + 1) })?;
+            blocks.push(BlockConfig { in_channels, out_channels, expand: hidden / in_channels, kernel, stride: if i == 0 || first_of_stage { stride } else { 1 } });
             in_channels = out_channels;
         }
         if blocks.is_empty() {
-            return Err(Error::InvalidWeights {
-                reason: "no _blocks.N tensors: not an EfficientNet-Lite checkpoint".into(),
-            });
+            return Err(Error::InvalidWeights { reason: "no _blocks.N tensors: not an EfficientNet-Lite checkpoint".into() });
         }
-        Ok(Self {
-            blocks,
-            classifier: weights.contains_key("_fc.weight"),
-        })
+        Ok(Self { blocks, classifier: weights.contains_key("_fc.weight") })
     }
 }
 
@@ -113,9 +97,7 @@ impl MbConv {
     fn load(weights: &Weights, i: usize, cfg: &BlockConfig) -> Result<Self> {
         let p = format!("_blocks.{i}.");
         let hidden = cfg.in_channels * cfg.expand;
-        let expand = (cfg.expand != 1)
-            .then(|| ConvBn::load(weights, &format!("{p}_expand_conv"), &format!("{p}_bn0"), cfg.in_channels, hidden, 1, 1, BN_EPS))
-            .transpose()?;
+        let expand = (cfg.expand != 1).then(|| ConvBn::load(weights, &format!("{p}_expand_conv"), &format!("{p}_bn0"), cfg.in_channels, hidden, 1, 1, BN_EPS)).transpose()?;
         let depthwise = DepthwiseConvBn::load(weights, &format!("{p}_depthwise_conv"), &format!("{p}_bn1"), hidden, cfg.kernel, cfg.stride, true, BN_EPS)?;
         let fused = expand
             .as_ref()
@@ -181,12 +163,7 @@ impl EfficientNetLite {
     pub fn from_weights(weights: &Weights, device: &Device) -> Result<Self> {
         let config = Config::from_weights(weights)?;
         let stem = ConvBn::load(weights, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3, 2, BN_EPS)?;
-        let blocks = config
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, b)| MbConv::load(weights, i, b))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = config.blocks.iter().enumerate().map(|(i, b)| MbConv::load(weights, i, b)).collect::<Result<Vec<_>>>()?;
         let last = config.blocks.last().map_or(STEM_CHANNELS, |b| b.out_channels);
         let head = ConvBn::load(weights, "_conv_head", "_bn1", last, FEATURE_DIM, 1, 1, BN_EPS)?;
         let classifier = if config.classifier {
@@ -295,9 +272,7 @@ impl EfficientNetLite {
 
     /// ImageNet logits `[n, 1000]` from pooled features.
     pub fn logits(&self, pooled: &Tensor) -> Result<Tensor> {
-        let (w, b) = self.classifier.as_ref().ok_or_else(|| Error::InvalidWeights {
-            reason: "these weights have no ImageNet classifier (_fc)".into(),
-        })?;
+        let (w, b) = self.classifier.as_ref().ok_or_else(|| Error::InvalidWeights { reason: "these weights have no ImageNet classifier (_fc)".into() })?;
         Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
     }
 }
@@ -306,11 +281,7 @@ impl EfficientNetLite {
 /// the network moves to its device).
 pub fn load_safetensors(path: &Path) -> Result<Weights> {
     if !path.is_file() {
-        return Err(Error::InvalidWeights {
-            reason: format!("{} does not exist", path.display()),
-        });
+        return Err(Error::InvalidWeights { reason: format!("{} does not exist", path.display()) });
     }
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::InvalidWeights {
-        reason: format!("{}: {e}", path.display()),
-    })
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })
 }

@@ -152,11 +152,7 @@ impl EmbeddingHead {
 
     /// Named tensors as saved.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        HashMap::from([
-            ("gem.p".to_string(), self.p.clone()),
-            ("proj.weight".to_string(), self.weight.clone()),
-            ("proj.bias".to_string(), self.bias.clone()),
-        ])
+        HashMap::from([("gem.p".to_string(), self.p.clone()), ("proj.weight".to_string(), self.weight.clone()), ("proj.bias".to_string(), self.bias.clone())])
     }
 }
 
@@ -189,9 +185,7 @@ impl GarmentEmbedder {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let config: EmbedderConfig = weights_file::read_config(path)?;
         let backbone = EfficientNetLite::load(&Self::backbone_path(path, &config), device)?;
-        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights {
-            reason: format!("{}: {e}", path.display()),
-        })?;
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })?;
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let t = tensors.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("{}: {name} missing", path.display()) })?;
             if t.dims() != shape {
@@ -199,12 +193,8 @@ impl GarmentEmbedder {
             }
             Ok(t.to_dtype(DType::F32)?)
         };
-        let head = EmbeddingHead {
-            p: get("gem.p", &[1])?,
-            weight: get("proj.weight", &[config.dim, FEATURE_DIM])?,
-            bias: get("proj.bias", &[config.dim])?,
-            parts: config.parts.clone(),
-        };
+        let head =
+            EmbeddingHead { p: get("gem.p", &[1])?, weight: get("proj.weight", &[config.dim, FEATURE_DIM])?, bias: get("proj.bias", &[config.dim])?, parts: config.parts.clone() };
         let lengths: usize = head.parts.iter().map(|p| p.len).sum();
         if !head.parts.is_empty() && lengths != config.dim {
             return Err(Error::InvalidWeights { reason: format!("{}: embedding parts cover {lengths} of {} dimensions", path.display(), config.dim) });
@@ -311,10 +301,7 @@ mod tests {
     fn the_classifier_guesses_the_highest_logit_with_its_softmax_probability() {
         let dev = Device::Cpu;
         let names = vec!["dress".to_string(), "top".to_string(), "pants".to_string()];
-        let head = CategoryHead {
-            weight: Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [-1.0, -1.0]], &dev).unwrap(),
-            bias: Tensor::new(&[0f32, 0.5, 0.0], &dev).unwrap(),
-        };
+        let head = CategoryHead { weight: Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [-1.0, -1.0]], &dev).unwrap(), bias: Tensor::new(&[0f32, 0.5, 0.0], &dev).unwrap() };
         let classifier = Classifier::from_head(&names, &head).unwrap();
         let guess = classifier.guess(&[0.8, 0.6]).unwrap();
         assert_eq!(guess.category, "top");

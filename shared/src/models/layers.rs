@@ -16,13 +16,9 @@ pub type Weights = HashMap<String, Tensor>;
 
 /// Takes a tensor out of `weights`, checking its shape.
 pub fn take(weights: &Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let t = weights.get(name).ok_or_else(|| Error::InvalidWeights {
-        reason: format!("tensor {name} is missing"),
-    })?;
+    let t = weights.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("tensor {name} is missing") })?;
     if t.dims() != shape {
-        return Err(Error::InvalidWeights {
-            reason: format!("tensor {name} has shape {:?}, expected {shape:?}", t.dims()),
-        });
+        return Err(Error::InvalidWeights { reason: format!("tensor {name} has shape {:?}, expected {shape:?}", t.dims()) });
     }
     Ok(t.to_dtype(DType::F32)?)
 }
@@ -85,15 +81,7 @@ impl ConvBn {
                 })
             })
             .transpose()?;
-        Ok(Self {
-            weight: weight.contiguous()?,
-            epilogue: Epilogue::new(&shift, false)?,
-            pointwise,
-            bias: shift,
-            kernel,
-            stride,
-            out_channels,
-        })
+        Ok(Self { weight: weight.contiguous()?, epilogue: Epilogue::new(&shift, false)?, pointwise, bias: shift, kernel, stride, out_channels })
     }
 
     /// The folded weight `[out, in, k, k]` and bias `[out]`.
@@ -103,12 +91,7 @@ impl ConvBn {
 
     /// Moves the parameters to `device`.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Ok(Self {
-            weight: self.weight.to_device(device)?,
-            bias: self.bias.to_device(device)?,
-            epilogue: self.epilogue.to_device(device)?,
-            ..self.clone()
-        })
+        Ok(Self { weight: self.weight.to_device(device)?, bias: self.bias.to_device(device)?, epilogue: self.epilogue.to_device(device)?, ..self.clone() })
     }
 
     /// `x`: `[n, in, h, w]` → `[n, out, ceil(h/s), ceil(w/s)]`, TF "SAME" padded.
@@ -264,11 +247,7 @@ mod tests {
         let conv = ConvBn::load(&w, "c", "b", 4, 6, 1, 1, 1e-3).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 4, 5, 3), &dev).unwrap();
         let fast = conv.forward(&x).unwrap();
-        let slow = x
-            .conv2d(&conv.weight, 0, 1, 1, 1)
-            .unwrap()
-            .broadcast_add(&conv.bias.reshape((1, 6, 1, 1)).unwrap())
-            .unwrap();
+        let slow = x.conv2d(&conv.weight, 0, 1, 1, 1).unwrap().broadcast_add(&conv.bias.reshape((1, 6, 1, 1)).unwrap()).unwrap();
         let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
     }

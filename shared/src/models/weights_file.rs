@@ -17,10 +17,7 @@ pub const CONFIG_KEY: &str = "shoplens.config";
 pub fn save<C: Serialize>(path: &Path, tensors: &HashMap<String, Tensor>, config: &C) -> Result<()> {
     let json = serde_json::to_string(config).map_err(|e| Error::InvalidWeights { reason: format!("config does not serialise: {e}") })?;
     let metadata = HashMap::from([(CONFIG_KEY.to_string(), json)]);
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
+    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -38,12 +35,8 @@ pub fn sibling(weights: &Path, name: &str) -> std::path::PathBuf {
 /// Reads the configuration stored by [`save`].
 pub fn read_config<C: DeserializeOwned>(path: &Path) -> Result<C> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })?;
-    let json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(CONFIG_KEY))
-        .ok_or_else(|| Error::InvalidWeights { reason: format!("{} carries no {CONFIG_KEY} metadata", path.display()) })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })?;
+    let json =
+        meta.metadata().as_ref().and_then(|m| m.get(CONFIG_KEY)).ok_or_else(|| Error::InvalidWeights { reason: format!("{} carries no {CONFIG_KEY} metadata", path.display()) })?;
     serde_json::from_str(json).map_err(|e| Error::InvalidWeights { reason: format!("{}: config: {e}", path.display()) })
 }

@@ -17,8 +17,8 @@ use crate::catalog::related::{preferred_category, substitutes};
 use crate::geometry::BBox;
 use crate::models::detector::GarmentDetector;
 use crate::models::embedder::GarmentEmbedder;
-use crate::store::ItemMetadata;
 use crate::pipeline::GarmentPipeline;
+use crate::store::ItemMetadata;
 use crate::vision::DecodeLimits;
 use crate::{Error, Result};
 
@@ -307,9 +307,10 @@ impl SearchEngine {
             }
         }
         if let Some(b) = req.region
-            && !b.is_valid() {
-                return Err(Error::InvalidBox { reason: format!("{:?} is not a box with x1 < x2 and y1 < y2", b.to_array()) });
-            }
+            && !b.is_valid()
+        {
+            return Err(Error::InvalidBox { reason: format!("{:?} is not a box with x1 < x2 and y1 < y2", b.to_array()) });
+        }
         Ok(())
     }
 
@@ -388,10 +389,8 @@ impl SearchEngine {
             let (hits, ranked_first) = self.rank(index, &embedding, &category, req)?;
             timings.search += ms(t);
             let t = Instant::now();
-            let items = hits
-                .iter()
-                .map(|(hit, item)| item_hit(&index.snapshot.items[*item as usize].metadata, hit.score, index.snapshot.garments[hit.row as usize].bbox))
-                .collect();
+            let items =
+                hits.iter().map(|(hit, item)| item_hit(&index.snapshot.items[*item as usize].metadata, hit.score, index.snapshot.garments[hit.row as usize].bbox)).collect();
             timings.fetch += ms(t);
             results.push(GarmentResult {
                 bbox: garment.bbox.to_array(),

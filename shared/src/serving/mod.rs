@@ -1,5 +1,5 @@
 //! What the searcher serves: snapshots of published generations (see [`snapshot`]) and the
 //! search engine over them ([`engine`]), with no HTTP in sight.
 
-pub mod snapshot;
 pub mod engine;
+pub mod snapshot;

@@ -84,10 +84,9 @@ impl Snapshot {
         let mut garments = Vec::with_capacity(all.garments.len());
         let mut embeddings = Vec::with_capacity(all.garments.len() * all.manifest.spec.dim as usize);
         for (id, g) in all.garments {
-            let item = *item_of_sku.get(&g.sku).ok_or_else(|| Error::GenerationConflict {
-                generation,
-                reason: format!("garment {id} belongs to sku {:?}, which is not a member", g.sku),
-            })?;
+            let item = *item_of_sku
+                .get(&g.sku)
+                .ok_or_else(|| Error::GenerationConflict { generation, reason: format!("garment {id} belongs to sku {:?}, which is not a member", g.sku) })?;
             garments.push(ServedGarment { id, item, bbox: g.bbox, category: g.category, score: g.score });
             embeddings.extend_from_slice(&g.embedding);
         }
@@ -139,7 +138,9 @@ impl Snapshot {
         }
         let format = u32::from_le_bytes(bytes[6..10].try_into().expect("4 bytes"));
         if format == 0 || format > SNAPSHOT_FORMAT {
-            return Err(bad(&format!("format {format}; this searcher reads formats 1 to {SNAPSHOT_FORMAT}: run the matching searcher, or `indexer serving rebuild` to rewrite it")));
+            return Err(bad(&format!(
+                "format {format}; this searcher reads formats 1 to {SNAPSHOT_FORMAT}: run the matching searcher, or `indexer serving rebuild` to rewrite it"
+            )));
         }
         let body = &bytes[42..];
         if blake3::hash(body).as_bytes() != &bytes[10..42] {
@@ -201,7 +202,11 @@ mod tests {
             built_at: Some("2026-11-27T00:00:00Z".into()),
             models: BTreeMap::from([("embedder".into(), "e1".into())]),
             dim: 2,
-            items: vec![ServedItem { metadata: ItemMetadata { sku: "a".into(), image: "a.jpg".into(), ..Default::default() }, image_path: "/x/a.jpg".into(), content_hash: "ab".into() }],
+            items: vec![ServedItem {
+                metadata: ItemMetadata { sku: "a".into(), image: "a.jpg".into(), ..Default::default() },
+                image_path: "/x/a.jpg".into(),
+                content_hash: "ab".into(),
+            }],
             garments: vec![ServedGarment { id: 3, item: 0, bbox: BBox::new(0.0, 0.0, 1.0, 1.0), category: "top".into(), score: 0.9 }],
             embeddings: vec![0.6, 0.8],
             ann: Some(AnnParams { m: 24, ..AnnParams::default() }),

@@ -2,17 +2,12 @@
 
 use std::collections::HashSet;
 
-use shoplens_migrations::layout::{
-    self, GARMENTS_TREE, GENERATIONS_TREE, ITEMS_TREE, PUBLISHED_GENERATION_KEY,
-};
+use shoplens_migrations::layout::{self, GARMENTS_TREE, GENERATIONS_TREE, ITEMS_TREE, PUBLISHED_GENERATION_KEY};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::records::{self, encode};
-use super::{
-    CatalogStore, ContentHash, GarmentRecord, GenerationManifest, GenerationSpec, GenerationState, IdKey,
-    ItemMetadata, ItemRecord, ItemRev, NewGarment, now_rfc3339,
-};
+use super::{CatalogStore, ContentHash, GarmentRecord, GenerationManifest, GenerationSpec, GenerationState, IdKey, ItemMetadata, ItemRecord, ItemRev, NewGarment, now_rfc3339};
 use crate::ann::AnnParams;
 use crate::{Error, Result};
 
@@ -51,44 +46,24 @@ impl CatalogStore {
     /// discarded: its items would have to be embedded again anyway.
     pub fn begin_generation(&self, spec: GenerationSpec) -> Result<GenerationBuilder> {
         if spec.dim == 0 {
-            return Err(Error::InvalidSetting {
-                name: "dim",
-                reason: "a generation's embeddings need at least one value".into(),
-            });
+            return Err(Error::InvalidSetting { name: "dim", reason: "a generation's embeddings need at least one value".into() });
         }
         let all = self.generations()?;
         if let Some(leftover) = all.iter().find(|g| g.state == GenerationState::Building) {
             if leftover.spec == spec {
                 tracing::info!(generation = leftover.id, "resuming an unfinished build");
-                return Ok(GenerationBuilder {
-                    store: self.clone(),
-                    manifest: leftover.clone(),
-                    resumed: true,
-                });
+                return Ok(GenerationBuilder { store: self.clone(), manifest: leftover.clone(), resumed: true });
             }
             tracing::info!(generation = leftover.id, "discarding an unfinished build made with other models");
             self.mark_removing(leftover.id)?;
         }
         let id = all.iter().map(|g| g.id).max().unwrap_or(0) + 1;
-        let manifest = GenerationManifest {
-            id,
-            state: GenerationState::Building,
-            spec,
-            started_at: now_rfc3339(),
-            built_at: None,
-            items: 0,
-            garments: 0,
-            ann: None,
-            catalogs: Vec::new(),
-        };
+        let manifest =
+            GenerationManifest { id, state: GenerationState::Building, spec, started_at: now_rfc3339(), built_at: None, items: 0, garments: 0, ann: None, catalogs: Vec::new() };
         let bytes = encode(GENERATIONS_TREE, &IdKey(id), &manifest)?;
         self.generations.insert(layout::id_key(id), bytes)?;
         self.flush()?;
-        Ok(GenerationBuilder {
-            store: self.clone(),
-            manifest,
-            resumed: false,
-        })
+        Ok(GenerationBuilder { store: self.clone(), manifest, resumed: false })
     }
 
     fn mark_removing(&self, id: u64) -> Result<()> {
@@ -96,10 +71,7 @@ impl CatalogStore {
             return Ok(());
         };
         if manifest.state == GenerationState::Published {
-            return Err(Error::GenerationConflict {
-                generation: id,
-                reason: "the published generation cannot be removed".into(),
-            });
+            return Err(Error::GenerationConflict { generation: id, reason: "the published generation cannot be removed".into() });
         }
         manifest.state = GenerationState::Removing;
         let bytes = encode(GENERATIONS_TREE, &IdKey(id), &manifest)?;
@@ -116,10 +88,7 @@ impl CatalogStore {
     /// together with its garments in one transaction.
     pub fn prune(&self, retain: usize) -> Result<PruneReport> {
         if retain == 0 {
-            return Err(Error::InvalidSetting {
-                name: "retain",
-                reason: "at least the published generation must be kept".into(),
-            });
+            return Err(Error::InvalidSetting { name: "retain", reason: "at least the published generation must be kept".into() });
         }
         let published = self.published_id()?;
         let mut report = PruneReport::default();
@@ -153,13 +122,7 @@ impl CatalogStore {
                 live.insert(rev);
             }
         }
-        let dead: Vec<ItemRev> = self
-            .items
-            .iter()
-            .keys()
-            .filter_map(|k| k.ok().and_then(|k| layout::decode_id(&k)))
-            .filter(|rev| !live.contains(rev))
-            .collect();
+        let dead: Vec<ItemRev> = self.items.iter().keys().filter_map(|k| k.ok().and_then(|k| layout::decode_id(&k))).filter(|rev| !live.contains(rev)).collect();
         for rev in dead {
             // A damaged record is removed all the same; its garments stay as orphans
             // rather than block the prune.
@@ -237,16 +200,10 @@ impl GenerationBuilder {
         let dim = self.manifest.spec.dim as usize;
         for g in &garments {
             if g.embedding.len() != dim {
-                return Err(Error::DimensionMismatch {
-                    expected: dim,
-                    found: g.embedding.len(),
-                });
+                return Err(Error::DimensionMismatch { expected: dim, found: g.embedding.len() });
             }
             if !g.embedding.iter().all(|v| v.is_finite()) {
-                return Err(Error::InvalidVector {
-                    what: format!("of a garment of sku {:?}", metadata.sku),
-                    reason: "holds a value that is not finite".into(),
-                });
+                return Err(Error::InvalidVector { what: format!("of a garment of sku {:?}", metadata.sku), reason: "holds a value that is not finite".into() });
             }
         }
         let rev = self.store.db.generate_id()?;
@@ -266,14 +223,7 @@ impl GenerationBuilder {
             garment_values.push((layout::id_key(*id), encode(GARMENTS_TREE, &IdKey(*id), &record)?));
         }
         let member_key = layout::generation_item_key(self.id(), &metadata.sku);
-        let item = ItemRecord {
-            metadata,
-            content_hash,
-            models: self.manifest.spec.models.clone(),
-            dim: dim as u32,
-            garments: ids,
-            image_path,
-        };
+        let item = ItemRecord { metadata, content_hash, models: self.manifest.spec.models.clone(), dim: dim as u32, garments: ids, image_path };
         let item_value = encode(ITEMS_TREE, &IdKey(rev), &item)?;
         (&self.store.items, &self.store.garments, &self.store.generation_items)
             .transaction(|(items, garment_tree, members)| {
@@ -293,10 +243,7 @@ impl GenerationBuilder {
     pub fn carry_item(&self, sku: &str, rev: ItemRev) -> Result<()> {
         let item = self.store.item(rev)?;
         if item.metadata.sku != sku {
-            return Err(Error::GenerationConflict {
-                generation: self.id(),
-                reason: format!("item revision {rev} holds sku {:?}, not {sku:?}", item.metadata.sku),
-            });
+            return Err(Error::GenerationConflict { generation: self.id(), reason: format!("item revision {rev} holds sku {:?}, not {sku:?}", item.metadata.sku) });
         }
         if item.dim != self.manifest.spec.dim {
             return Err(Error::GenerationConflict {
@@ -304,9 +251,7 @@ impl GenerationBuilder {
                 reason: format!("item {sku:?} has {}-d embeddings, this generation holds {}-d", item.dim, self.manifest.spec.dim),
             });
         }
-        self.store
-            .generation_items
-            .insert(layout::generation_item_key(self.id(), sku), &layout::id_key(rev))?;
+        self.store.generation_items.insert(layout::generation_item_key(self.id(), sku), &layout::id_key(rev))?;
         Ok(())
     }
 
@@ -360,8 +305,7 @@ impl GenerationBuilder {
                         }));
                     }
                     if let Some(bytes) = generations.get(layout::id_key(previous))? {
-                        let mut old: GenerationManifest =
-                            records::decode(GENERATIONS_TREE, &IdKey(previous), &bytes).map_err(ConflictableTransactionError::Abort)?;
+                        let mut old: GenerationManifest = records::decode(GENERATIONS_TREE, &IdKey(previous), &bytes).map_err(ConflictableTransactionError::Abort)?;
                         old.state = GenerationState::Retired;
                         let old_value = encode(GENERATIONS_TREE, &IdKey(previous), &old).map_err(ConflictableTransactionError::Abort)?;
                         generations.insert(&layout::id_key(previous), old_value)?;

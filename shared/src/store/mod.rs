@@ -17,17 +17,11 @@ mod records;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use shoplens_migrations::layout::{
-    self, GARMENTS_TREE, GENERATION_ITEMS_TREE, GENERATIONS_TREE, ITEMS_TREE, META_TREE,
-    PUBLISHED_GENERATION_KEY,
-};
+use shoplens_migrations::layout::{self, GARMENTS_TREE, GENERATION_ITEMS_TREE, GENERATIONS_TREE, ITEMS_TREE, META_TREE, PUBLISHED_GENERATION_KEY};
 use sled::{Db, Tree};
 
 pub use generation::{GenerationBuilder, PruneReport};
-pub use records::{
-    ContentHash, GarmentId, GarmentRecord, GenerationManifest, GenerationSpec, GenerationState,
-    ItemMetadata, ItemRecord, ItemRev, NewGarment,
-};
+pub use records::{ContentHash, GarmentId, GarmentRecord, GenerationManifest, GenerationSpec, GenerationState, ItemMetadata, ItemRecord, ItemRev, NewGarment};
 
 use crate::{Error, Result};
 
@@ -85,14 +79,10 @@ impl CatalogStore {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = dir.join(CATALOG_SUBDIR);
-        let db = sled::Config::new()
-            .path(&path)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(source) => Error::io(&path, source),
-                other => Error::Storage(other),
-            })?;
+        let db = sled::Config::new().path(&path).mode(sled::Mode::LowSpace).open().map_err(|e| match e {
+            sled::Error::Io(source) => Error::io(&path, source),
+            other => Error::Storage(other),
+        })?;
         Self::from_db(db, Some(dir.to_path_buf()))
     }
 
@@ -179,10 +169,7 @@ impl CatalogStore {
 
     /// One generation's manifest.
     pub fn generation(&self, id: u64) -> Result<Option<GenerationManifest>> {
-        self.generations
-            .get(layout::id_key(id))?
-            .map(|bytes| records::decode(GENERATIONS_TREE, &IdKey(id), &bytes))
-            .transpose()
+        self.generations.get(layout::id_key(id))?.map(|bytes| records::decode(GENERATIONS_TREE, &IdKey(id), &bytes)).transpose()
     }
 
     /// Every generation's manifest, oldest first.
@@ -191,11 +178,7 @@ impl CatalogStore {
             .iter()
             .map(|entry| {
                 let (key, value) = entry?;
-                let id = layout::decode_id(&key).ok_or_else(|| Error::CorruptRecord {
-                    tree: GENERATIONS_TREE,
-                    key: format!("{key:?}"),
-                    reason: "key is not 8 bytes".into(),
-                })?;
+                let id = layout::decode_id(&key).ok_or_else(|| Error::CorruptRecord { tree: GENERATIONS_TREE, key: format!("{key:?}"), reason: "key is not 8 bytes".into() })?;
                 records::decode(GENERATIONS_TREE, &IdKey(id), &value)
             })
             .collect()
@@ -214,11 +197,7 @@ impl CatalogStore {
 
     /// The item revision `rev`.
     pub fn item(&self, rev: ItemRev) -> Result<ItemRecord> {
-        let bytes = self.items.get(layout::id_key(rev))?.ok_or_else(|| Error::CorruptRecord {
-            tree: ITEMS_TREE,
-            key: rev.to_string(),
-            reason: "referenced but missing".into(),
-        })?;
+        let bytes = self.items.get(layout::id_key(rev))?.ok_or_else(|| Error::CorruptRecord { tree: ITEMS_TREE, key: rev.to_string(), reason: "referenced but missing".into() })?;
         records::decode(ITEMS_TREE, &IdKey(rev), &bytes)
     }
 
@@ -235,29 +214,20 @@ impl CatalogStore {
     /// The item `sku` of the published generation.
     pub fn published_item(&self, sku: &str) -> Result<(ItemRev, ItemRecord)> {
         let generation = self.published_id()?.ok_or(Error::NoPublishedGeneration)?;
-        self.item_in_generation(generation, sku)?.ok_or_else(|| Error::NotFound {
-            what: "item",
-            id: sku.to_string(),
-        })
+        self.item_in_generation(generation, sku)?.ok_or_else(|| Error::NotFound { what: "item", id: sku.to_string() })
     }
 
     /// The garment `id`.
     pub fn garment(&self, id: GarmentId) -> Result<GarmentRecord> {
-        let bytes = self.garments.get(layout::id_key(id))?.ok_or_else(|| Error::CorruptRecord {
-            tree: GARMENTS_TREE,
-            key: id.to_string(),
-            reason: "referenced but missing".into(),
-        })?;
+        let bytes =
+            self.garments.get(layout::id_key(id))?.ok_or_else(|| Error::CorruptRecord { tree: GARMENTS_TREE, key: id.to_string(), reason: "referenced but missing".into() })?;
         records::decode(GARMENTS_TREE, &IdKey(id), &bytes)
     }
 
     /// Every garment of a generation, each checked against the generation's dimension,
     /// in (sku, garment) order.
     pub fn generation_garments(&self, generation: u64) -> Result<GenerationGarments> {
-        let manifest = self.generation(generation)?.ok_or_else(|| Error::NotFound {
-            what: "generation",
-            id: generation.to_string(),
-        })?;
+        let manifest = self.generation(generation)?.ok_or_else(|| Error::NotFound { what: "generation", id: generation.to_string() })?;
         let dim = manifest.spec.dim as usize;
         let mut garments = Vec::new();
         for (sku, rev) in self.generation_members(generation)? {
@@ -299,11 +269,7 @@ impl CatalogStore {
 }
 
 fn decode_member(key: &[u8], value: &[u8]) -> Result<(String, ItemRev)> {
-    let corrupt = |reason: &str| Error::CorruptRecord {
-        tree: GENERATION_ITEMS_TREE,
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: reason.to_string(),
-    };
+    let corrupt = |reason: &str| Error::CorruptRecord { tree: GENERATION_ITEMS_TREE, key: String::from_utf8_lossy(key).into_owned(), reason: reason.to_string() };
     let (_, sku) = layout::decode_generation_item_key(key).ok_or_else(|| corrupt("key is not generation ++ utf-8 sku"))?;
     let rev = layout::decode_id(value).ok_or_else(|| corrupt("value is not an 8-byte item revision"))?;
     Ok((sku.to_string(), rev))
@@ -311,9 +277,7 @@ fn decode_member(key: &[u8], value: &[u8]) -> Result<(String, ItemRev)> {
 
 /// Now, as RFC 3339 UTC.
 pub(crate) fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "unknown".to_string())
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "unknown".to_string())
 }
 
 #[cfg(test)]

@@ -145,20 +145,12 @@ pub struct GenerationManifest {
 }
 
 pub(crate) fn encode<T: Serialize>(tree: &'static str, key: &dyn fmt::Display, value: &T) -> Result<Vec<u8>> {
-    postcard::to_stdvec(value).map_err(|e| Error::CorruptRecord {
-        tree,
-        key: key.to_string(),
-        reason: format!("cannot encode: {e}"),
-    })
+    postcard::to_stdvec(value).map_err(|e| Error::CorruptRecord { tree, key: key.to_string(), reason: format!("cannot encode: {e}") })
 }
 
 /// Decodes a record, naming the key on failure; trailing bytes count as damage.
 pub(crate) fn decode<T: DeserializeOwned>(tree: &'static str, key: &dyn fmt::Display, bytes: &[u8]) -> Result<T> {
-    let corrupt = |reason: String| Error::CorruptRecord {
-        tree,
-        key: key.to_string(),
-        reason,
-    };
+    let corrupt = |reason: String| Error::CorruptRecord { tree, key: key.to_string(), reason };
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| corrupt(format!("cannot decode: {e}")))?;
     if !rest.is_empty() {
         return Err(corrupt(format!("{} unexpected trailing bytes", rest.len())));

@@ -4,10 +4,7 @@ use super::*;
 use crate::geometry::BBox;
 
 fn spec(dim: u32, embedder: &str) -> GenerationSpec {
-    GenerationSpec {
-        dim,
-        models: BTreeMap::from([("embedder".to_string(), embedder.to_string())]),
-    }
+    GenerationSpec { dim, models: BTreeMap::from([("embedder".to_string(), embedder.to_string())]) }
 }
 
 fn metadata(sku: &str) -> ItemMetadata {
@@ -25,20 +22,13 @@ fn metadata(sku: &str) -> ItemMetadata {
 }
 
 fn garment(dim: usize, seed: f32) -> NewGarment {
-    NewGarment {
-        bbox: BBox::new(1.0, 2.0, 30.0, 40.0),
-        category: "top".into(),
-        score: 0.8,
-        embedding: (0..dim).map(|i| seed + i as f32).collect(),
-    }
+    NewGarment { bbox: BBox::new(1.0, 2.0, 30.0, 40.0), category: "top".into(), score: 0.8, embedding: (0..dim).map(|i| seed + i as f32).collect() }
 }
 
 fn publish_items(store: &CatalogStore, skus: &[&str], dim: u32) -> GenerationManifest {
     let builder = store.begin_generation(spec(dim, "e1")).unwrap();
     for (i, sku) in skus.iter().enumerate() {
-        builder
-            .put_item(metadata(sku), ContentHash::of_bytes(sku.as_bytes()), vec![garment(dim as usize, i as f32), garment(dim as usize, 10.0 + i as f32)])
-            .unwrap();
+        builder.put_item(metadata(sku), ContentHash::of_bytes(sku.as_bytes()), vec![garment(dim as usize, i as f32), garment(dim as usize, 10.0 + i as f32)]).unwrap();
     }
     builder.publish().unwrap()
 }
@@ -177,10 +167,7 @@ fn a_store_from_a_newer_version_is_refused_and_left_untouched() {
     {
         let store = CatalogStore::open(dir.path()).unwrap();
         publish_items(&store, &["a"], 4);
-        store
-            .raw_tree(META_TREE)
-            .insert(layout::FORMAT_VERSION_KEY, &(shoplens_migrations::CURRENT_VERSION + 1).to_be_bytes())
-            .unwrap();
+        store.raw_tree(META_TREE).insert(layout::FORMAT_VERSION_KEY, &(shoplens_migrations::CURRENT_VERSION + 1).to_be_bytes()).unwrap();
         store.flush().unwrap();
     }
     let err = CatalogStore::open(dir.path()).err().expect("newer store must be refused");

@@ -1,7 +1,6 @@
 //! Training our networks on DeepFashion2-format data, as a library: the binaries add
 //! arguments and progress bars. Training reports progress through [`Progress`].
 
-
 pub mod augment;
 pub mod checkpoint;
 pub mod detector;
@@ -10,9 +9,9 @@ pub mod retrieval;
 
 use std::path::{Path, PathBuf};
 
-pub use crate::progress::{Progress, ProgressFn};
 use crate::Result;
 use crate::catalog::{CatalogSource, LabelMap, read_catalog};
+pub use crate::progress::{Progress, ProgressFn};
 
 /// A photo of the CC0 catalog with its sender and taxonomy category.
 pub(crate) struct CatalogPhoto {

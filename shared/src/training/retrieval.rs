@@ -57,7 +57,15 @@ pub fn ranked_rows(gallery: &[f32], dim: usize, query: &[f32], categories: &[usi
 }
 
 /// [`top_k_accuracy`] with the engine's default order ([`ranked_rows`]).
-pub fn ranked_top_k_accuracy(queries: &[f32], gallery: &[f32], dim: usize, correct: &[Vec<u32>], categories: &[usize], preferred: &[Option<usize>], exact_above: Option<f32>) -> BTreeMap<usize, f64> {
+pub fn ranked_top_k_accuracy(
+    queries: &[f32],
+    gallery: &[f32],
+    dim: usize,
+    correct: &[Vec<u32>],
+    categories: &[usize],
+    preferred: &[Option<usize>],
+    exact_above: Option<f32>,
+) -> BTreeMap<usize, f64> {
     accuracy_from_ranks(correct.iter().enumerate().map(|(q, right)| {
         let rows = ranked_rows(gallery, dim, &queries[q * dim..(q + 1) * dim], categories, preferred[q], exact_above);
         rows.iter().position(|row| right.contains(row))

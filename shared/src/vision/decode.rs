@@ -18,10 +18,7 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self {
-            max_pixels: 40_000_000,
-            max_side: 16_384,
-        }
+        Self { max_pixels: 40_000_000, max_side: 16_384 }
     }
 }
 
@@ -41,9 +38,7 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage> {
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::ImageDecode { reason: e.to_string() })?;
     // Bytes of no known image format are not an image at all (a client error of another
     // kind than a real format we do not take, such as BMP).
-    let format = reader.format().ok_or(Error::ImageDecode {
-        reason: "not an image: the bytes match no known image format (send JPEG, PNG, WebP, GIF or TIFF)".into(),
-    })?;
+    let format = reader.format().ok_or(Error::ImageDecode { reason: "not an image: the bytes match no known image format (send JPEG, PNG, WebP, GIF or TIFF)".into() })?;
     if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Tiff) {
         return Err(Error::UnsupportedImageFormat { format: format!("{format:?}") });
     }
@@ -58,11 +53,7 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage> {
         return Err(Error::ImageDecode { reason: format!("image of {width}×{height} pixels") });
     }
     if width as u64 * height as u64 > limits.max_pixels || width.max(height) > limits.max_side {
-        return Err(Error::ImageTooLarge {
-            width,
-            height,
-            max_pixels: limits.max_pixels,
-        });
+        return Err(Error::ImageTooLarge { width, height, max_pixels: limits.max_pixels });
     }
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
@@ -111,9 +102,7 @@ mod tests {
         let bytes = png(50, 50);
         assert!(decode_image(&bytes[..bytes.len() / 2], DecodeLimits::default()).unwrap_err().is_user_error());
         let mut jpeg = Vec::new();
-        image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]))
-            .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
-            .unwrap();
+        image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90])).write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
         assert!(decode_image(&jpeg, DecodeLimits::default()).is_ok());
         let cut = decode_image(&jpeg[..jpeg.len() * 2 / 3], DecodeLimits::default()).unwrap_err();
         assert!(cut.to_string().contains("truncated"), "{cut}");

@@ -27,11 +27,7 @@ pub struct Preprocess {
 
 impl Preprocess {
     /// EfficientNet-Lite0's input: 224², white bars, `(x - 127) / 128`.
-    pub const LITE0: Preprocess = Preprocess {
-        size: 224,
-        normalisation: Normalisation::TfLite,
-        pad_rgb: [255, 255, 255],
-    };
+    pub const LITE0: Preprocess = Preprocess { size: 224, normalisation: Normalisation::TfLite, pad_rgb: [255, 255, 255] };
 
     /// Crops `bbox` (clipped to the image; the whole image when `None`), letterboxes it and
     /// returns the `[3, size, size]` input tensor.
@@ -49,9 +45,7 @@ impl Preprocess {
                 let (x1, y1) = (b.x1.floor() as u32, b.y1.floor() as u32);
                 let (x2, y2) = (b.x2.ceil() as u32, b.y2.ceil() as u32);
                 if x2 <= x1 || y2 <= y1 {
-                    return Err(Error::InvalidBox {
-                        reason: format!("{:?} covers no pixel of a {}×{} image", bbox.map(BBox::to_array), image.width(), image.height()),
-                    });
+                    return Err(Error::InvalidBox { reason: format!("{:?} covers no pixel of a {}×{} image", bbox.map(BBox::to_array), image.width(), image.height()) });
                 }
                 Some((x1, y1, x2 - x1, y2 - y1))
             }
@@ -92,11 +86,7 @@ impl LetterboxGeometry {
         let s = size as f64 / width.max(height).max(1) as f64;
         let nw = (round_half_even(width as f64 * s) as u32).clamp(1, size);
         let nh = (round_half_even(height as f64 * s) as u32).clamp(1, size);
-        Self {
-            source: (width, height),
-            resized: (nw, nh),
-            offset: ((size - nw) / 2, (size - nh) / 2),
-        }
+        Self { source: (width, height), resized: (nw, nh), offset: ((size - nw) / 2, (size - nh) / 2) }
     }
 
     fn scales(&self) -> (f32, f32) {

@@ -9,11 +9,7 @@ use shoplens::ann::{AnnParams, GarmentIndex, LoadOutcome, SearchPath, graph};
 const DIM: usize = 64;
 
 fn params() -> AnnParams {
-    AnnParams {
-        exact_below: 100,
-        filter_exact_max: 500,
-        ..AnnParams::default()
-    }
+    AnnParams { exact_below: 100, filter_exact_max: 500, ..AnnParams::default() }
 }
 
 fn near_queries(index: &GarmentIndex, n: usize, seed: u64) -> Vec<Vec<f32>> {

@@ -52,11 +52,7 @@ fn check(net: &EfficientNetLite, png: &Path, json: &Path) {
     let pooled = net.pooled(&input(png)).unwrap();
     let got: Vec<f32> = pooled.squeeze(0).unwrap().to_vec1().unwrap();
     let cos = cosine(&got, &want.feature);
-    let max_excess = got
-        .iter()
-        .zip(&want.feature)
-        .map(|(g, w)| (g - w).abs() - 1e-4 * w.abs().max(1.0))
-        .fold(f32::MIN, f32::max);
+    let max_excess = got.iter().zip(&want.feature).map(|(g, w)| (g - w).abs() - 1e-4 * w.abs().max(1.0)).fold(f32::MIN, f32::max);
     assert!(cos >= 0.9999, "{}: cosine {cos}", json.display());
     assert!(max_excess <= 0.0, "{}: a value differs by more than 1e-4 relative", json.display());
     let logits: Vec<f32> = net.logits(&pooled).unwrap().squeeze(0).unwrap().to_vec1().unwrap();

@@ -59,10 +59,7 @@ fn garment(seed: usize) -> NewGarment {
 }
 
 fn spec() -> GenerationSpec {
-    GenerationSpec {
-        dim: 8,
-        models: BTreeMap::from([("detector".into(), "det-v1".into()), ("embedder".into(), "emb-v1".into())]),
-    }
+    GenerationSpec { dim: 8, models: BTreeMap::from([("detector".into(), "det-v1".into()), ("embedder".into(), "emb-v1".into())]) }
 }
 
 fn ann() -> AnnParams {

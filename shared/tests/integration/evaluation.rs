@@ -24,7 +24,15 @@ fn retrieval_protocol_on_the_synthetic_set() {
     // must load the generation's dump as the searcher does, not rebuild it with defaults.
     let ann = AnnParams { m: 24, exact_below: 1, ..AnnParams::default() };
     let opts = BuildOptions { boxes: BoxMode::Gt, ann, ..BuildOptions::default() };
-    build_generation(&store, &[CatalogSource::from_path(&dir.path().join("shop")).unwrap()], &LabelMap::default(), Models { embedder: &embedder, detector: None }, &opts, &mut |_| {}).unwrap();
+    build_generation(
+        &store,
+        &[CatalogSource::from_path(&dir.path().join("shop")).unwrap()],
+        &LabelMap::default(),
+        Models { embedder: &embedder, detector: None },
+        &opts,
+        &mut |_| {},
+    )
+    .unwrap();
     drop(store);
     let index = ServingIndex::load_current(&dir.path().join("db")).unwrap().unwrap();
     assert_eq!(index.outcome, LoadOutcome::Loaded);

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use image::{Rgb, RgbImage};
+use shoplens::ann::{AnnParams, LoadOutcome};
 use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::datasets::synth::{self, SynthConfig};
-use shoplens::ann::{AnnParams, LoadOutcome};
 use shoplens::indexing::{BoxMode, BuildOptions, BuildReport, Models, build_generation, write_serving_snapshot};
+use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::progress::Progress;
 use shoplens::serving::engine::ServingIndex;
 use shoplens::serving::snapshot;
-use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::store::{CatalogStore, ContentHash, GenerationState};
 
 fn embedder() -> GarmentEmbedder {

@@ -47,7 +47,8 @@ fn at_similarity(e: &[f32], cos: f32) -> Vec<f32> {
 /// A shop of items, each `(sku, category, embeddings of its garments)`.
 fn shop(items: &[(&str, &str, Vec<Vec<f32>>)]) -> ServingIndex {
     let dim = items[0].2[0].len();
-    let mut snapshot = Snapshot { generation: 1, built_at: None, models: BTreeMap::new(), dim: dim as u32, items: Vec::new(), garments: Vec::new(), embeddings: Vec::new(), ann: None };
+    let mut snapshot =
+        Snapshot { generation: 1, built_at: None, models: BTreeMap::new(), dim: dim as u32, items: Vec::new(), garments: Vec::new(), embeddings: Vec::new(), ann: None };
     for (i, (sku, category, garments)) in items.iter().enumerate() {
         let metadata = ItemMetadata { sku: sku.to_string(), category: Some(category.to_string()), image: format!("{sku}.jpg"), ..Default::default() };
         snapshot.items.push(ServedItem { metadata, image_path: format!("/shop/{sku}.jpg").into(), content_hash: "00".into() });
@@ -112,11 +113,7 @@ fn after_the_last_of_its_kind_come_its_substitutes_then_the_rest() {
     let (image, region) = photo();
     let e = engine.pipeline().embed(&image, &[Some(region)]).unwrap().remove(0);
     let near = engine.embedder.config().exact_match_similarity.unwrap_or(1.0) - 0.05;
-    let index = shop(&[
-        ("pants-1", "pants", vec![at_similarity(&e, near)]),
-        ("top-1", "top", vec![at_similarity(&e, 0.1)]),
-        ("coat-1", "outer", vec![at_similarity(&e, 0.0)]),
-    ]);
+    let index = shop(&[("pants-1", "pants", vec![at_similarity(&e, near)]), ("top-1", "top", vec![at_similarity(&e, 0.1)]), ("coat-1", "outer", vec![at_similarity(&e, 0.0)])]);
     // A top's substitute is outer: after the shop's only top, the coat, then the pants.
     assert_eq!(skus(&engine, &index, &image, &request(3, region, Ranking::SameKindFirst)), ["top-1", "coat-1", "pants-1"]);
 }

@@ -250,7 +250,8 @@ fn render_view(spec: &ViewSpec, decoded: &mut HashMap<PathBuf, RgbImage>, sample
             Some(d) => {
                 let mask_path = d.mask.as_ref().expect("donors have masks");
                 let bytes = std::fs::read(mask_path).map_err(|e| Error::io(mask_path, e))?;
-                let mask = image::load_from_memory(&bytes).map_err(|e| Error::MalformedDataset { file: mask_path.clone(), field: "(mask)".into(), reason: e.to_string() })?.to_luma8();
+                let mask =
+                    image::load_from_memory(&bytes).map_err(|e| Error::MalformedDataset { file: mask_path.clone(), field: "(mask)".into(), reason: e.to_string() })?.to_luma8();
                 let garments: Vec<(usize, BBox, u32)> = d.boxes.iter().zip(&d.items).map(|(&(c, b), &i)| (c, b, i)).collect();
                 Some((mask, garments, &decoded[&d.image]))
             }
@@ -298,7 +299,6 @@ impl<'a> Split<'a> {
     }
 }
 
-
 /// Both domains' photos with their boxes, in one taxonomy.
 pub(super) struct Domains {
     pub categories: Vec<Category>,
@@ -324,7 +324,13 @@ impl Domains {
         if street.train.is_empty() || street.val.is_empty() || (with_shop && (shop.train.is_empty() || shop.val.is_empty())) {
             return Err(Error::InvalidSetting {
                 name: "data",
-                reason: format!("{}/{} training/validation photos and {}/{} shop images with boxes: need both of each", street.train.len(), street.val.len(), shop.train.len(), shop.val.len()),
+                reason: format!(
+                    "{}/{} training/validation photos and {}/{} shop images with boxes: need both of each",
+                    street.train.len(),
+                    street.val.len(),
+                    shop.train.len(),
+                    shop.val.len()
+                ),
             });
         }
         Ok((street, shop))
@@ -344,7 +350,15 @@ pub(super) struct CachedViews {
 }
 
 impl CachedViews {
-    pub(super) fn compute(cfg: &DetectorTraining, backbone: &EfficientNetLite, domains: &Domains, street: &Split<'_>, shop: &Split<'_>, pre: &Preprocess, progress: ProgressFn) -> Result<Self> {
+    pub(super) fn compute(
+        cfg: &DetectorTraining,
+        backbone: &EfficientNetLite,
+        domains: &Domains,
+        street: &Split<'_>,
+        shop: &Split<'_>,
+        pre: &Preprocess,
+        progress: ProgressFn,
+    ) -> Result<Self> {
         let samples: HashMap<&Path, &Sample> = domains.street.iter().chain(&domains.shop).map(|s| (s.image.as_path(), s)).collect();
         let mut train_specs = street_specs(&street.train, cfg.views, cfg.copy_paste, cfg.seed);
         let shop_offset = train_specs.len();
@@ -353,7 +367,8 @@ impl CachedViews {
         let val_specs: Vec<ViewSpec> = street.val.iter().map(|s| ViewSpec::street(&s.image, 0, 0)).collect();
         let shop_val_specs: Vec<ViewSpec> = shop.val.iter().map(|s| ViewSpec { shop: true, ..ViewSpec::street(&s.image, 0, 0) }).collect();
         let backbone_hash = blake3::hash(&std::fs::read(&cfg.backbone).map_err(|e| Error::io(&cfg.backbone, e))?);
-        let features = |specs: &[ViewSpec], name: &str, progress: ProgressFn| view_features(backbone, &backbone_hash, specs, &samples, pre, name, &cfg.cache, &cfg.device, progress);
+        let features =
+            |specs: &[ViewSpec], name: &str, progress: ProgressFn| view_features(backbone, &backbone_hash, specs, &samples, pre, name, &cfg.cache, &cfg.device, progress);
         let (train_levels, train_targets) = features(&train_specs, "train", progress)?;
         let (val_levels, val_targets) = features(&val_specs, "val", progress)?;
         let shop_val = if shop_val_specs.is_empty() { None } else { Some(features(&shop_val_specs, "shop-val", progress)?) };

@@ -45,11 +45,7 @@ struct Schedule {
 impl Schedule {
     fn lr(&self, base: f64, epoch: usize, batch: usize) -> f64 {
         let step = (epoch * self.steps_per_epoch + batch) as f64;
-        if step < self.warmup {
-            base * (0.1 + 0.9 * step / self.warmup)
-        } else {
-            base * (0.02 + 0.98 * 0.5 * (1.0 + (std::f64::consts::PI * step / self.total_steps).cos()))
-        }
+        if step < self.warmup { base * (0.1 + 0.9 * step / self.warmup) } else { base * (0.02 + 0.98 * 0.5 * (1.0 + (std::f64::consts::PI * step / self.total_steps).cos())) }
     }
 }
 
@@ -148,7 +144,8 @@ impl Run<'_> {
         );
         if let Some((s, per_image)) = shop {
             let h = s.mean_ap50_over(&headline);
-            line += &format!("; shop AP50 {:.3}, headline {}, {per_image:.2} garments per image ({})", s.ap50, h.map_or("-".into(), |h| format!("{h:.3}")), fmt_ap50(s, categories));
+            line +=
+                &format!("; shop AP50 {:.3}, headline {}, {per_image:.2} garments per image ({})", s.ap50, h.map_or("-".into(), |h| format!("{h:.3}")), fmt_ap50(s, categories));
         }
         line
     }

@@ -24,7 +24,6 @@
 //! images share it), training = the rest. The reported validation AP is the last epoch's:
 //! no epoch is picked by its validation score.
 
-
 mod data;
 mod fit;
 mod targets;
@@ -127,7 +126,6 @@ pub struct ShopValidation {
     pub garments_per_image: f64,
 }
 
-
 /// A tensor drawn from `init` with our seeded generator, so a seed fixes the run.
 pub(super) fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rng, device: &Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
@@ -180,12 +178,15 @@ pub fn fmt_ap50(summary: &ApSummary, categories: &[Category]) -> String {
     summary.per_class.iter().map(|(c, ap)| format!("{} {:.2}", categories[*c].name, ap.ap50)).collect::<Vec<_>>().join(", ")
 }
 
-
 /// A head's parameters taken from an earlier detector (`--init`): its config must match
 /// the run's taxonomy and shape.
 fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
     let earlier: DetectorConfig = crate::models::weights_file::read_config(path)?;
-    let same = earlier.categories == config.categories && earlier.channels == config.channels && earlier.tower == config.tower && earlier.strides == config.strides && earlier.semantic_top == config.semantic_top;
+    let same = earlier.categories == config.categories
+        && earlier.channels == config.channels
+        && earlier.tower == config.tower
+        && earlier.strides == config.strides
+        && earlier.semantic_top == config.semantic_top;
     if !same {
         return Err(Error::InvalidSetting { name: "init", reason: format!("{} has another taxonomy or head shape than this run", path.display()) });
     }
@@ -194,14 +195,21 @@ fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result
 
 /// Validation of `head` on cached features: AP (evaluation post-processing) and garments
 /// per image (the config's serving post-processing).
-fn validate(backbone: &EfficientNetLite, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], targets: &[Targets], grid: &[(f32, f32, f32)], device: &Device) -> Result<(ApSummary, f64)> {
+fn validate(
+    backbone: &EfficientNetLite,
+    config: &DetectorConfig,
+    head: &DetectorHead,
+    levels: &[Tensor],
+    targets: &[Targets],
+    grid: &[(f32, f32, f32)],
+    device: &Device,
+) -> Result<(ApSummary, f64)> {
     let outputs = head_outputs(backbone, config, head, levels, device)?;
     let k = config.num_classes();
     let predictions: Vec<_> = outputs.iter().map(|o| decode(o, k, grid, &Postprocess::EVALUATION)).collect();
     let served: usize = outputs.iter().map(|o| decode(o, k, grid, &config.postprocess).len()).sum();
     Ok((validation_ap(&predictions, targets, k), served as f64 / outputs.len().max(1) as f64))
 }
-
 
 /// Trains the head and writes the final weights to `cfg.out`.
 pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<DetectorReport> {

@@ -77,12 +77,7 @@ pub(super) fn target_tensors(assigned: &[Vec<LocationTarget>], k: usize, device:
             }
         }
     }
-    Ok((
-        Tensor::from_vec(cls, (b, k, n), device)?,
-        Tensor::from_vec(reg, (b, 4, n), device)?,
-        Tensor::from_vec(ctr, (b, 1, n), device)?,
-        Tensor::from_vec(pos, (b, 1, n), device)?,
-    ))
+    Ok((Tensor::from_vec(cls, (b, k, n), device)?, Tensor::from_vec(reg, (b, 4, n), device)?, Tensor::from_vec(ctr, (b, 1, n), device)?, Tensor::from_vec(pos, (b, 1, n), device)?))
 }
 
 /// Numerically stable binary cross-entropy with logits, elementwise.
@@ -124,7 +119,6 @@ pub(super) fn losses(out: &Tensor, k: usize, cls_t: &Tensor, reg_t: &Tensor, ctr
     let ctr_loss = ((bce_with_logits(&ctr_logit, ctr_t)? * pos)?.sum_all()? / num_pos)?;
     Ok((cls_loss, box_loss, ctr_loss))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -177,7 +171,8 @@ mod tests {
         let logit = |p: f32| (p.clamp(1e-4, 1.0 - 1e-4) / (1.0 - p.clamp(1e-4, 1.0 - 1e-4))).ln();
         let ctr_vals: Vec<f32> = ctr_t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(logit).collect();
         let good = Tensor::cat(&[good_cls, reg_t.clone(), Tensor::from_vec(ctr_vals, (1, 1, n), &dev).unwrap()], 1).unwrap();
-        let bad = Tensor::cat(&[Tensor::zeros((1, 2, n), DType::F32, &dev).unwrap(), (reg_t.clone() * 3.0).unwrap(), Tensor::zeros((1, 1, n), DType::F32, &dev).unwrap()], 1).unwrap();
+        let bad =
+            Tensor::cat(&[Tensor::zeros((1, 2, n), DType::F32, &dev).unwrap(), (reg_t.clone() * 3.0).unwrap(), Tensor::zeros((1, 1, n), DType::F32, &dev).unwrap()], 1).unwrap();
         let total = |out: &Tensor| {
             let (a, b, c) = losses(out, 2, &cls_t, &reg_t, &ctr_t, &pos).unwrap();
             [a, b, c].map(|t| t.to_scalar::<f32>().unwrap())

@@ -123,7 +123,8 @@ fn pseudo_boxes(folder: &Path, detector: &Path, min_score: f32, cache: &Path, de
     struct Tags {
         classes: Vec<String>,
     }
-    let tags: BTreeMap<String, Tags> = serde_json::from_slice(&tags_bytes).map_err(|e| Error::MalformedDataset { file: tags_path.clone(), field: "(document)".into(), reason: e.to_string() })?;
+    let tags: BTreeMap<String, Tags> =
+        serde_json::from_slice(&tags_bytes).map_err(|e| Error::MalformedDataset { file: tags_path.clone(), field: "(document)".into(), reason: e.to_string() })?;
     let detector = crate::models::detector::GarmentDetector::load(detector, device)?;
     progress(Progress::Stage { name: "pseudo-labels: detecting garments in tagged photos".into(), total: tags.len() as u64 });
     let mut boxes = Vec::new();
@@ -152,7 +153,15 @@ pub(super) struct Pooled {
 
 /// Pools `specs` through the backbone, cached in `cache` under a key of the backbone file's
 /// hash and the specs.
-fn pooled_features(backbone: &EfficientNetLite, backbone_hash: &blake3::Hash, specs: &[CropSpec], name: &str, cache: &Path, device: &Device, progress: ProgressFn) -> Result<Pooled> {
+fn pooled_features(
+    backbone: &EfficientNetLite,
+    backbone_hash: &blake3::Hash,
+    specs: &[CropSpec],
+    name: &str,
+    cache: &Path,
+    device: &Device,
+    progress: ProgressFn,
+) -> Result<Pooled> {
     let mut hasher = blake3::Hasher::new();
     hasher.update(backbone_hash.as_bytes());
     hasher.update(&GEM_P.to_le_bytes());
@@ -208,7 +217,6 @@ fn read_image(path: &Path) -> Result<image::RgbImage> {
     decode_image(&bytes, DecodeLimits::default())
 }
 
-
 /// All crops of a run, pooled into one matrix; groups are row ranges.
 #[derive(Default)]
 pub(super) struct CropTable {
@@ -245,7 +253,6 @@ pub(super) struct Pair {
     pub shop_render: Option<u32>,
     pub category: u32,
 }
-
 
 /// The run's data, split: validation by CCP pair id (`id % 5 == 1`) and by catalog sender,
 /// training the rest.

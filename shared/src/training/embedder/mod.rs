@@ -168,7 +168,6 @@ pub struct TrainingReport {
     pub train_seconds: f64,
 }
 
-
 /// Trains the heads and writes the best epoch's weights to `cfg.out`.
 pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<TrainingReport> {
     let parts = embedding_parts(cfg)?;
@@ -243,10 +242,9 @@ fn embedding_parts(cfg: &EmbedderTraining) -> Result<Vec<EmbeddingPart>> {
     }
     Ok(match cfg.category_dim {
         0 => Vec::new(),
-        kind => vec![
-            EmbeddingPart { len: cfg.dim - kind, weight: (1.0 - cfg.category_share).sqrt() as f32 },
-            EmbeddingPart { len: kind, weight: cfg.category_share.sqrt() as f32 },
-        ],
+        kind => {
+            vec![EmbeddingPart { len: cfg.dim - kind, weight: (1.0 - cfg.category_share).sqrt() as f32 }, EmbeddingPart { len: kind, weight: cfg.category_share.sqrt() as f32 }]
+        }
     })
 }
 

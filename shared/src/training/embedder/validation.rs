@@ -74,7 +74,16 @@ impl Validation {
             ranked_top_k: ranked_top_k_accuracy(&queries, &gallery, dim, &self.correct, &self.gallery_categories, &in_gallery, Some(exact_above)),
             strict_top_k: ranked_top_k_accuracy(&queries, &gallery, dim, &self.correct, &self.gallery_categories, &in_gallery, None),
             precision: category_precision(&queries, &self.query_categories, &distractors, &self.distractor_categories, dim, PRECISION_K, None, None),
-            ranked_precision: category_precision(&queries, &self.query_categories, &distractors, &self.distractor_categories, dim, PRECISION_K, Some(&in_distractors), Some(exact_above)),
+            ranked_precision: category_precision(
+                &queries,
+                &self.query_categories,
+                &distractors,
+                &self.distractor_categories,
+                dim,
+                PRECISION_K,
+                Some(&in_distractors),
+                Some(exact_above),
+            ),
             accuracy,
             exact_above,
         })

@@ -39,7 +39,7 @@ impl Preference {
 
 /// The category whose items a search for a garment of `category` ranks first: its own when
 /// the shop has it (`present`), else its closest substitute the shop has, else none.
-pub fn preferred_category<'a>(category: &'a str, present: impl Fn(&str) -> bool) -> Option<(&'a str, Preference)> {
+pub fn preferred_category(category: &str, present: impl Fn(&str) -> bool) -> Option<(&str, Preference)> {
     if present(category) {
         return Some((category, Preference::Same));
     }

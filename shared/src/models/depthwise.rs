@@ -40,7 +40,9 @@ struct DepthwiseKernel {
 }
 
 impl DepthwiseConvBn {
-    /// Loads `{conv}.weight` `[c,1,k,k]` and folds `{bn}.*` into it.
+    /// Loads `{conv}.weight` `[c,1,k,k]` and folds `{bn}.*` into it. The arguments are the
+    /// layer's shape as the backbone's config gives it, one value each.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(weights: &Weights, conv: &str, bn: &str, channels: usize, kernel: usize, stride: usize, relu6: bool, eps: f64) -> Result<Self> {
         if !(1..=MAX_KERNEL).contains(&kernel) || stride == 0 {
             return Err(crate::Error::InvalidWeights {

@@ -65,7 +65,9 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    /// Loads `{conv}.weight` `[out,in,k,k]` and folds `{bn}.*` into it.
+    /// Loads `{conv}.weight` `[out,in,k,k]` and folds `{bn}.*` into it. The arguments are
+    /// the layer's shape as the backbone's config gives it, one value each.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(weights: &Weights, conv: &str, bn: &str, in_channels: usize, out_channels: usize, kernel: usize, stride: usize, eps: f64) -> Result<Self> {
         let weight = take(weights, &format!("{conv}.weight"), &[out_channels, in_channels, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, out_channels, eps)?;

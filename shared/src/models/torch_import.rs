@@ -152,158 +152,192 @@ impl<'a> Machine<'a> {
         self.memo.clear();
         loop {
             let op = self.u8()?;
-            match op {
-                0x80 => {
-                    self.u8()?;
-                }
-                0x95 => {
-                    self.take(8)?;
-                }
-                b'.' => return self.pop(),
-                b'(' => self.stack.push(Value::Mark),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                b'K' => {
-                    let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64));
-                }
-                b'M' => {
-                    let v = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes"));
-                    self.stack.push(Value::Int(v as i64));
-                }
-                b'J' => {
-                    let v = i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"));
-                    self.stack.push(Value::Int(v as i64));
-                }
-                0x8a => {
-                    let n = self.u8()? as usize;
-                    let bytes = self.take(n)?;
-                    if n > 16 {
-                        return Err(bad("integer too large"));
-                    }
-                    let mut buf = [if bytes.last().is_some_and(|b| b & 0x80 != 0) { 0xff } else { 0 }; 16];
-                    buf[..n].copy_from_slice(bytes);
-                    let v = i128::from_le_bytes(buf);
-                    // Only the magic number exceeds i64; keep its low bits, compared as u128 below.
-                    self.stack.push(Value::Int(v as i64));
-                    if v as u128 == LEGACY_MAGIC {
-                        self.stack.pop();
-                        self.stack.push(Value::Str("<torch legacy magic>".into()));
-                    }
-                }
-                b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes"));
-                    self.stack.push(Value::Float(v));
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
-                }
-                0x8c | b'U' => {
-                    let n = self.u8()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
-                }
-                b'T' => {
-                    let n = self.u32()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
-                }
-                b'q' => {
-                    let i = self.u8()? as u32;
-                    let top = self.stack.last().ok_or_else(|| bad("BINPUT on empty stack"))?.clone();
-                    self.memo.insert(i, top);
-                }
-                b'r' => {
-                    let i = self.u32()?;
-                    let top = self.stack.last().ok_or_else(|| bad("LONG_BINPUT on empty stack"))?.clone();
-                    self.memo.insert(i, top);
-                }
-                0x94 => {
-                    let i = self.memo.len() as u32;
-                    let top = self.stack.last().ok_or_else(|| bad("MEMOIZE on empty stack"))?.clone();
-                    self.memo.insert(i, top);
-                }
-                b'h' | b'j' => {
-                    let i = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
-                    let v = self.memo.get(&i).ok_or_else(|| bad(format!("memo {i} unset")))?.clone();
-                    self.stack.push(v);
-                }
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    if self.stack.len() < n {
-                        return Err(bad("pickle stack underflow"));
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    let allowed = (module == "collections" && name == "OrderedDict")
-                        || (module == "torch._utils" && (name == "_rebuild_tensor_v2" || name == "_rebuild_parameter"))
-                        || (module == "torch" && StorageDtype::from_storage(&name).is_some());
-                    if !allowed {
-                        return Err(bad(format!("refusing pickle global {module}.{name}: a checkpoint holds only tensors")));
-                    }
-                    self.stack.push(Value::Global(module, name));
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    let Value::Tuple(parts) = pid else { return Err(bad("persistent id is not a tuple")) };
-                    match parts.as_slice() {
-                        [Value::Str(kind), Value::Global(_, storage), Value::Str(key), _location, Value::Int(numel), ..] if kind == "storage" => {
-                            let dtype = StorageDtype::from_storage(storage).ok_or_else(|| bad(format!("unsupported storage {storage}")))?;
-                            self.stack.push(Value::Storage { dtype, key: key.clone(), numel: usize::try_from(*numel).map_err(|_| bad("negative storage size"))? });
-                        }
-                        _ => return Err(bad("persistent id is not a storage")),
-                    }
-                }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    let result = self.reduce(callable, args)?;
-                    self.stack.push(result);
-                }
-                b'b' => {
-                    // State for the object below: OrderedDict attributes (`_metadata`); ignored.
-                    self.pop()?;
-                }
-                b's' => {
-                    let value = self.pop()?;
-                    let key = self.pop()?;
-                    self.dict_insert(vec![key, value])?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    self.dict_insert(items)?;
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.stack.last_mut() {
-                        Some(Value::List(l)) => l.push(v),
-                        _ => return Err(bad("APPEND to a non-list")),
-                    }
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    match self.stack.last_mut() {
-                        Some(Value::List(l)) => l.extend(items),
-                        _ => return Err(bad("APPENDS to a non-list")),
-                    }
-                }
-                other => return Err(bad(format!("unsupported pickle opcode 0x{other:02x} at byte {}", self.pos - 1))),
+            if op == b'.' {
+                return self.pop();
+            }
+            if !(self.literal(op)? || self.memo_op(op)? || self.container(op)? || self.object(op)?) {
+                return Err(bad(format!("unsupported pickle opcode 0x{op:02x} at byte {}", self.pos - 1)));
             }
         }
+    }
+
+    /// Framing, marks and literals (constants, numbers, strings). False when `op` is not one of them.
+    fn literal(&mut self, op: u8) -> Result<bool> {
+        match op {
+            0x80 => {
+                self.u8()?;
+            }
+            0x95 => {
+                self.take(8)?;
+            }
+            b'(' => self.stack.push(Value::Mark),
+            b'N' => self.stack.push(Value::None),
+            0x88 => self.stack.push(Value::Bool(true)),
+            0x89 => self.stack.push(Value::Bool(false)),
+            b'K' => {
+                let v = self.u8()?;
+                self.stack.push(Value::Int(v as i64));
+            }
+            b'M' => {
+                let v = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes"));
+                self.stack.push(Value::Int(v as i64));
+            }
+            b'J' => {
+                let v = i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"));
+                self.stack.push(Value::Int(v as i64));
+            }
+            0x8a => {
+                let n = self.u8()? as usize;
+                let bytes = self.take(n)?;
+                if n > 16 {
+                    return Err(bad("integer too large"));
+                }
+                let mut buf = [if bytes.last().is_some_and(|b| b & 0x80 != 0) { 0xff } else { 0 }; 16];
+                buf[..n].copy_from_slice(bytes);
+                let v = i128::from_le_bytes(buf);
+                // Only the magic number exceeds i64; keep its low bits, compared as u128 below.
+                self.stack.push(Value::Int(v as i64));
+                if v as u128 == LEGACY_MAGIC {
+                    self.stack.pop();
+                    self.stack.push(Value::Str("<torch legacy magic>".into()));
+                }
+            }
+            b'G' => {
+                let v = f64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes"));
+                self.stack.push(Value::Float(v));
+            }
+            b'X' => {
+                let n = self.u32()? as usize;
+                let s = self.string(n)?;
+                self.stack.push(s);
+            }
+            0x8c | b'U' => {
+                let n = self.u8()? as usize;
+                let s = self.string(n)?;
+                self.stack.push(s);
+            }
+            b'T' => {
+                let n = self.u32()? as usize;
+                let s = self.string(n)?;
+                self.stack.push(s);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The memo: storing and fetching values by index. False when `op` is not one of them.
+    fn memo_op(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b'q' => {
+                let i = self.u8()? as u32;
+                let top = self.stack.last().ok_or_else(|| bad("BINPUT on empty stack"))?.clone();
+                self.memo.insert(i, top);
+            }
+            b'r' => {
+                let i = self.u32()?;
+                let top = self.stack.last().ok_or_else(|| bad("LONG_BINPUT on empty stack"))?.clone();
+                self.memo.insert(i, top);
+            }
+            0x94 => {
+                let i = self.memo.len() as u32;
+                let top = self.stack.last().ok_or_else(|| bad("MEMOIZE on empty stack"))?.clone();
+                self.memo.insert(i, top);
+            }
+            b'h' | b'j' => {
+                let i = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
+                let v = self.memo.get(&i).ok_or_else(|| bad(format!("memo {i} unset")))?.clone();
+                self.stack.push(v);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Tuples, lists and dicts. False when `op` is not one of them.
+    fn container(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b'}' => self.stack.push(Value::Dict(Vec::new())),
+            b']' => self.stack.push(Value::List(Vec::new())),
+            b')' => self.stack.push(Value::Tuple(Vec::new())),
+            b't' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(items));
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if self.stack.len() < n {
+                    return Err(bad("pickle stack underflow"));
+                }
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Value::Tuple(items));
+            }
+            b'b' => {
+                // State for the object below: OrderedDict attributes (`_metadata`); ignored.
+                self.pop()?;
+            }
+            b's' => {
+                let value = self.pop()?;
+                let key = self.pop()?;
+                self.dict_insert(vec![key, value])?;
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                self.dict_insert(items)?;
+            }
+            b'a' => {
+                let v = self.pop()?;
+                match self.stack.last_mut() {
+                    Some(Value::List(l)) => l.push(v),
+                    _ => return Err(bad("APPEND to a non-list")),
+                }
+            }
+            b'e' => {
+                let items = self.pop_mark()?;
+                match self.stack.last_mut() {
+                    Some(Value::List(l)) => l.extend(items),
+                    _ => return Err(bad("APPENDS to a non-list")),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Globals (only those a tensor checkpoint needs), storages and reductions. False when `op` is not one of them.
+    fn object(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                let allowed = (module == "collections" && name == "OrderedDict")
+                    || (module == "torch._utils" && (name == "_rebuild_tensor_v2" || name == "_rebuild_parameter"))
+                    || (module == "torch" && StorageDtype::from_storage(&name).is_some());
+                if !allowed {
+                    return Err(bad(format!("refusing pickle global {module}.{name}: a checkpoint holds only tensors")));
+                }
+                self.stack.push(Value::Global(module, name));
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                let Value::Tuple(parts) = pid else { return Err(bad("persistent id is not a tuple")) };
+                match parts.as_slice() {
+                    [Value::Str(kind), Value::Global(_, storage), Value::Str(key), _location, Value::Int(numel), ..] if kind == "storage" => {
+                        let dtype = StorageDtype::from_storage(storage).ok_or_else(|| bad(format!("unsupported storage {storage}")))?;
+                        self.stack.push(Value::Storage { dtype, key: key.clone(), numel: usize::try_from(*numel).map_err(|_| bad("negative storage size"))? });
+                    }
+                    _ => return Err(bad("persistent id is not a storage")),
+                }
+            }
+            b'R' | 0x81 => {
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                let result = self.reduce(callable, args)?;
+                self.stack.push(result);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     fn dict_insert(&mut self, items: Vec<Value>) -> Result<()> {

@@ -407,11 +407,14 @@ impl SearchEngine {
     }
 }
 
+/// A garment's items (each hit with its item's row), and which kind was put first.
+type Ranked = (Vec<(SearchHit, u32)>, Option<RankedFirst>);
+
 impl SearchEngine {
     /// A garment's `k` items in the order the request asks: the request's category only;
     /// or, by default, its own category's items (or a substitute's) first and then the rest;
     /// or similarity alone.
-    fn rank(&self, index: &ServingIndex, embedding: &[f32], category: &str, req: &SearchRequest) -> Result<(Vec<(SearchHit, u32)>, Option<RankedFirst>)> {
+    fn rank(&self, index: &ServingIndex, embedding: &[f32], category: &str, req: &SearchRequest) -> Result<Ranked> {
         let none = HashSet::new();
         if let Some(filter) = req.category.as_deref() {
             let hits = index.nearest_items(embedding, req.k, Some(filter), &none)?;

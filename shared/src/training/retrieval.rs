@@ -88,6 +88,8 @@ pub struct CategoryPrecision {
 /// Category precision@k of `queries` against `gallery` (row-major unit vectors of length
 /// `dim`), ranked by cosine similarity. With `preferred`, a query's results of
 /// `preferred[q]` come first (the engine's default ranking), each part in similarity order.
+/// The arguments are parallel arrays of one evaluation, as the other measures here take.
+#[allow(clippy::too_many_arguments)]
 pub fn category_precision(
     queries: &[f32],
     query_categories: &[usize],

@@ -43,8 +43,11 @@ fn build(store: &CatalogStore, sources: &[CatalogSource], embedder: &GarmentEmbe
     build_generation(store, sources, &LabelMap::default(), Models { embedder, detector: None }, &opts, &mut |_| {}).unwrap()
 }
 
-/// What a published generation holds, independent of ids: sku → (hash, title, embeddings).
-fn contents(store: &CatalogStore) -> BTreeMap<String, (ContentHash, Option<String>, Vec<Vec<f32>>)> {
+/// An item's content: image hash, title, garment embeddings.
+type Content = (ContentHash, Option<String>, Vec<Vec<f32>>);
+
+/// What a published generation holds, independent of ids: sku → content.
+fn contents(store: &CatalogStore) -> BTreeMap<String, Content> {
     let generation = store.published_id().unwrap().unwrap();
     store
         .generation_members(generation)
@@ -243,7 +246,7 @@ fn links_devices_and_fifos_in_a_catalog_are_refused_rows_not_hangs() {
         text.push_str(&format!("{sku},{image},T-Shirt,Hostile,1\n"));
     }
     std::fs::write(&csv, text).unwrap();
-    let store = CatalogStore::open(&dir.path().join("db")).unwrap();
+    let store = CatalogStore::open(dir.path().join("db")).unwrap();
     let report = build(&store, &[CatalogSource::from_path(&csv).unwrap()], &embedder(), BoxMode::Detected);
     // The two real images are indexed; each hostile row is a failure naming why.
     assert_eq!(contents(&store).keys().cloned().collect::<Vec<_>>(), ["sku0", "sku1"]);

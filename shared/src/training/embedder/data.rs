@@ -59,7 +59,11 @@ pub(super) struct StreetCrop {
     spec: CropSpec,
 }
 
-fn ccp_pairs(data: &Path) -> Result<(Vec<CcpPair>, Vec<StreetCrop>, Vec<(u64, u32, CropSpec)>)> {
+type CcpData = (Vec<CcpPair>, Vec<StreetCrop>, Vec<(u64, u32, CropSpec)>);
+
+/// The street garments with a shop image, those without, and every shop image as
+/// `(pair_id, style, crop)`.
+fn ccp_pairs(data: &Path) -> Result<CcpData> {
     let user = Df2Folder::open(data.join("user"))?;
     let shop = Df2Folder::open(data.join("shop"))?;
     let gallery = read_gallery_gt(&data.join("gallery_gt.json"))?;

@@ -22,6 +22,11 @@ pub(super) struct Examples<'a> {
     pub teacher: &'a Tensor,
     pub pairs: &'a [Pair],
     pub labelled: &'a [(u32, u32)],
+    /// What each epoch is measured on: the validation rows of `pooled`.
+    pub validation: &'a Validation,
+    pub pooled: &'a Pooled,
+    /// The category vocabulary.
+    pub names: &'a [String],
 }
 
 /// The loop's outcome: every epoch's numbers and the best epoch's heads.
@@ -53,16 +58,8 @@ impl LabelledDraw {
 
 /// Trains `heads` (held in `varmap`) from the checkpoint's epoch on; each epoch is
 /// measured on `validation` and saved to the checkpoint.
-pub(super) fn fit(
-    cfg: &EmbedderTraining,
-    mut varmap: VarMap,
-    heads: Heads,
-    examples: &Examples<'_>,
-    validation: &Validation,
-    pooled: &Pooled,
-    names: &[String],
-    progress: ProgressFn,
-) -> Result<Fitted> {
+pub(super) fn fit(cfg: &EmbedderTraining, mut varmap: VarMap, heads: Heads, examples: &Examples<'_>, progress: ProgressFn) -> Result<Fitted> {
+    let (validation, pooled, names) = (examples.validation, examples.pooled, examples.names);
     let checkpoint = Checkpoint::beside(&cfg.out);
     let first_epoch = checkpoint.resume(cfg.resume, &mut varmap, progress)?;
     let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;

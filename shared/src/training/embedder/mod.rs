@@ -197,8 +197,8 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
     let varmap = VarMap::new();
     let heads = Heads::new(&varmap, cfg.seed, cfg.dim, splits.names.len(), parts.clone(), &cfg.device)?;
     let train_started = Instant::now();
-    let examples = Examples { features: &features, teacher: &teacher, pairs: &pairs, labelled: &labelled };
-    let Fitted { epochs, best_epoch, best } = fit(cfg, varmap, heads, &examples, &validation, &pooled, &splits.names, progress)?;
+    let examples = Examples { features: &features, teacher: &teacher, pairs: &pairs, labelled: &labelled, validation: &validation, pooled: &pooled, names: &splits.names };
+    let Fitted { epochs, best_epoch, best } = fit(cfg, varmap, heads, &examples, progress)?;
     let train_seconds = train_started.elapsed().as_secs_f64();
 
     let m = validation.measure(&pooled, &best.embedding, &best.categories, &splits.names, cfg.exact_match_false_rate, &cfg.device)?;

@@ -69,7 +69,7 @@ fn load_engine(config: &Config) -> Result<SearchEngine> {
 }
 
 fn build_demo_if_missing(config: &Config, catalog: &Path) -> Result<()> {
-    if shoplens::serving::snapshot::current(&shoplens::store::serving_dir(&config.db))?.is_some() {
+    if shoplens::serving::snapshot::current(&shoplens::store::StoreDir::new(&config.db).serving())?.is_some() {
         tracing::info!(db = %config.db.display(), "demo index exists");
         return Ok(());
     }

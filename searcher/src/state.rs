@@ -76,7 +76,7 @@ impl Watcher {
     /// Installs the published generation when it is new; returns the generation served.
     pub fn poll(&mut self, state: &SearcherState) -> Option<u64> {
         let served = state.current.load().as_ref().map(|i| i.generation());
-        let dir = shoplens::store::serving_dir(&self.db);
+        let dir = shoplens::store::StoreDir::new(&self.db).serving();
         match snapshot::current(&dir) {
             Ok(Some(generation)) if Some(generation) != served && Some(generation) != self.failed_generation => match load(&self.db, generation) {
                 Ok(index) => {

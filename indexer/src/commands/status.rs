@@ -8,8 +8,9 @@ use shoplens::store::CatalogStore;
 
 /// Opens an existing store; refuses to create one where the user meant to read one.
 pub fn open_existing(db: &Path) -> Result<CatalogStore> {
-    if !db.join(shoplens::store::CATALOG_SUBDIR).is_dir() {
-        anyhow::bail!("{} holds no Shoplens store (no {}/ inside)", db.display(), shoplens::store::CATALOG_SUBDIR);
+    let dir = shoplens::store::StoreDir::new(db);
+    if !dir.holds_a_store() {
+        anyhow::bail!("{} holds no Shoplens store (no {} inside)", db.display(), dir.catalog().display());
     }
     CatalogStore::open(db).with_context(|| format!("opening store {}", db.display()))
 }

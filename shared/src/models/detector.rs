@@ -91,7 +91,7 @@ impl DetectorConfig {
             }
         }
         hasher.update(serde_json::to_string(&self.postprocess).expect("postprocess serialises").as_bytes());
-        self.version = format!("detector-lite0-fcos-{}", &hasher.finalize().to_hex()[..12]);
+        self.version = format!("detector-{}-fcos-{}", super::backbone_tag(&self.backbone), &hasher.finalize().to_hex()[..12]);
         Ok(self)
     }
 

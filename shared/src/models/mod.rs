@@ -12,6 +12,13 @@ mod pointwise;
 pub mod torch_import;
 pub mod weights_file;
 
+/// The backbone's short name in model versions, from the backbone file a config names:
+/// `efficientnet-lite2.safetensors` → `lite2`; another file gives its stem.
+pub fn backbone_tag(backbone_file: &str) -> &str {
+    let stem = backbone_file.strip_suffix(".safetensors").unwrap_or(backbone_file);
+    stem.strip_prefix("efficientnet-").unwrap_or(stem)
+}
+
 /// Runs a forward pass on a worker of rayon's global pool (directly when already on one).
 ///
 /// Our kernels and gemm parallelise each operation with rayon. Called from a thread outside
@@ -31,5 +38,15 @@ pub(crate) fn cpu_values<'a>(storage: &'a candle_core::CpuStorage, layout: &cand
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op} expects a contiguous input"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_backbone_file_gives_its_short_name() {
+        assert_eq!(super::backbone_tag("efficientnet-lite0.safetensors"), "lite0");
+        assert_eq!(super::backbone_tag("efficientnet-lite2.safetensors"), "lite2");
+        assert_eq!(super::backbone_tag("resnet50.safetensors"), "resnet50");
     }
 }

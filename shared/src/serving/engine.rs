@@ -19,6 +19,7 @@ use crate::models::detector::GarmentDetector;
 use crate::models::embedder::GarmentEmbedder;
 use crate::pipeline::GarmentPipeline;
 use crate::store::ItemMetadata;
+use crate::store::StoreDir;
 use crate::vision::DecodeLimits;
 use crate::{Error, Result};
 
@@ -44,13 +45,14 @@ impl ServingIndex {
     /// Loads generation `generation` of the store in `store_dir` from its serving snapshot
     /// and graph dump (building the graph in memory when the dump is missing or stale).
     pub fn load(store_dir: &Path, generation: u64) -> Result<Self> {
-        let snapshot = Snapshot::read(&crate::store::serving_dir(store_dir).join(snapshot::file_name(generation)))?;
-        Self::from_snapshot(snapshot, Some(&store_dir.join(crate::store::ANN_SUBDIR)))
+        let dir = StoreDir::new(store_dir);
+        let snapshot = Snapshot::read(&dir.serving().join(snapshot::file_name(generation)))?;
+        Self::from_snapshot(snapshot, Some(&dir.ann()))
     }
 
     /// Loads the generation `serving/CURRENT` points at; `None` before the first build.
     pub fn load_current(store_dir: &Path) -> Result<Option<Self>> {
-        match snapshot::current(&crate::store::serving_dir(store_dir))? {
+        match snapshot::current(&StoreDir::new(store_dir).serving())? {
             Some(generation) => Ok(Some(Self::load(store_dir, generation)?)),
             None => Ok(None),
         }

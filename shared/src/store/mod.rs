@@ -11,6 +11,7 @@
 //! - every multi-key change is one sled transaction, and is flushed before it is reported
 //!   done.
 
+mod dir;
 mod generation;
 mod records;
 
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use shoplens_migrations::layout::{self, GARMENTS_TREE, GENERATION_ITEMS_TREE, GENERATIONS_TREE, ITEMS_TREE, META_TREE, PUBLISHED_GENERATION_KEY};
 use sled::{Db, Tree};
 
+pub use dir::StoreDir;
 pub use generation::{GenerationBuilder, PruneReport};
 pub use records::{ContentHash, GarmentId, GarmentRecord, GenerationManifest, GenerationSpec, GenerationState, ItemMetadata, ItemRecord, ItemRev, NewGarment};
 
@@ -29,13 +31,6 @@ use crate::{Error, Result};
 /// one and the two before it, so a reader still loading the previous one is never cut short.
 pub const DEFAULT_RETAIN: usize = 3;
 
-/// Subfolder of a store directory that holds the sled database.
-pub const CATALOG_SUBDIR: &str = "catalog";
-/// Subfolder of a store directory that holds the ANN graph dumps (derived data).
-pub const ANN_SUBDIR: &str = "ann";
-/// Subdirectory of the store directory holding serving snapshots.
-pub const SERVING_SUBDIR: &str = "serving";
-
 /// The sled-backed catalog store. One process opens a store at a time (sled's file lock).
 ///
 /// A store directory holds `catalog/` (sled, the source of truth) and `ann/` (graph dumps
@@ -43,7 +38,7 @@ pub const SERVING_SUBDIR: &str = "serving";
 #[derive(Clone)]
 pub struct CatalogStore {
     db: Db,
-    path: Option<PathBuf>,
+    path: Option<StoreDir>,
     meta: Tree,
     items: Tree,
     garments: Tree,
@@ -66,24 +61,18 @@ impl fmt::Display for IdKey {
     }
 }
 
-/// The serving directory of the store in `dir`, which a searcher reads without opening
-/// the store.
-pub fn serving_dir(dir: &Path) -> PathBuf {
-    dir.join(SERVING_SUBDIR)
-}
-
 impl CatalogStore {
     /// Opens (or creates) the store in directory `dir`, upgrading an older format.
     ///
     /// Fails with [`Error::StoreFormat`] on a store written by a newer Shoplens.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
-        let path = dir.join(CATALOG_SUBDIR);
+        let dir = StoreDir::new(dir.as_ref());
+        let path = dir.catalog();
         let db = sled::Config::new().path(&path).mode(sled::Mode::LowSpace).open().map_err(|e| match e {
             sled::Error::Io(source) => Error::io(&path, source),
             other => Error::Storage(other),
         })?;
-        Self::from_db(db, Some(dir.to_path_buf()))
+        Self::from_db(db, Some(dir))
     }
 
     /// A store in memory that disappears when dropped (tests, benchmarks).
@@ -92,7 +81,7 @@ impl CatalogStore {
         Self::from_db(db, None)
     }
 
-    fn from_db(db: Db, path: Option<PathBuf>) -> Result<Self> {
+    fn from_db(db: Db, path: Option<StoreDir>) -> Result<Self> {
         let report = shoplens_migrations::upgrade(&db)?;
         if !report.applied.is_empty() {
             tracing::info!(from = ?report.found, to = report.version, steps = ?report.applied, "store upgraded");
@@ -109,19 +98,19 @@ impl CatalogStore {
     }
 
     /// The store's directory; `None` for a temporary store.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
+    pub fn dir(&self) -> Option<&StoreDir> {
+        self.path.as_ref()
     }
 
     /// Where the ANN graph dumps of this store go; `None` for a temporary store.
     pub fn ann_dir(&self) -> Option<PathBuf> {
-        self.path.as_ref().map(|p| p.join(ANN_SUBDIR))
+        self.path.as_ref().map(StoreDir::ann)
     }
 
     /// Where the serving snapshots of this store go (read by the searcher); `None` for a
     /// temporary store.
     pub fn serving_dir(&self) -> Option<PathBuf> {
-        self.path.as_ref().map(|p| serving_dir(p))
+        self.path.as_ref().map(StoreDir::serving)
     }
 
     /// The store's format version (always the current one once opened).

@@ -86,12 +86,13 @@ pub(super) fn similarity_distillation(student: &Tensor, teacher: &Tensor, temper
     Ok((log_t.exp()? * (log_t - log_s)?)?.sum(D::Minus1)?.mean_all()?)
 }
 
-pub(super) fn model_version(head: &EmbeddingHead, categories: &CategoryHead) -> Result<String> {
+/// `embedder-<backbone>-gem-<hash of the weights>`.
+pub(super) fn model_version(backbone_file: &str, head: &EmbeddingHead, categories: &CategoryHead) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     for t in [&head.p, &head.weight, &head.bias, &categories.weight, &categories.bias] {
         for v in t.flatten_all()?.to_vec1::<f32>()? {
             hasher.update(&v.to_le_bytes());
         }
     }
-    Ok(format!("embedder-lite0-gem-{}", &hasher.finalize().to_hex()[..12]))
+    Ok(format!("embedder-{}-gem-{}", crate::models::backbone_tag(backbone_file), &hasher.finalize().to_hex()[..12]))
 }

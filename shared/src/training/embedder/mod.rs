@@ -258,11 +258,12 @@ fn distillation_teacher(pooled: &Pooled, rows: &Rows, device: &Device) -> Result
 
 /// The weights file's description of the trained head, with the recipe and its report.
 fn embedder_config(cfg: &EmbedderTraining, best: &Heads, categories: Vec<String>, parts: Vec<EmbeddingPart>, report: &TrainingReport) -> Result<EmbedderConfig> {
+    let backbone = cfg.backbone.file_name().and_then(|f| f.to_str()).unwrap_or("efficientnet-lite0.safetensors").to_string();
     Ok(EmbedderConfig {
-        backbone: cfg.backbone.file_name().and_then(|f| f.to_str()).unwrap_or("efficientnet-lite0.safetensors").to_string(),
+        version: model_version(&backbone, &best.embedding, &best.categories)?,
+        backbone,
         dim: cfg.dim,
         preprocess: Preprocess::LITE0,
-        version: model_version(&best.embedding, &best.categories)?,
         training: serde_json::json!({
             "data": cfg.data, "catalog": cfg.catalog, "epochs": cfg.epochs, "seed": cfg.seed, "batch": cfg.batch,
             "lr": cfg.lr, "temperature": cfg.temperature, "augment_items": cfg.augment_items,

@@ -1,0 +1,226 @@
+//! The detection network: finds every garment of a photo with its box and category.
+//!
+//! One-stage and anchor-free, after FCOS (Tian et al., arXiv 1904.01355), on the shared
+//! EfficientNet-Lite backbone: the backbone's stride-8/16/32 block outputs → a light
+//! feature pyramid (1×1 laterals, nearest-neighbour top-down sums) → one tower of 3×3
+//! convolutions with GroupNorm, shared by all levels → one 3×3 output convolution giving,
+//! per location, a logit per category, four distances to the box sides (`exp(s_l · raw)`
+//! strides) and a centre-ness logit. Score = `sqrt(sigmoid(class) · sigmoid(centreness))`,
+//! then class-wise non-maximum suppression.
+//!
+//! Why FCOS rather than CenterNet or SSD: no anchor shapes to tune for garments whose
+//! aspect ranges from belts to dresses, a loss that converges in tens of epochs on a few
+//! hundred photos (CenterNet needs many more), and a single output convolution whose cost
+//! is small next to the backbone's.
+//!
+//! Weights: `models/detector-*.safetensors` holds the head (the backbone stays frozen and
+//! is named by file, as for the embedder) and its [`DetectorConfig`] as metadata: the
+//! taxonomy, input size and preprocessing, thresholds and the training record.
+
+mod decode;
+mod head;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+pub use self::decode::{Postprocess, decode, location_grid};
+pub use self::head::{Conv, DetectorHead, ParamInit, ParamSource, head_inputs, input_channels};
+use super::efficientnet_lite::EfficientNetLite;
+use super::weights_file;
+use crate::geometry::BBox;
+use crate::vision::{LetterboxGeometry, Preprocess};
+use crate::{Error, Result};
+
+/// A category the detector knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Category {
+    /// The id in the training data's annotations (`category_id`).
+    pub id: u32,
+    pub name: String,
+}
+
+/// What a detector's weights file says about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectorConfig {
+    /// The backbone weights file, relative to this file's directory.
+    pub backbone: String,
+    /// Output index → category, from the training data.
+    pub categories: Vec<Category>,
+    /// Square letterboxed input (side a multiple of 32) and normalisation.
+    pub preprocess: Preprocess,
+    /// Pyramid and tower width.
+    pub channels: usize,
+    /// 3×3 convolutions in the shared tower.
+    pub tower: usize,
+    /// GroupNorm groups in the tower.
+    pub groups: usize,
+    /// Strides of the pyramid levels, finest first.
+    pub strides: Vec<usize>,
+    /// The coarsest level is the backbone's 1280-channel head features (its ImageNet
+    /// semantics) instead of the last block's output.
+    #[serde(default)]
+    pub semantic_top: bool,
+    /// Default post-processing for serving and indexing.
+    pub postprocess: Postprocess,
+    /// Recorded with every garment it finds; a change means re-detecting. A hash of the
+    /// weights and of `postprocess` (see [`DetectorConfig::versioned`]).
+    pub version: String,
+    /// How the weights were trained (data, command, seed, validation AP).
+    #[serde(default)]
+    pub training: serde_json::Value,
+}
+
+impl DetectorConfig {
+    pub fn num_classes(&self) -> usize {
+        self.categories.len()
+    }
+
+    /// The config with `version` set from the head's weights and the post-processing, so
+    /// that retuning thresholds also re-detects the catalog.
+    pub fn versioned(mut self, head: &DetectorHead) -> Result<Self> {
+        let mut hasher = blake3::Hasher::new();
+        let mut named: Vec<(String, Tensor)> = head.tensors().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in named {
+            hasher.update(name.as_bytes());
+            for v in t.flatten_all()?.to_vec1::<f32>()? {
+                hasher.update(&v.to_le_bytes());
+            }
+        }
+        hasher.update(serde_json::to_string(&self.postprocess).expect("postprocess serialises").as_bytes());
+        self.version = format!("detector-{}-fcos-{}", super::backbone_tag(&self.backbone), &hasher.finalize().to_hex()[..12]);
+        Ok(self)
+    }
+
+    /// Checks what the network's shapes depend on.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(Error::InvalidWeights { reason: format!("detector config: {reason}") });
+        if self.categories.is_empty() {
+            return bad("no categories".into());
+        }
+        if self.preprocess.size == 0 || !self.preprocess.size.is_multiple_of(32) {
+            return bad(format!("input size {} is not a positive multiple of 32", self.preprocess.size));
+        }
+        if self.channels == 0 || self.groups == 0 || !self.channels.is_multiple_of(self.groups) {
+            return bad(format!("{} channels do not split into {} groups", self.channels, self.groups));
+        }
+        if self.strides.is_empty() {
+            return bad("no pyramid levels".into());
+        }
+        Ok(())
+    }
+}
+
+/// The smallest garment side, in photo pixels, a detection may have. The letterbox scales a
+/// tiny photo up, so a 1×1 upload would otherwise come back as several "garments" of a
+/// fraction of a pixel; no garment is recognisable below this.
+pub const MIN_GARMENT_SIDE: f32 = 4.0;
+
+/// One garment found in a photo, in the photo's pixel coordinates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub bbox: BBox,
+    /// Index into [`DetectorConfig::categories`].
+    pub class: usize,
+    pub category: String,
+    pub score: f32,
+}
+
+/// Backbone + head, ready to detect.
+#[derive(Debug, Clone)]
+pub struct GarmentDetector {
+    config: DetectorConfig,
+    backbone: EfficientNetLite,
+    head: DetectorHead,
+    grid: Vec<(f32, f32, f32)>,
+    device: Device,
+}
+
+impl GarmentDetector {
+    /// Loads a detector weights file and the backbone it names.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let config: DetectorConfig = weights_file::read_config(path)?;
+        let backbone = EfficientNetLite::load(&weights_file::sibling(path, &config.backbone), device)?;
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })?;
+        let head = DetectorHead::build(&config, &input_channels(&backbone, &config), &mut |name, shape, _| {
+            let t = tensors.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("{}: {name} missing", path.display()) })?;
+            if t.dims() != shape {
+                return Err(Error::InvalidWeights { reason: format!("{}: {name} has shape {:?}, expected {shape:?}", path.display(), t.dims()) });
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        })?;
+        Ok(Self::new(config, backbone, head, device))
+    }
+
+    pub fn new(config: DetectorConfig, backbone: EfficientNetLite, head: DetectorHead, device: &Device) -> Self {
+        let grid = location_grid(config.preprocess.size as usize, &config.strides);
+        Self { config, backbone, head, grid, device: device.clone() }
+    }
+
+    /// Writes the head and the configuration (the backbone file is not copied).
+    pub fn save_head(path: &Path, config: &DetectorConfig, head: &DetectorHead) -> Result<()> {
+        weights_file::save(path, &head.tensors(), config)
+    }
+
+    pub fn config(&self) -> &DetectorConfig {
+        &self.config
+    }
+
+    pub fn head(&self) -> &DetectorHead {
+        &self.head
+    }
+
+    pub fn version(&self) -> &str {
+        &self.config.version
+    }
+
+    pub fn backbone(&self) -> &EfficientNetLite {
+        &self.backbone
+    }
+
+    /// Garments of `image` with the weights' default post-processing.
+    pub fn detect(&self, image: &RgbImage) -> Result<Vec<Detection>> {
+        self.detect_with(image, &self.config.postprocess)
+    }
+
+    /// Garments of `image`, best first, in its pixel coordinates; none narrower or shorter
+    /// than [`MIN_GARMENT_SIDE`] photo pixels.
+    pub fn detect_with(&self, image: &RgbImage, post: &Postprocess) -> Result<Vec<Detection>> {
+        Ok(self.detect_each(image, &[post])?.pop().unwrap_or_default())
+    }
+
+    /// The garments of `image` under each post-processing of `posts`, from one forward pass
+    /// (an evaluation that measures two operating points runs the network once).
+    pub fn detect_each(&self, image: &RgbImage, posts: &[&Postprocess]) -> Result<Vec<Vec<Detection>>> {
+        let pre = &self.config.preprocess;
+        let input = pre.crop_to_tensor(image, None, &self.device)?.unsqueeze(0)?;
+        let raw = self.forward(&input)?;
+        let raw = raw.squeeze(0)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let geometry = LetterboxGeometry::new(image.width(), image.height(), pre.size);
+        let in_photo = |(b, class, score): (BBox, usize, f32)| {
+            let bbox = geometry.to_source(b);
+            let big_enough = bbox.x2 - bbox.x1 >= MIN_GARMENT_SIDE && bbox.y2 - bbox.y1 >= MIN_GARMENT_SIDE;
+            (bbox.is_valid() && big_enough).then(|| Detection { bbox, class, category: self.config.categories[class].name.clone(), score })
+        };
+        Ok(posts.iter().map(|post| decode(&raw, self.config.num_classes(), &self.grid, post).into_iter().filter_map(in_photo).collect()).collect())
+    }
+
+    /// The network alone: preprocessed inputs `[n, 3, size, size]` → raw outputs
+    /// `[n, num_classes + 5, locations]` (see [`DetectorHead::forward`]).
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        super::on_pool(|| self.head.forward(&head_inputs(&self.backbone, &self.config, self.backbone.pyramid(input)?)?))
+    }
+
+    /// Head outputs of pre-computed pyramid features (training and evaluation reuse them).
+    pub fn head_output(&self, features: &[Tensor]) -> Result<Tensor> {
+        self.head.forward(features)
+    }
+
+    /// The location grid of the input.
+    pub fn grid(&self) -> &[(f32, f32, f32)] {
+        &self.grid
+    }
+}

@@ -25,7 +25,7 @@ seed() {
     [ -f "$f" ] && cp -n "$f" "corpus/$target/" || true
   done
 }
-hostile=(../searcher/tests/hostile/*.{jpg,png,gif,tiff,webp,heic,bin} ../shared/tests/fixtures/lite0/*.{jpg,png})
+hostile=(../searcher/tests/hostile/*.{jpg,png,gif,tif,tiff,webp,heic,bin} ../shared/tests/fixtures/lite0/*.{jpg,png})
 seed image_decode "${hostile[@]}"
 mkdir -p corpus/search_request
 for q in "k=5" "k=3&box=10,10,40,40&category=top" "box=0,0,1e9,1e9" "k=-1&k=101&x=1" "category=&box=1,2,3"; do

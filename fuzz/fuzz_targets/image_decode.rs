@@ -10,7 +10,7 @@ use shoplens::vision::{DecodeLimits, Preprocess, decode_image};
 fuzz_target!(|data: &[u8]| {
     // Tighter than the server's default so libFuzzer's memory limit measures our code, not
     // one legitimate 40-megapixel decode.
-    let limits = DecodeLimits { max_pixels: 4_000_000, max_side: 8_192 };
+    let limits = DecodeLimits { max_pixels: 4_000_000, max_side: 8_192, ..DecodeLimits::default() };
     if let Ok(image) = decode_image(data, limits) {
         let pre = Preprocess { size: 64, ..Preprocess::LITE0 };
         pre.crop_to_tensor(&image, None, &Device::Cpu).expect("a decoded image always preprocesses");

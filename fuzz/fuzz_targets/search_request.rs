@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(query) = std::str::from_utf8(query) else { return };
     let Ok(request) = parse_search_query(query) else { return };
     assert!((1..=shoplens::serving::engine::MAX_RESULTS).contains(&request.k));
-    let limits = DecodeLimits { max_pixels: 4_000_000, max_side: 8_192 };
+    let limits = DecodeLimits { max_pixels: 4_000_000, max_side: 8_192, ..DecodeLimits::default() };
     let Ok(image) = decode_image(photo, limits) else { return };
     let (w, h) = image.dimensions();
     let region = match request.region {

@@ -12,15 +12,24 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use shoplens::geometry::BBox;
 use shoplens::serving::engine::{MAX_RESULTS, Ranking, SearchOutcome, SearchRequest};
 
+use crate::client::ClientSocket;
+use crate::multipart;
+use crate::pool::{Busy, JobError};
 use crate::state::SearcherState;
+use crate::upload::{self, Upload, UploadError, UploadLimits};
 
 const PAGE: &str = include_str!("../static/index.html");
 const OPENAPI: &str = include_str!("../static/openapi.json");
+
+/// What nginx records for a request whose client closed the connection before the answer
+/// (no standard code exists); it is counted in `/metrics`, though nobody reads the body.
+fn client_closed_request() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+}
 
 /// An error answer.
 #[derive(Debug, Clone)]
@@ -28,11 +37,17 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Close the connection after answering (the request's body was left unread).
+    close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), close: false }
+    }
+
+    fn closing(self) -> Self {
+        Self { close: true, ..self }
     }
 
     fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -56,6 +71,9 @@ impl ResponseError for ApiError {
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.insert_header((header::RETRY_AFTER, "1"));
         }
+        if self.close {
+            resp.force_close();
+        }
         resp.json(json!({"error": {"code": self.code, "message": self.message}}))
     }
 }
@@ -77,7 +95,7 @@ impl From<shoplens::Error> for ApiError {
 pub fn status_of(e: &shoplens::Error) -> StatusCode {
     use shoplens::Error as E;
     match e {
-        E::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        E::ImageTooLarge { .. } | E::DecodeBudget { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         E::UnsupportedImageFormat { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         E::NotFound { .. } => StatusCode::NOT_FOUND,
         E::NoPublishedGeneration => StatusCode::SERVICE_UNAVAILABLE,
@@ -239,53 +257,47 @@ pub fn parse_search_query(query: &str) -> Result<SearchRequest, ApiError> {
     Ok(req)
 }
 
-/// Reads the photo: the raw body, or the first file field of a multipart form (media types
-/// compare case-insensitively, RFC 9110 §8.3.1).
-async fn read_photo(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
-    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the upload is over the {limit}-byte limit"));
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
-        && len > limit + 64 * 1024
-    {
-        return Err(too_large());
-    }
-    let is_multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().get(..19).is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data")));
-    let mut bytes = Vec::new();
-    let payload_error = |e: &dyn std::fmt::Display| ApiError::bad_request("invalid_body", format!("reading the upload failed: {e}"));
-    if is_multipart {
-        let mut form = actix_multipart::Multipart::new(req.headers(), payload);
-        while let Some(field) = form.next().await {
-            let mut field = field.map_err(|e| payload_error(&e))?;
-            let is_file = field.content_disposition().is_some_and(|d| d.get_filename().is_some() || matches!(d.get_name(), Some("image" | "file" | "photo")));
-            if !is_file {
-                continue;
-            }
-            while let Some(chunk) = field.next().await {
-                let chunk = chunk.map_err(|e| payload_error(&e))?;
-                if bytes.len() + chunk.len() > limit {
-                    return Err(too_large());
-                }
-                bytes.extend_from_slice(&chunk);
-            }
-            break;
-        }
-    } else {
-        let mut payload = payload;
-        while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|e| payload_error(&e))?;
-            if bytes.len() + chunk.len() > limit {
-                return Err(too_large());
-            }
-            bytes.extend_from_slice(&chunk);
+/// Reads the photo under the upload limits: the raw body, or the photo's part of a
+/// multipart form (read whole first, then parsed by our own reader, which cannot panic).
+async fn read_photo(req: &HttpRequest, payload: web::Payload, state: &SearcherState) -> Result<Upload, ApiError> {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<usize>().ok());
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let form_boundary = match multipart::is_form_data(content_type) {
+        true => Some(multipart::boundary(content_type).map_err(|e| ApiError::bad_request("invalid_multipart", e.to_string()))?),
+        false => None,
+    };
+    // A form's headers and boundaries come on top of the photo itself.
+    let limits = UploadLimits { max_bytes: state.upload_limits.max_bytes + form_boundary.as_ref().map_or(0, |_| 64 * 1024), ..state.upload_limits };
+    let mut upload = upload::read_body(payload, declared, limits, &state.upload_budget).await.map_err(|e| upload_error(e, state))?;
+    if let Some(boundary) = form_boundary {
+        let part = multipart::photo_part(&upload.bytes, &boundary).map_err(|e| ApiError::bad_request("invalid_multipart", e.to_string()))?;
+        // In place: no second buffer of the photo's size.
+        upload.bytes.truncate(part.end);
+        upload.bytes.drain(..part.start);
+        if upload.bytes.len() > state.upload_limits.max_bytes {
+            return Err(upload_error(UploadError::TooLarge { limit: state.upload_limits.max_bytes }, state));
         }
     }
-    if bytes.is_empty() {
+    if upload.bytes.is_empty() {
         return Err(ApiError::bad_request("empty_body", "send the photo as the request body or as a multipart file field named image"));
     }
-    Ok(bytes)
+    Ok(upload)
+}
+
+/// What a client is told when its upload breaks a limit. The connection is closed after
+/// the answer: the rest of a refused body is not worth reading.
+fn upload_error(e: UploadError, state: &SearcherState) -> ApiError {
+    let error = match e {
+        UploadError::TooLarge { limit } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the upload is over the {limit}-byte limit")),
+        UploadError::Deadline { seconds } => ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the upload took over {seconds} s; send the photo in one go")),
+        UploadError::Idle { seconds } => ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the upload stalled for {seconds} s")),
+        UploadError::MemoryBusy => {
+            state.metrics.rejected();
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "the server is receiving too many uploads at once; retry shortly")
+        }
+        UploadError::Payload(reason) => ApiError::bad_request("invalid_body", format!("reading the upload failed: {reason}")),
+    };
+    error.closing()
 }
 
 fn image_url(sku: &str) -> String {
@@ -331,20 +343,28 @@ fn outcome_json(o: &SearchOutcome) -> Value {
 
 async fn search(req: HttpRequest, payload: web::Payload, state: web::Data<SearcherState>) -> Result<HttpResponse, ApiError> {
     let request = parse_search_query(req.query_string())?;
-    let bytes = read_photo(&req, payload, state.max_body_bytes).await?;
+    let upload = read_photo(&req, payload, &state).await?;
     let index = ready(&state)?;
     let engine = state.engine.clone().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the models are not loaded"))?;
     engine.validate(&index, &request)?;
-    let outcome = match state.pool.run(move || engine.search(&index, &bytes, &request)).await {
-        Err(_busy) => {
-            state.metrics.rejected();
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "every search thread is busy and the queue is full; retry shortly"));
+    let client = req.conn_data::<Arc<ClientSocket>>().cloned();
+    let abandoned = move || client.is_some_and(|c| c.has_gone());
+    // The upload (and its share of the memory budget) lives until the search is done.
+    let pending = state.pool.submit_unless(abandoned, move || engine.search(&index, &upload.bytes, &request)).map_err(|Busy| {
+        state.metrics.rejected();
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "every search thread is busy and the queue is full; retry shortly")
+    })?;
+    let outcome = match pending.outcome().await {
+        Ok(result) => result?,
+        Err(JobError::Abandoned) => {
+            state.metrics.abandoned();
+            return Err(ApiError::new(client_closed_request(), "client_closed_request", "the connection was closed before the search started; it was not run"));
         }
-        Ok(Err(panic)) => {
+        Err(JobError::Panicked(panic)) => {
             tracing::error!(%panic, "a search panicked");
             return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the search failed on our side; it has been logged"));
         }
-        Ok(Ok(result)) => result?,
+        Err(JobError::Lost) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the search thread went away")),
     };
     let t = outcome.timings_ms;
     for (stage, ms) in [("decode", t.decode), ("detect", t.detect), ("embed", t.embed), ("search", t.search), ("fetch", t.fetch)] {
@@ -435,6 +455,7 @@ mod tests {
         let path = || PathBuf::from("x");
         let table: Vec<(E, u16, &str)> = vec![
             (E::ImageTooLarge { width: 9000, height: 9000, max_pixels: 1 }, 413, "image_too_large"),
+            (E::DecodeBudget { width: 6000, height: 6000, bytes: 35, reason: "r".into() }, 413, "decode_budget"),
             (E::UnsupportedImageFormat { format: "tiff".into() }, 415, "unsupported_image_format"),
             (E::NotFound { what: "item", id: "a".into() }, 404, "not_found"),
             (E::NoPublishedGeneration, 503, "no_index"),

@@ -3,11 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::Deserialize;
+
+use crate::upload::UploadLimits;
 
 /// Flags (each with its environment variable). Defaults live in [`Config::default`], so
 /// that a value from the file is not mistaken for a user's flag.
@@ -34,6 +37,18 @@ pub struct ServeArgs {
     /// Largest upload in bytes [default: 20 MiB].
     #[arg(long, env = "SHOPLENS_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Seconds an upload may take from its first byte to its last [default: 30].
+    #[arg(long, env = "SHOPLENS_BODY_TIMEOUT_SECONDS")]
+    pub body_timeout_seconds: Option<f64>,
+    /// Longest silence in seconds between two chunks of an upload [default: 10].
+    #[arg(long, env = "SHOPLENS_BODY_IDLE_SECONDS")]
+    pub body_idle_seconds: Option<f64>,
+    /// Bytes that all uploads in flight may hold together; over it, 503 [default: 256 MiB].
+    #[arg(long, env = "SHOPLENS_UPLOAD_MEMORY_BYTES")]
+    pub upload_memory_bytes: Option<usize>,
+    /// Open connections per HTTP worker; more wait to be accepted [default: 1024].
+    #[arg(long, env = "SHOPLENS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Largest photo in pixels (decompression bombs) [default: 40 million].
     #[arg(long, env = "SHOPLENS_MAX_PIXELS")]
     pub max_pixels: Option<u64>,
@@ -58,6 +73,10 @@ pub struct Config {
     pub search_threads: usize,
     pub queue: usize,
     pub max_body_bytes: usize,
+    pub body_timeout_seconds: f64,
+    pub body_idle_seconds: f64,
+    pub upload_memory_bytes: usize,
+    pub max_connections: usize,
     pub max_pixels: u64,
     pub detector: PathBuf,
     pub embedder: PathBuf,
@@ -74,6 +93,10 @@ impl Default for Config {
             search_threads: cores,
             queue: 8 * cores,
             max_body_bytes: 20 << 20,
+            body_timeout_seconds: 30.0,
+            body_idle_seconds: 10.0,
+            upload_memory_bytes: 256 << 20,
+            max_connections: 1024,
             max_pixels: 40_000_000,
             detector: PathBuf::from("models/detector-lite0.safetensors"),
             embedder: PathBuf::from("models/embedder-lite0.safetensors"),
@@ -83,6 +106,10 @@ impl Default for Config {
 }
 
 impl Config {
+    pub fn upload_limits(&self) -> UploadLimits {
+        UploadLimits { max_bytes: self.max_body_bytes, deadline: Duration::from_secs_f64(self.body_timeout_seconds), idle: Duration::from_secs_f64(self.body_idle_seconds) }
+    }
+
     /// Defaults, then the file, then environment and flags (clap merges those two).
     pub fn resolve(args: &ServeArgs, matches: Option<&ArgMatches>) -> Result<Self> {
         let mut config = match &args.config {
@@ -106,6 +133,10 @@ impl Config {
         take!(search_threads);
         take!(queue);
         take!(max_body_bytes);
+        take!(body_timeout_seconds);
+        take!(body_idle_seconds);
+        take!(upload_memory_bytes);
+        take!(max_connections);
         take!(max_pixels);
         take!(detector);
         take!(embedder);
@@ -126,8 +157,16 @@ impl Config {
         if self.max_body_bytes < 1024 {
             bail!("max_body_bytes {} is too small for any photo", self.max_body_bytes);
         }
-        if !(self.reload_seconds.is_finite() && self.reload_seconds > 0.0) {
-            bail!("reload_seconds must be a positive number");
+        for (name, seconds) in [("reload_seconds", self.reload_seconds), ("body_timeout_seconds", self.body_timeout_seconds), ("body_idle_seconds", self.body_idle_seconds)] {
+            if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e6) {
+                bail!("{name} must be a positive number of seconds, got {seconds}");
+            }
+        }
+        if self.upload_memory_bytes < self.max_body_bytes {
+            bail!("upload_memory_bytes {} must hold at least one upload of max_body_bytes {}", self.upload_memory_bytes, self.max_body_bytes);
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections must be at least 1");
         }
         Ok(())
     }
@@ -173,5 +212,7 @@ mod tests {
         let err = resolve(&["searcher", "--config", file.to_str().unwrap()]).unwrap_err();
         assert!(format!("{err:#}").contains("colour"), "{err:#}");
         assert!(resolve(&["searcher", "--workers", "0"]).is_err());
+        assert!(resolve(&["searcher", "--body-timeout-seconds", "0"]).is_err());
+        assert!(resolve(&["searcher", "--upload-memory-bytes", "1000000", "--max-body-bytes", "2000000"]).is_err());
     }
 }

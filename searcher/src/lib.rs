@@ -2,7 +2,10 @@
 //! same app in process.
 
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod multipart;
 pub mod pool;
 pub mod state;
+pub mod upload;

@@ -43,6 +43,7 @@ struct Inner {
     latency: BTreeMap<String, Histogram>,
     stages: BTreeMap<String, Histogram>,
     rejected: u64,
+    abandoned: u64,
     generation: u64,
     items: u64,
     garments: u64,
@@ -80,6 +81,11 @@ impl Metrics {
         self.with(|m| m.rejected += 1);
     }
 
+    /// A search not run because its client had gone by the time a thread was free.
+    pub fn abandoned(&self) {
+        self.with(|m| m.abandoned += 1);
+    }
+
     pub fn index(&self, generation: u64, items: usize, garments: usize) {
         self.with(|m| {
             m.generation = generation;
@@ -111,12 +117,13 @@ impl Metrics {
             let _ = write!(
                 out,
                 "# HELP shoplens_search_rejected_total Searches refused with 503 because the pool was full.\n# TYPE shoplens_search_rejected_total counter\nshoplens_search_rejected_total {}\n\
+                 # HELP shoplens_search_abandoned_total Searches not run because the client had closed the connection (answered 499).\n# TYPE shoplens_search_abandoned_total counter\nshoplens_search_abandoned_total {}\n\
                  # HELP shoplens_index_generation Generation being served.\n# TYPE shoplens_index_generation gauge\nshoplens_index_generation {}\n\
                  # HELP shoplens_index_items Shop items in the served generation.\n# TYPE shoplens_index_items gauge\nshoplens_index_items {}\n\
                  # HELP shoplens_index_garments Garments in the served generation.\n# TYPE shoplens_index_garments gauge\nshoplens_index_garments {}\n\
                  # HELP shoplens_index_loads_total Generations loaded.\n# TYPE shoplens_index_loads_total counter\nshoplens_index_loads_total {}\n\
                  # HELP shoplens_index_load_failures_total Failed attempts to load a generation.\n# TYPE shoplens_index_load_failures_total counter\nshoplens_index_load_failures_total {}\n",
-                m.rejected, m.generation, m.items, m.garments, m.reloads, m.reload_failures
+                m.rejected, m.abandoned, m.generation, m.items, m.garments, m.reloads, m.reload_failures
             );
             out
         })

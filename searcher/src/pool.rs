@@ -16,6 +16,18 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Busy;
 
+/// A job that gave no result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// The job panicked; the message, for the log.
+    Panicked(String),
+    /// Nobody wanted the result any more when a thread came to it (the client had gone),
+    /// so it was not run.
+    Abandoned,
+    /// The pool shut down before answering.
+    Lost,
+}
+
 pub struct SearchPool {
     sender: SyncSender<Job>,
     threads: usize,
@@ -57,19 +69,31 @@ impl SearchPool {
     }
 
     /// Runs `f` on the pool; `Err(Busy)` at once when the queue is full. A panic in `f`
-    /// is caught and returned as an error string, so a bad request cannot take a search
-    /// thread down.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<Result<T, String>, Busy> {
+    /// is caught and returned as [`JobError::Panicked`], so a bad request cannot take a
+    /// search thread down.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<Result<T, JobError>, Busy> {
         Ok(self.submit(f)?.outcome().await)
     }
 
     /// Queues `f` now, or refuses it at once when the queue is full. Queuing is
     /// synchronous so that the caller knows, on return, whether the job holds a slot.
     pub fn submit<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<Pending<T>, Busy> {
+        self.submit_unless(|| false, f)
+    }
+
+    /// As [`Self::submit`], but when a thread comes to the job it first asks `abandoned`,
+    /// and skips `f` when the answer is yes: work queued for a client that has gone is
+    /// not done.
+    pub fn submit_unless<T: Send + 'static>(&self, abandoned: impl FnOnce() -> bool + Send + 'static, f: impl FnOnce() -> T + Send + 'static) -> Result<Pending<T>, Busy> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-                .map_err(|p| p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "search panicked".into()));
+            if abandoned() {
+                let _ = tx.send(Err(JobError::Abandoned));
+                return;
+            }
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+                JobError::Panicked(p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "search panicked".into()))
+            });
             let _ = tx.send(result);
         });
         match self.sender.try_send(job) {
@@ -80,11 +104,11 @@ impl SearchPool {
 }
 
 /// A job that holds a place on the pool; awaiting it yields the job's result.
-pub struct Pending<T>(oneshot::Receiver<Result<T, String>>);
+pub struct Pending<T>(oneshot::Receiver<Result<T, JobError>>);
 
 impl<T> Pending<T> {
-    pub async fn outcome(self) -> Result<T, String> {
-        self.0.await.unwrap_or_else(|_| Err("the search thread went away".into()))
+    pub async fn outcome(self) -> Result<T, JobError> {
+        self.0.await.unwrap_or(Err(JobError::Lost))
     }
 }
 
@@ -99,7 +123,7 @@ mod tests {
         let pool = SearchPool::new(1, 1);
         assert_eq!(pool.run(|| 2 + 2).await, Ok(Ok(4)));
         let panicked = pool.run(|| -> u32 { panic!("bad input") }).await.unwrap();
-        assert_eq!(panicked, Err("bad input".to_string()));
+        assert_eq!(panicked, Err(JobError::Panicked("bad input".to_string())));
         // Occupy the thread (it says when it started), fill the one queue slot, and the
         // next job is refused; channels, not sleeps, order the steps.
         let (started_tx, started) = mpsc::channel();
@@ -117,5 +141,16 @@ mod tests {
         assert_eq!(blocker.outcome().await, Ok(()));
         assert_eq!(queued.outcome().await, Ok(1));
         assert_eq!(pool.run(|| 3).await, Ok(Ok(3)));
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_job_is_not_run() {
+        let pool = SearchPool::new(1, 2);
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let skipped = pool.submit_unless(|| true, move || flag.store(true, std::sync::atomic::Ordering::SeqCst)).unwrap();
+        assert_eq!(skipped.outcome().await, Err(JobError::Abandoned));
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(pool.submit_unless(|| false, || 7).unwrap().outcome().await, Ok(7));
     }
 }

@@ -13,6 +13,7 @@ use shoplens::serving::snapshot;
 
 use crate::metrics::Metrics;
 use crate::pool::SearchPool;
+use crate::upload::{MemoryBudget, UploadLimits};
 
 /// Shared by every worker. Readers take the current generation with `load_full` and keep
 /// their `Arc` for the whole request: a swap never pulls an index from under a search.
@@ -23,12 +24,22 @@ pub struct SearcherState {
     pub engine: Option<Arc<SearchEngine>>,
     pub pool: SearchPool,
     pub metrics: Metrics,
-    pub max_body_bytes: usize,
+    pub upload_limits: UploadLimits,
+    /// Shared by every upload in flight, whatever its connection.
+    pub upload_budget: Arc<MemoryBudget>,
 }
 
 impl SearcherState {
-    pub fn new(engine: Option<Arc<SearchEngine>>, pool: SearchPool, max_body_bytes: usize) -> Self {
-        Self { current: ArcSwapOption::empty(), last_error: ArcSwapOption::empty(), engine, pool, metrics: Metrics::default(), max_body_bytes }
+    pub fn new(engine: Option<Arc<SearchEngine>>, pool: SearchPool, upload_limits: UploadLimits, upload_memory_bytes: usize) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            last_error: ArcSwapOption::empty(),
+            engine,
+            pool,
+            metrics: Metrics::default(),
+            upload_limits,
+            upload_budget: MemoryBudget::new(upload_memory_bytes),
+        }
     }
 
     /// Serves `index` from now on.

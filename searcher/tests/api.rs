@@ -19,6 +19,7 @@ use shoplens::vision::DecodeLimits;
 use shoplens_searcher::app::{configure, record_metrics};
 use shoplens_searcher::pool::SearchPool;
 use shoplens_searcher::state::{SearcherState, Watcher};
+use shoplens_searcher::upload::UploadLimits;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -36,6 +37,12 @@ fn engine() -> Arc<SearchEngine> {
             Arc::new(SearchEngine { detector: Some(detector), embedder, limits: DecodeLimits { max_pixels: 4_000_000, ..DecodeLimits::default() } })
         })
         .clone()
+}
+
+/// The same networks under the server's default decode limits (40 MP).
+fn engine_with_default_limits() -> Arc<SearchEngine> {
+    let e = engine();
+    Arc::new(SearchEngine { detector: e.detector.clone(), embedder: e.embedder.clone(), limits: DecodeLimits::default() })
 }
 
 /// The first `n` photos of the demo catalog, copied with a CSV into `dir`.
@@ -89,7 +96,11 @@ fn fixture() -> &'static Fixture {
 }
 
 fn state_with(pool: SearchPool) -> Arc<SearcherState> {
-    let state = Arc::new(SearcherState::new(Some(engine()), pool, 2 << 20));
+    state_of(engine(), pool)
+}
+
+fn state_of(engine: Arc<SearchEngine>, pool: SearchPool) -> Arc<SearcherState> {
+    let state = Arc::new(SearcherState::new(Some(engine), pool, UploadLimits::of_size(2 << 20), 64 << 20));
     state.install(ServingIndex::load_current(&fixture().db).unwrap().expect("a published generation"));
     state
 }
@@ -288,7 +299,7 @@ async fn a_newly_published_generation_is_served_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let items = small_catalog(&dir.path().join("catalog"), 4);
     let db = dir.path().join("db");
-    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), 2 << 20));
+    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), UploadLimits::of_size(2 << 20), 64 << 20));
     let mut watcher = Watcher::new(db.clone());
     let app = app!(state);
     assert_eq!(watcher.poll(&state), None);
@@ -318,11 +329,11 @@ async fn a_newly_published_generation_is_served_without_a_restart() {
 /// keeps serving.
 #[actix_web::test]
 async fn the_hostile_corpus_gets_4xx_and_the_server_keeps_serving() {
-    let state = state_with(SearchPool::new(1, 4));
+    let state = state_of(engine_with_default_limits(), SearchPool::new(1, 4));
     let app = app!(state);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile");
     let file = |name: &str| std::fs::read(dir.join(name)).unwrap();
-    let files: [(&str, &str, u16, &str); 12] = [
+    let files: [(&str, &str, u16, &str); 17] = [
         ("zero.bin", "/v1/search", 400, "empty_body"),
         ("random.bin", "/v1/search", 400, "invalid_image"),
         ("truncated.jpg", "/v1/search", 400, "invalid_image"),
@@ -335,6 +346,13 @@ async fn the_hostile_corpus_gets_4xx_and_the_server_keeps_serving() {
         ("photo.jpg", "/v1/search?k=-1", 400, "invalid_k"),
         ("photo.jpg", "/v1/search?k=99999999999999999999999", 400, "invalid_k"),
         ("photo.jpg", "/v1/search?box=1e39,0,2e39,10", 400, "invalid_box"),
+        // The second hostile run: cost amplification refused before any decoding, a cut
+        // scan with an end marker glued on, formats named rather than "not an image".
+        ("gif-screen-6000x6000.gif", "/v1/search", 413, "decode_budget"),
+        ("jpeg-declares-16384x2441.jpg", "/v1/search", 413, "decode_budget"),
+        ("truncated-with-eoi.jpg", "/v1/search", 400, "invalid_image"),
+        ("bigtiff.tif", "/v1/search", 415, "unsupported_image_format"),
+        ("webp-canvas-20000x20000.webp", "/v1/search", 413, "image_too_large"),
     ];
     for (name, uri, status, code) in files {
         let got = error_of!(app, uri, file(name));
@@ -371,10 +389,17 @@ async fn the_hostile_corpus_gets_4xx_and_the_server_keeps_serving() {
     let resp = test::call_service(&app, multipart(parts)).await;
     assert_eq!(resp.status(), 400);
     let body: Value = test::read_body_json(resp).await;
-    assert_eq!(body["error"]["code"], "empty_body");
-    // A broken multipart body.
-    let req = test::TestRequest::post().uri("/v1/search").insert_header(("content-type", "multipart/form-data; boundary=B")).set_payload(b"--B\r\ngarbage".to_vec()).to_request();
-    assert!(test::call_service(&app, req).await.status().is_client_error());
+    assert_eq!(body["error"]["code"], "invalid_multipart");
+    // Broken multipart bodies, the first the one that panicked actix-multipart 0.7.2.
+    for (content_type, body) in
+        [("multipart/form-data; boundary=C", &b"\n--C--\r\n"[..]), ("multipart/form-data; boundary=B", b"--B\r\ngarbage"), ("multipart/form-data", b"--B\r\n\r\nx\r\n--B--\r\n")]
+    {
+        let req = test::TestRequest::post().uri("/v1/search").insert_header(("content-type", content_type)).set_payload(body.to_vec()).to_request();
+        let resp = test::call_service(&app, req).await;
+        assert_eq!(resp.status(), 400, "{body:?}");
+        let answer: Value = test::read_body_json(resp).await;
+        assert_eq!(answer["error"]["code"], "invalid_multipart", "{body:?}");
+    }
 
     // Still serving.
     assert_eq!(error_of!(app, "/v1/search", file("photo.jpg")).0, 200);
@@ -387,7 +412,7 @@ async fn an_item_image_is_served_only_as_it_was_indexed() {
     let items = small_catalog(&dir.path().join("catalog"), 2);
     let db = dir.path().join("db");
     build(&db, &dir.path().join("catalog/catalog.csv"));
-    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), 2 << 20));
+    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), UploadLimits::of_size(2 << 20), 64 << 20));
     state.install(ServingIndex::load_current(&db).unwrap().unwrap());
     let app = app!(state);
     let (sku, path) = &items[0];

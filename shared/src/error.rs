@@ -42,6 +42,10 @@ pub enum Error {
     /// An image larger than the decode limits (decompression bombs included).
     #[error("image of {width}×{height} pixels exceeds the limit of {max_pixels} pixels")]
     ImageTooLarge { width: u32, height: u32, max_pixels: u64 },
+    /// A file declaring far more pixels than its size can honestly hold (cost amplification:
+    /// a few bytes that would cost seconds of CPU and hundreds of MB to decode).
+    #[error("a {bytes}-byte file declaring {width}×{height} pixels is refused: {reason}")]
+    DecodeBudget { width: u32, height: u32, bytes: usize, reason: String },
     /// A box that selects nothing of its image.
     #[error("invalid box: {reason}")]
     InvalidBox { reason: String },
@@ -107,6 +111,7 @@ impl Error {
             | Error::ImageDecode { .. }
             | Error::UnsupportedImageFormat { .. }
             | Error::ImageTooLarge { .. }
+            | Error::DecodeBudget { .. }
             | Error::InvalidBox { .. } => true,
             Error::NoPublishedGeneration
             | Error::StoreFormat(_)
@@ -137,6 +142,7 @@ impl Error {
             Error::ImageDecode { .. } => "invalid_image",
             Error::UnsupportedImageFormat { .. } => "unsupported_image_format",
             Error::ImageTooLarge { .. } => "image_too_large",
+            Error::DecodeBudget { .. } => "decode_budget",
             Error::InvalidBox { .. } => "invalid_box",
             Error::InvalidWeights { .. } => "invalid_weights",
             Error::StoreFormat(_) => "store_format",

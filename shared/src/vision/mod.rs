@@ -1,6 +1,7 @@
 //! Images in: decoding with limits and orientation, and the one preprocessing path that
 //! turns a photo or a garment crop into a network input, at index time and query time alike.
 
+mod declared;
 mod decode;
 mod preprocess;
 

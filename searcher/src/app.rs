@@ -193,6 +193,7 @@ async fn readyz(state: web::Data<SearcherState>) -> HttpResponse {
             "garments": index.garments(),
             "search_threads": state.pool.threads(),
             "queue": state.pool.queue(),
+            "waiting": state.pool.waiting(),
         })),
         (_, None) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the models are not loaded").error_response(),
         (None, _) => {

@@ -5,6 +5,7 @@
 //! `Retry-After`: under overload the server sheds load instead of letting latency grow
 //! without bound.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
@@ -32,14 +33,18 @@ pub struct SearchPool {
     sender: SyncSender<Job>,
     threads: usize,
     queue: usize,
+    /// Jobs accepted and not yet taken by a thread.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl SearchPool {
     pub fn new(threads: usize, queue: usize) -> Self {
         let (sender, receiver) = sync_channel::<Job>(queue);
         let receiver = Arc::new(Mutex::new(receiver));
+        let waiting = Arc::new(AtomicUsize::new(0));
         for i in 0..threads.max(1) {
             let receiver = receiver.clone();
+            let waiting = waiting.clone();
             std::thread::Builder::new()
                 .name(format!("search-{i}"))
                 .spawn(move || {
@@ -50,14 +55,17 @@ impl SearchPool {
                             Err(_) => return,
                         };
                         match job {
-                            Ok(job) => job(),
+                            Ok(job) => {
+                                waiting.fetch_sub(1, Ordering::AcqRel);
+                                job()
+                            }
                             Err(_) => return,
                         }
                     }
                 })
                 .expect("spawning a search thread");
         }
-        Self { sender, threads: threads.max(1), queue }
+        Self { sender, threads: threads.max(1), queue, waiting }
     }
 
     pub fn threads(&self) -> usize {
@@ -66,6 +74,11 @@ impl SearchPool {
 
     pub fn queue(&self) -> usize {
         self.queue
+    }
+
+    /// Jobs waiting for a thread now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Runs `f` on the pool; `Err(Busy)` at once when the queue is full. A panic in `f`
@@ -96,9 +109,14 @@ impl SearchPool {
             });
             let _ = tx.send(result);
         });
+        // Counted before it is sent, so that a thread taking it at once never counts below 0.
+        self.waiting.fetch_add(1, Ordering::AcqRel);
         match self.sender.try_send(job) {
             Ok(()) => Ok(Pending(rx)),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(Busy),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                Err(Busy)
+            }
         }
     }
 }
@@ -136,7 +154,9 @@ mod tests {
             .unwrap();
         started.recv().unwrap();
         let queued = pool.submit(|| 1).unwrap();
+        assert_eq!(pool.waiting(), 1);
         assert!(matches!(pool.submit(|| 0), Err(Busy)));
+        assert_eq!(pool.waiting(), 1);
         release.send(()).unwrap();
         assert_eq!(blocker.outcome().await, Ok(()));
         assert_eq!(queued.outcome().await, Ok(1));

@@ -478,3 +478,106 @@ async fn wrong_methods_are_405_with_allow_head_works_and_weak_etags_match() {
     let resp = test::call_service(&app, test::TestRequest::get().uri(&uri).insert_header(("if-none-match", weak.as_str())).to_request()).await;
     assert_eq!(resp.status(), 304, "{weak}");
 }
+
+/// A real server on a loopback port, as `main` builds it (the socket probe included).
+fn serve_on_loopback(state: Arc<SearcherState>) -> (std::net::SocketAddr, actix_web::dev::ServerHandle) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = actix_web::HttpServer::new(move || App::new().wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure(state.clone())))
+        .on_connect(shoplens_searcher::client::remember_socket)
+        .workers(1)
+        .listen(listener)
+        .unwrap()
+        .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    (addr, handle)
+}
+
+/// Polls `done` every 20 ms for up to 20 s (a wait for another thread, not a timing).
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[cfg(unix)]
+#[actix_web::test]
+async fn a_search_whose_client_has_gone_is_not_run_and_a_trickled_upload_is_cut_off() {
+    use std::io::{Read, Write};
+    let state = Arc::new(SearcherState::new(
+        Some(engine()),
+        SearchPool::new(1, 4),
+        UploadLimits { max_bytes: 2 << 20, deadline: Duration::from_secs(2), idle: Duration::from_secs(1) },
+        64 << 20,
+    ));
+    state.install(ServingIndex::load_current(&fixture().db).unwrap().expect("a published generation"));
+    let (addr, server) = serve_on_loopback(state.clone());
+
+    // The only search thread is busy; a client sends a whole search and hangs up.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (running_tx, running) = std::sync::mpsc::channel::<()>();
+    let blocker = state
+        .pool
+        .submit(move || {
+            running_tx.send(()).unwrap();
+            released.recv_timeout(Duration::from_secs(30))
+        })
+        .unwrap();
+    running.recv().unwrap();
+    let photo = jpeg_bytes(&fixture().items[0].1);
+    let mut request = format!("POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", photo.len()).into_bytes();
+    request.extend_from_slice(&photo);
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    client.write_all(&request).unwrap();
+    eventually("the search is queued", || state.pool.waiting() == 1).await;
+    client.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(client);
+    release.send(()).unwrap();
+    let _ = blocker.outcome().await;
+    eventually("the search is counted as abandoned", || state.metrics.render().contains("shoplens_search_abandoned_total 1")).await;
+    eventually("the request is recorded as 499", || state.metrics.render().contains("route=\"/v1/search\",status=\"499\"")).await;
+    assert!(!state.metrics.render().contains("stage=\"detect\""), "the abandoned search ran");
+
+    // One byte every 300 ms of a declared 1,000: cut off at the 2 s deadline with a 408,
+    // and the connection closed.
+    let answer = actix_web::rt::task::spawn_blocking(move || {
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        slow.write_all(b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n").unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..100 {
+            if slow.write_all(b"x").is_err() {
+                break;
+            }
+            match slow.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert_eq!(state.upload_budget.used(), 0);
+    // And the server still searches.
+    let ok = actix_web::rt::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(&request).unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        String::from_utf8_lossy(&head).into_owned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok, "HTTP/1.1 200");
+    server.stop(false).await;
+}

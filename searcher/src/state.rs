@@ -75,41 +75,83 @@ pub fn spawn_watcher(db: PathBuf, state: Arc<SearcherState>, every: Duration) {
 /// poll when they have published, so no test waits on a clock.
 pub struct Watcher {
     db: PathBuf,
-    /// A generation that failed to load is not retried until another is published.
-    failed_generation: Option<u64>,
+    /// The generation that last failed to load, with its snapshot file as it was then: it
+    /// is tried again once the file changes (repaired, or rewritten by the indexer), and
+    /// not before.
+    failed: Option<(u64, Option<FileStamp>)>,
+    /// The last error reading `CURRENT` itself, reported once rather than every poll.
+    pointer_error: Option<String>,
+}
+
+/// What tells a changed file from the same one: size, modification time and inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp(u64, Option<std::time::SystemTime>, u64);
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(Self(meta.len(), meta.modified().ok(), inode))
+    }
 }
 
 impl Watcher {
     pub fn new(db: PathBuf) -> Self {
-        Self { db, failed_generation: None }
+        Self { db, failed: None, pointer_error: None }
     }
 
     /// Installs the published generation when it is new; returns the generation served.
     pub fn poll(&mut self, state: &SearcherState) -> Option<u64> {
         let served = state.current.load().as_ref().map(|i| i.generation());
         let dir = shoplens::store::StoreDir::new(&self.db).serving();
-        match snapshot::current(&dir) {
-            Ok(Some(generation)) if Some(generation) != served && Some(generation) != self.failed_generation => match load(&self.db, generation) {
-                Ok(index) => {
-                    tracing::info!(generation, items = index.items(), garments = index.garments(), "serving generation");
-                    state.install(index);
-                    self.failed_generation = None;
-                    return Some(generation);
+        let generation = match snapshot::current(&dir) {
+            Ok(generation) => {
+                self.pointer_error = None;
+                generation
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if self.pointer_error.as_ref() != Some(&message) {
+                    tracing::error!(error = %message, "cannot read the published generation; the current one keeps serving");
+                    state.fail(message.clone());
+                    self.pointer_error = Some(message);
                 }
-                Err(e) => {
-                    tracing::error!(generation, error = %e, "cannot load the generation; the previous one keeps serving");
-                    state.fail(format!("generation {generation}: {e}"));
-                    self.failed_generation = Some(generation);
-                }
-            },
-            Ok(None) if served.is_none() => {
+                return served;
+            }
+        };
+        match generation {
+            Some(generation) if Some(generation) != served => self.try_install(state, generation).or(served),
+            None if served.is_none() => {
                 let db = self.db.display();
                 state.last_error.store(Some(Arc::new(format!("no index published in {db} yet: run `indexer build --db {db}`"))));
+                served
             }
-            Err(e) => state.fail(e.to_string()),
-            _ => {}
+            _ => served,
         }
-        served
+    }
+
+    fn try_install(&mut self, state: &SearcherState, generation: u64) -> Option<u64> {
+        let stamp = FileStamp::of(&shoplens::store::StoreDir::new(&self.db).serving().join(snapshot::file_name(generation)));
+        if self.failed.as_ref() == Some(&(generation, stamp.clone())) {
+            return None;
+        }
+        match load(&self.db, generation) {
+            Ok(index) => {
+                tracing::info!(generation, items = index.items(), garments = index.garments(), "serving generation");
+                state.install(index);
+                self.failed = None;
+                Some(generation)
+            }
+            Err(e) => {
+                tracing::error!(generation, error = %e, "cannot load the generation; the previous one keeps serving");
+                state.fail(format!("generation {generation}: {e}"));
+                self.failed = Some((generation, stamp));
+                None
+            }
+        }
     }
 }
 

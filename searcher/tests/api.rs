@@ -581,3 +581,44 @@ async fn a_search_whose_client_has_gone_is_not_run_and_a_trickled_upload_is_cut_
     assert_eq!(ok, "HTTP/1.1 200");
     server.stop(false).await;
 }
+
+#[actix_web::test]
+async fn the_watcher_retries_a_repaired_generation_and_refuses_mislabelled_or_oversized_pointers() {
+    let dir = tempfile::tempdir().unwrap();
+    small_catalog(&dir.path().join("catalog"), 3);
+    let db = dir.path().join("db");
+    let csv = dir.path().join("catalog/catalog.csv");
+    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), UploadLimits::of_size(2 << 20), 64 << 20));
+    let failures = |state: &SearcherState| {
+        let text = state.metrics.render();
+        text.lines().find_map(|l| l.strip_prefix("shoplens_index_load_failures_total ")).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let mut watcher = Watcher::new(db.clone());
+    build(&db, &csv);
+    assert_eq!(watcher.poll(&state), Some(1));
+    // Generation 2 is published damaged: refused once, and not reloaded every poll.
+    std::fs::write(&csv, std::fs::read_to_string(&csv).unwrap().lines().take(3).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    build(&db, &csv);
+    let serving = db.join("serving");
+    let good = std::fs::read(serving.join("gen-2.snapshot")).unwrap();
+    std::fs::write(serving.join("gen-2.snapshot"), b"SLSNAP damaged").unwrap();
+    assert_eq!(watcher.poll(&state), Some(1));
+    assert_eq!(watcher.poll(&state), Some(1));
+    assert_eq!(failures(&state), 1);
+    // Repaired: served at the next poll, without a new publish.
+    std::fs::write(serving.join("gen-2.snapshot"), &good).unwrap();
+    assert_eq!(watcher.poll(&state), Some(2));
+    // A snapshot whose name disagrees with the generation it holds is refused, once.
+    std::fs::write(serving.join("gen-3.snapshot"), &good).unwrap();
+    std::fs::write(serving.join("CURRENT"), "3\n").unwrap();
+    assert_eq!(watcher.poll(&state), Some(2));
+    assert_eq!(watcher.poll(&state), Some(2));
+    assert_eq!(failures(&state), 2);
+    assert!(state.last_error.load_full().unwrap().contains("holds generation 2"), "{:?}", state.last_error.load_full());
+    // A pointer of a megabyte is not read, and reported once.
+    std::fs::write(serving.join("CURRENT"), vec![b'7'; 1 << 20]).unwrap();
+    assert_eq!(watcher.poll(&state), Some(2));
+    assert_eq!(watcher.poll(&state), Some(2));
+    assert_eq!(failures(&state), 3);
+    assert!(state.last_error.load_full().unwrap().contains("over the 64-byte limit"), "{:?}", state.last_error.load_full());
+}

@@ -29,13 +29,13 @@ pub fn read_catalog_file(path: &Path, root: Option<&Path>, max_bytes: u64) -> Re
         return Err(format!("{shown} is not a regular file (a device, FIFO or directory); catalog images must be regular files"));
     }
     if meta.len() > max_bytes {
-        return Err(format!("image file of {} bytes is over the {max_bytes}-byte limit", meta.len()));
+        return Err(format!("{shown} is a file of {} bytes, over the {max_bytes}-byte limit", meta.len()));
     }
     // The file may grow between the check and the read: never read past the limit.
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {shown}: {e}"))?;
     if bytes.len() as u64 > max_bytes {
-        return Err(format!("image file grew over the {max_bytes}-byte limit while being read"));
+        return Err(format!("{shown} grew over the {max_bytes}-byte limit while being read"));
     }
     Ok(bytes)
 }

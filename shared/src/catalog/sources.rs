@@ -188,10 +188,11 @@ pub fn parse_csv(bytes: &[u8], path: &Path, labels: &LabelMap) -> Result<(Vec<Ca
     }
     let root = root_of(path);
     let (mut entries, mut errors) = (Vec::new(), Vec::new());
+    let mut lines = LineCounter::new(bytes);
     for record in reader.records() {
-        let (line, result) = match record {
+        let result = match record {
             Ok(r) => {
-                let line = r.position().map_or(0, |p| p.line());
+                let line = r.position().map_or(0, |p| lines.line_at(p.byte()));
                 if r.len() != headers.len() {
                     errors.push(RowError {
                         origin: format!("{}:{line}", path.display()),
@@ -201,20 +202,47 @@ pub fn parse_csv(bytes: &[u8], path: &Path, labels: &LabelMap) -> Result<(Vec<Ca
                     continue;
                 }
                 let fields: BTreeMap<String, String> = headers.iter().cloned().zip(r.iter().map(str::to_string)).collect();
-                (line, entry_from_fields(fields, &root, labels, format!("{}:{line}", path.display())))
+                entry_from_fields(fields, &root, labels, format!("{}:{line}", path.display()))
             }
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                (line, Err(RowError { origin: format!("{}:{line}", path.display()), sku: None, reason: e.to_string() }))
+                let line = e.position().map_or(0, |p| lines.line_at(p.byte()));
+                Err(RowError { origin: format!("{}:{line}", path.display()), sku: None, reason: e.to_string() })
             }
         };
-        let _ = line;
         match result {
             Ok(entry) => entries.push(entry),
             Err(e) => errors.push(e),
         }
     }
     Ok((entries, errors))
+}
+
+/// Line numbers from byte offsets. The csv crate's own line count is off by one after CRLF
+/// line ends and blank lines; a record's byte offset is exact, but may point at the blank
+/// lines skipped before it. Records come in order, so the count only moves forward.
+struct LineCounter<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    line: u64,
+}
+
+impl<'a> LineCounter<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, at: 0, line: 1 }
+    }
+
+    /// The line of the first byte at or after `offset` that is not a line end.
+    fn line_at(&mut self, offset: u64) -> u64 {
+        let mut start = (offset as usize).min(self.bytes.len());
+        while matches!(self.bytes.get(start), Some(b'\r' | b'\n')) {
+            start += 1;
+        }
+        if start >= self.at {
+            self.line += self.bytes[self.at..start].iter().filter(|b| **b == b'\n').count() as u64;
+            self.at = start;
+        }
+        self.line
+    }
 }
 
 fn read_jsonl(path: &Path, labels: &LabelMap) -> Result<(Vec<CatalogEntry>, Vec<RowError>)> {
@@ -320,6 +348,20 @@ mod tests {
         let lines: Vec<&str> = errors.iter().map(|e| e.origin.rsplit(':').next().unwrap()).collect();
         assert_eq!(lines, ["3", "4", "5", "6", "7"], "{errors:?}");
         assert!(errors[1].reason.contains("..") && errors[2].reason.contains("relative"));
+    }
+
+    #[test]
+    fn rows_name_their_own_line_whatever_the_line_ends_and_blank_lines() {
+        let origins = |text: &str| {
+            let (entries, errors) = parse_csv(text.as_bytes(), Path::new("c.csv"), &LabelMap::default()).unwrap();
+            let line = |origin: &str| origin.rsplit(':').next().unwrap().parse::<u64>().unwrap();
+            (entries.iter().map(|e| line(&e.origin)).collect::<Vec<_>>(), errors.iter().map(|e| line(&e.origin)).collect::<Vec<_>>())
+        };
+        assert_eq!(origins("sku,image\na,x.jpg\nb,y.jpg\n"), (vec![2, 3], vec![]));
+        assert_eq!(origins("sku,image\r\na,x.jpg\r\nb,y.jpg\r\n"), (vec![2, 3], vec![]));
+        assert_eq!(origins("sku,image\n\na,x.jpg\n\r\n\nb,y.jpg\n"), (vec![3, 6], vec![]));
+        // A quoted field across two lines: the next row starts two lines on.
+        assert_eq!(origins("sku,image\na,\"x\ny.jpg\"\nb,y.jpg\nc\n"), (vec![2, 4], vec![5]));
     }
 
     #[test]

@@ -46,7 +46,14 @@ impl ServingIndex {
     /// and graph dump (building the graph in memory when the dump is missing or stale).
     pub fn load(store_dir: &Path, generation: u64) -> Result<Self> {
         let dir = StoreDir::new(store_dir);
-        let snapshot = Snapshot::read(&dir.serving().join(snapshot::file_name(generation)))?;
+        let path = dir.serving().join(snapshot::file_name(generation));
+        let snapshot = Snapshot::read(&path)?;
+        // A file renamed or copied by hand: serving it would leave CURRENT unmatched, and
+        // a watcher would reload it forever.
+        if snapshot.generation != generation {
+            let reason = format!("holds generation {}, but its name and CURRENT say {generation}", snapshot.generation);
+            return Err(Error::Snapshot { path, reason });
+        }
         Self::from_snapshot(snapshot, Some(&dir.ann()))
     }
 

@@ -165,14 +165,22 @@ pub fn set_current(dir: &Path, generation: u64) -> Result<()> {
     crate::durable::write_atomically(&dir.join(CURRENT), format!("{generation}\n").as_bytes())
 }
 
-/// The generation `dir/CURRENT` points at, `None` when there is no pointer yet.
+/// Longest `CURRENT` accepted: a generation number and a newline need 21 bytes.
+const MAX_CURRENT_BYTES: u64 = 64;
+
+/// The generation `dir/CURRENT` points at, `None` when there is no pointer yet. The read is
+/// bounded, and a FIFO or device in its place is refused without blocking: the searcher
+/// polls this file forever and must not be stalled or fed gigabytes by it.
 pub fn current(dir: &Path) -> Result<Option<u64>> {
     let path = dir.join(CURRENT);
-    match std::fs::read_to_string(&path) {
-        Ok(s) => s.trim().parse().map(Some).map_err(|_| Error::Snapshot { path, reason: format!("holds {:?}, not a generation number", s.trim()) }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+        Ok(_) => {}
     }
+    let bytes = crate::catalog::files::read_catalog_file(&path, None, MAX_CURRENT_BYTES).map_err(|reason| Error::Snapshot { path: path.clone(), reason })?;
+    let text = String::from_utf8_lossy(&bytes);
+    text.trim().parse().map(Some).map_err(|_| Error::Snapshot { path, reason: format!("holds {:?}, not a generation number", text.trim()) })
 }
 
 /// Deletes snapshots of generations not in `keep`; returns how many went.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time and summarises what each found.
 #
-#   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default 600 s, all four targets)
+#   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default 600 s, all five targets)
 #
 # Needs a nightly toolchain and cargo-fuzz (installed here when missing). Seeds: the
 # committed ones in fuzz/seeds/, the server's hostile-input corpus and the CC0 fixtures.
@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(image_decode search_request df2_annotation catalog_parsers)
+[ ${#targets[@]} -gt 0 ] || targets=(image_decode search_request df2_annotation catalog_parsers multipart)
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
@@ -31,6 +31,13 @@ mkdir -p corpus/search_request
 for q in "k=5" "k=3&box=10,10,40,40&category=top" "box=0,0,1e9,1e9" "k=-1&k=101&x=1" "category=&box=1,2,3"; do
   { printf '%s\n' "$q"; cat ../searcher/tests/hostile/photo.jpg; } > "corpus/search_request/$(echo "$q" | tr -c 'a-z0-9' '_')"
 done
+mkdir -p corpus/multipart
+i=0
+for ct in "multipart/form-data; boundary=B" "MULTIPART/FORM-DATA; boundary=\"a b\"" "multipart/form-data; boundary=C"; do
+  i=$((i + 1))
+  { printf '%s\n' "$ct"; printf -- '--B\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n'; cat ../searcher/tests/hostile/photo.jpg; printf -- '\r\n--B--\r\n'; } > "corpus/multipart/form-$i"
+done
+printf 'multipart/form-data; boundary=C\n\n--C--\r\n' > corpus/multipart/actix-multipart-panic
 seed df2_annotation seeds/df2_annotation/*
 seed catalog_parsers seeds/catalog_parsers/*
 

@@ -154,6 +154,23 @@ fn method_not_allowed(req: &HttpRequest, allow: &'static str) -> HttpResponse {
     resp
 }
 
+/// Longest request target (path and query) answered; longer ones get 414. The longest a
+/// shopper's client sends is a few hundred bytes (`/v1/items/{sku}/image`, a search's
+/// query string).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Refuses request targets over [`MAX_URI_BYTES`] with 414 and the error JSON, before any
+/// route sees them. (Targets over 64 KiB never reach the app: the `http` crate cannot
+/// hold them, and actix-http answers its own empty 400.)
+pub async fn refuse_long_uris(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        let resp = ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", format!("the request target is {len} bytes, over the {MAX_URI_BYTES}-byte limit")).error_response();
+        return Ok(req.into_response(resp));
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
 /// Counts every request under its route template, with its status and latency.
 pub async fn record_metrics(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();

@@ -123,6 +123,7 @@ fn serve(config: Config) -> Result<()> {
             let state = state.clone();
             move || {
                 actix_web::App::new()
+                    .wrap(actix_web::middleware::from_fn(app::refuse_long_uris))
                     .wrap(actix_web::middleware::from_fn(app::record_metrics))
                     .wrap(actix_web::middleware::Compress::default())
                     .configure(app::configure(state.clone()))

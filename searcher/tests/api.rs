@@ -16,7 +16,7 @@ use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::serving::engine::{SearchEngine, ServingIndex};
 use shoplens::store::CatalogStore;
 use shoplens::vision::DecodeLimits;
-use shoplens_searcher::app::{configure, record_metrics};
+use shoplens_searcher::app::{configure, record_metrics, refuse_long_uris};
 use shoplens_searcher::pool::SearchPool;
 use shoplens_searcher::state::{SearcherState, Watcher};
 use shoplens_searcher::upload::UploadLimits;
@@ -107,7 +107,10 @@ fn state_of(engine: Arc<SearchEngine>, pool: SearchPool) -> Arc<SearcherState> {
 
 macro_rules! app {
     ($state:expr) => {
-        test::init_service(App::new().wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure($state.clone()))).await
+        test::init_service(
+            App::new().wrap(actix_web::middleware::from_fn(refuse_long_uris)).wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure($state.clone())),
+        )
+        .await
     };
 }
 
@@ -477,18 +480,27 @@ async fn wrong_methods_are_405_with_allow_head_works_and_weak_etags_match() {
     let weak = format!("W/{etag}");
     let resp = test::call_service(&app, test::TestRequest::get().uri(&uri).insert_header(("if-none-match", weak.as_str())).to_request()).await;
     assert_eq!(resp.status(), 304, "{weak}");
+    // A request target of 60 KB: 414 with the error JSON, counted like any request.
+    let long = format!("/v1/items/{}", "x".repeat(60_000));
+    let resp = test::call_service(&app, test::TestRequest::get().uri(&long).to_request()).await;
+    assert_eq!(resp.status(), 414);
+    let body: Value = test::read_body_json(resp).await;
+    assert_eq!(body["error"]["code"], "uri_too_long");
+    assert!(state.metrics.render().contains("status=\"414\""));
 }
 
 /// A real server on a loopback port, as `main` builds it (the socket probe included).
 fn serve_on_loopback(state: Arc<SearcherState>) -> (std::net::SocketAddr, actix_web::dev::ServerHandle) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = actix_web::HttpServer::new(move || App::new().wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure(state.clone())))
-        .on_connect(shoplens_searcher::client::remember_socket)
-        .workers(1)
-        .listen(listener)
-        .unwrap()
-        .run();
+    let server = actix_web::HttpServer::new(move || {
+        App::new().wrap(actix_web::middleware::from_fn(refuse_long_uris)).wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure(state.clone()))
+    })
+    .on_connect(shoplens_searcher::client::remember_socket)
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     (addr, handle)

@@ -96,6 +96,7 @@ pub fn status_of(e: &shoplens::Error) -> StatusCode {
     use shoplens::Error as E;
     match e {
         E::ImageTooLarge { .. } | E::DecodeBudget { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        E::Cancelled { .. } => client_closed_request(),
         E::UnsupportedImageFormat { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         E::NotFound { .. } => StatusCode::NOT_FOUND,
         E::NoPublishedGeneration => StatusCode::SERVICE_UNAVAILABLE,
@@ -366,13 +367,19 @@ async fn search(req: HttpRequest, payload: web::Payload, state: web::Data<Search
     let engine = state.engine.clone().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the models are not loaded"))?;
     engine.validate(&index, &request)?;
     let client = req.conn_data::<Arc<ClientSocket>>().cloned();
-    let abandoned = move || client.is_some_and(|c| c.has_gone());
-    // The upload (and its share of the memory budget) lives until the search is done.
-    let pending = state.pool.submit_unless(abandoned, move || engine.search(&index, &upload.bytes, &request)).map_err(|Busy| {
+    let gone = move || client.as_ref().is_some_and(|c| c.has_gone());
+    let still_gone = gone.clone();
+    // The upload (and its share of the memory budget) lives until the search is done. The
+    // client is asked before the search starts and between its stages.
+    let pending = state.pool.submit_unless(gone, move || engine.search_unless(&index, &upload.bytes, &request, &still_gone)).map_err(|Busy| {
         state.metrics.rejected();
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "every search thread is busy and the queue is full; retry shortly")
     })?;
     let outcome = match pending.outcome().await {
+        Ok(Err(shoplens::Error::Cancelled { stage })) => {
+            state.metrics.abandoned();
+            return Err(ApiError::new(client_closed_request(), "client_closed_request", format!("the connection was closed; the search stopped after {stage}")));
+        }
         Ok(result) => result?,
         Err(JobError::Abandoned) => {
             state.metrics.abandoned();
@@ -474,6 +481,7 @@ mod tests {
         let table: Vec<(E, u16, &str)> = vec![
             (E::ImageTooLarge { width: 9000, height: 9000, max_pixels: 1 }, 413, "image_too_large"),
             (E::DecodeBudget { width: 6000, height: 6000, bytes: 35, reason: "r".into() }, 413, "decode_budget"),
+            (E::Cancelled { stage: "detection" }, 499, "client_closed_request"),
             (E::UnsupportedImageFormat { format: "tiff".into() }, 415, "unsupported_image_format"),
             (E::NotFound { what: "item", id: "a".into() }, 404, "not_found"),
             (E::NoPublishedGeneration, 503, "no_index"),

@@ -81,7 +81,7 @@ impl Metrics {
         self.with(|m| m.rejected += 1);
     }
 
-    /// A search not run because its client had gone by the time a thread was free.
+    /// A search not run (or stopped between its stages) because its client had gone.
     pub fn abandoned(&self) {
         self.with(|m| m.abandoned += 1);
     }
@@ -117,7 +117,7 @@ impl Metrics {
             let _ = write!(
                 out,
                 "# HELP shoplens_search_rejected_total Searches refused with 503 because the pool was full.\n# TYPE shoplens_search_rejected_total counter\nshoplens_search_rejected_total {}\n\
-                 # HELP shoplens_search_abandoned_total Searches not run because the client had closed the connection (answered 499).\n# TYPE shoplens_search_abandoned_total counter\nshoplens_search_abandoned_total {}\n\
+                 # HELP shoplens_search_abandoned_total Searches not run, or stopped between stages, because the client had closed the connection (answered 499).\n# TYPE shoplens_search_abandoned_total counter\nshoplens_search_abandoned_total {}\n\
                  # HELP shoplens_index_generation Generation being served.\n# TYPE shoplens_index_generation gauge\nshoplens_index_generation {}\n\
                  # HELP shoplens_index_items Shop items in the served generation.\n# TYPE shoplens_index_items gauge\nshoplens_index_items {}\n\
                  # HELP shoplens_index_garments Garments in the served generation.\n# TYPE shoplens_index_garments gauge\nshoplens_index_garments {}\n\

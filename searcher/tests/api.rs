@@ -634,3 +634,18 @@ async fn the_watcher_retries_a_repaired_generation_and_refuses_mislabelled_or_ov
     assert_eq!(failures(&state), 3);
     assert!(state.last_error.load_full().unwrap().contains("over the 64-byte limit"), "{:?}", state.last_error.load_full());
 }
+
+#[actix_web::test]
+async fn a_search_stops_between_stages_once_it_is_cancelled() {
+    let index = ServingIndex::load_current(&fixture().db).unwrap().unwrap();
+    let photo = jpeg_bytes(&fixture().items[0].1);
+    let request = shoplens::serving::engine::SearchRequest { k: 3, category: None, region: None, ranking: Default::default() };
+    let stopped = engine().search_unless(&index, &photo, &request, &|| true).unwrap_err();
+    assert!(matches!(stopped, shoplens::Error::Cancelled { stage: "decoding" }), "{stopped}");
+    // Gone while the detector ran: stopped before the embedder.
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let later = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
+    let stopped = engine().search_unless(&index, &photo, &request, &later).unwrap_err();
+    assert!(matches!(stopped, shoplens::Error::Cancelled { stage: "detection" }), "{stopped}");
+    assert!(engine().search_unless(&index, &photo, &request, &|| false).is_ok());
+}

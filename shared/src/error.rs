@@ -46,6 +46,10 @@ pub enum Error {
     /// a few bytes that would cost seconds of CPU and hundreds of MB to decode).
     #[error("a {bytes}-byte file declaring {width}×{height} pixels is refused: {reason}")]
     DecodeBudget { width: u32, height: u32, bytes: usize, reason: String },
+    /// A search stopped between stages because nobody waits for its answer any more (the
+    /// caller's `cancelled` said so).
+    #[error("the search was stopped after {stage}: nobody is waiting for its answer")]
+    Cancelled { stage: &'static str },
     /// A box that selects nothing of its image.
     #[error("invalid box: {reason}")]
     InvalidBox { reason: String },
@@ -112,6 +116,7 @@ impl Error {
             | Error::UnsupportedImageFormat { .. }
             | Error::ImageTooLarge { .. }
             | Error::DecodeBudget { .. }
+            | Error::Cancelled { .. }
             | Error::InvalidBox { .. } => true,
             Error::NoPublishedGeneration
             | Error::StoreFormat(_)
@@ -143,6 +148,7 @@ impl Error {
             Error::UnsupportedImageFormat { .. } => "unsupported_image_format",
             Error::ImageTooLarge { .. } => "image_too_large",
             Error::DecodeBudget { .. } => "decode_budget",
+            Error::Cancelled { .. } => "client_closed_request",
             Error::InvalidBox { .. } => "invalid_box",
             Error::InvalidWeights { .. } => "invalid_weights",
             Error::StoreFormat(_) => "store_format",

@@ -325,12 +325,19 @@ impl SearchEngine {
 
     /// Searches the shop for the garments of a photo given as file bytes.
     pub fn search(&self, index: &ServingIndex, bytes: &[u8], req: &SearchRequest) -> Result<SearchOutcome> {
+        self.search_unless(index, bytes, req, &|| false)
+    }
+
+    /// As [`Self::search`], asking `cancelled` between stages (after decoding, after
+    /// detection) and stopping with [`Error::Cancelled`] when it says yes: a server passes
+    /// "has the client gone", so a search nobody will read does not run to its end.
+    pub fn search_unless(&self, index: &ServingIndex, bytes: &[u8], req: &SearchRequest, cancelled: &dyn Fn() -> bool) -> Result<SearchOutcome> {
         let started = Instant::now();
         self.validate(index, req)?;
         let t = Instant::now();
         let image = self.pipeline().decode(bytes)?;
         let decode = ms(t);
-        let mut outcome = self.search_image(index, &image, req)?;
+        let mut outcome = self.search_image_unless(index, &image, req, cancelled, "decoding")?;
         outcome.timings_ms.decode = decode;
         outcome.timings_ms.total = ms(started);
         Ok(outcome)
@@ -338,10 +345,20 @@ impl SearchEngine {
 
     /// Searches the shop for the garments of a decoded photo.
     pub fn search_image(&self, index: &ServingIndex, image: &RgbImage, req: &SearchRequest) -> Result<SearchOutcome> {
+        self.search_image_unless(index, image, req, &|| false, "decoding")
+    }
+
+    fn search_image_unless(&self, index: &ServingIndex, image: &RgbImage, req: &SearchRequest, cancelled: &dyn Fn() -> bool, done: &'static str) -> Result<SearchOutcome> {
         self.validate(index, req)?;
+        if cancelled() {
+            return Err(Error::Cancelled { stage: done });
+        }
         let t = Instant::now();
         let garments = self.query_garments(image, req)?;
         let detect = ms(t);
+        if cancelled() {
+            return Err(Error::Cancelled { stage: "detection" });
+        }
         let (garments, mut timings) = self.search_garments(index, image, garments, req)?;
         timings.detect = detect;
         let (width, height) = image.dimensions();

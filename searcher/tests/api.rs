@@ -114,6 +114,22 @@ macro_rules! app {
     };
 }
 
+/// Puts a job on the pool's only thread and returns once it runs; it holds the thread
+/// until the sender is used (or 30 s pass).
+fn occupy_the_only_search_thread(state: &SearcherState) -> (std::sync::mpsc::Sender<()>, shoplens_searcher::pool::Pending<Result<(), std::sync::mpsc::RecvTimeoutError>>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (running_tx, running) = std::sync::mpsc::channel::<()>();
+    let blocker = state
+        .pool
+        .submit(move || {
+            running_tx.send(()).unwrap();
+            released.recv_timeout(Duration::from_secs(30))
+        })
+        .unwrap();
+    running.recv().unwrap();
+    (release, blocker)
+}
+
 /// A POST of `photo` as the `image` field of a multipart form sent as `media_type`.
 fn multipart_search(uri: &str, media_type: &str, photo: &[u8]) -> test::TestRequest {
     let boundary = "XyZ";
@@ -243,17 +259,7 @@ async fn client_mistakes_are_4xx_with_a_code() {
 async fn a_full_pool_answers_503_with_retry_after_at_once() {
     let state = state_with(SearchPool::new(1, 0));
     let app = app!(state);
-    // Occupy the only search thread.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (running_tx, running) = std::sync::mpsc::channel::<()>();
-    let blocker = state
-        .pool
-        .submit(move || {
-            running_tx.send(()).unwrap();
-            rx.recv_timeout(Duration::from_secs(30))
-        })
-        .unwrap();
-    running.recv().unwrap();
+    let (tx, blocker) = occupy_the_only_search_thread(&state);
     let started = std::time::Instant::now();
     let req = test::TestRequest::post().uri("/v1/search").set_payload(jpeg_bytes(&fixture().items[0].1)).to_request();
     let resp = test::call_service(&app, req).await;
@@ -531,16 +537,7 @@ async fn a_search_whose_client_has_gone_is_not_run_and_a_trickled_upload_is_cut_
     let (addr, server) = serve_on_loopback(state.clone());
 
     // The only search thread is busy; a client sends a whole search and hangs up.
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (running_tx, running) = std::sync::mpsc::channel::<()>();
-    let blocker = state
-        .pool
-        .submit(move || {
-            running_tx.send(()).unwrap();
-            released.recv_timeout(Duration::from_secs(30))
-        })
-        .unwrap();
-    running.recv().unwrap();
+    let (release, blocker) = occupy_the_only_search_thread(&state);
     let photo = jpeg_bytes(&fixture().items[0].1);
     let mut request = format!("POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", photo.len()).into_bytes();
     request.extend_from_slice(&photo);

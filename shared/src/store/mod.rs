@@ -61,6 +61,26 @@ impl fmt::Display for IdKey {
     }
 }
 
+/// How long an open waits for the store's file lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens sled at `path`, waiting up to [`LOCK_WAIT`] for its exclusive file lock. A store
+/// closed a moment ago may still be locked: sled's flusher thread holds the database until
+/// its next wake-up (every 500 ms), so a reopen right after a close (a test, a script that
+/// runs two builds back to back) failed with "could not acquire lock". Another process
+/// holding the store still fails, after the wait.
+fn open_waiting_for_the_lock(path: &Path) -> sled::Result<Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(path).mode(sled::Mode::LowSpace).open() {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
 impl CatalogStore {
     /// Opens (or creates) the store in directory `dir`, upgrading an older format.
     ///
@@ -68,7 +88,7 @@ impl CatalogStore {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = StoreDir::new(dir.as_ref());
         let path = dir.catalog();
-        let db = sled::Config::new().path(&path).mode(sled::Mode::LowSpace).open().map_err(|e| match e {
+        let db = open_waiting_for_the_lock(&path).map_err(|e| match e {
             sled::Error::Io(source) => Error::io(&path, source),
             other => Error::Storage(other),
         })?;

@@ -171,7 +171,7 @@ fn a_store_from_a_newer_version_is_refused_and_left_untouched() {
         store.flush().unwrap();
     }
     let err = CatalogStore::open(dir.path()).err().expect("newer store must be refused");
-    assert!(matches!(err, Error::StoreFormat(shoplens_migrations::MigrationError::NewerStore { .. })));
+    assert!(matches!(err, Error::StoreFormat(shoplens_migrations::MigrationError::NewerStore { .. })), "{err:?}");
     assert!(err.to_string().contains("newer Shoplens"), "{err}");
 }
 
@@ -186,4 +186,19 @@ fn a_store_survives_reopening() {
     assert_eq!(store.published_id().unwrap(), Some(id));
     assert_eq!(store.generation_garments(id).unwrap().garments.len(), 4);
     assert_eq!(store.format_version().unwrap(), shoplens_migrations::CURRENT_VERSION);
+}
+
+#[test]
+fn a_store_closed_a_moment_ago_opens_once_its_lock_is_released() {
+    // The first handle is dropped 300 ms into the second open: the open waits for the
+    // lock instead of failing with "could not acquire lock".
+    let dir = tempfile::tempdir().unwrap();
+    let store = CatalogStore::open(dir.path()).unwrap();
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(store);
+    });
+    let reopened = CatalogStore::open(dir.path());
+    holder.join().unwrap();
+    assert!(reopened.is_ok(), "{:?}", reopened.err());
 }

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod memory;
 pub mod metrics;
 pub mod multipart;
 pub mod pool;

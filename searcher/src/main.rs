@@ -43,7 +43,6 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    return_freed_memory_to_the_system();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHOPLENS_LOG").unwrap_or_else(|_| "info".into())).init();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
@@ -58,19 +57,6 @@ fn main() -> Result<()> {
             build_demo_if_missing(&config, &catalog)?;
             serve(config)
         }
-    }
-}
-
-/// glibc serves allocations under its mmap threshold from arenas it rarely gives back, and
-/// raises that threshold (up to 32 MiB) each time a large block is freed: after a burst of
-/// 20 MiB uploads and decoded photos, hundreds of MB stayed resident with nothing in them.
-/// A fixed threshold of 1 MiB keeps every upload buffer and decoded image in its own
-/// mapping, returned to the system when freed.
-fn return_freed_memory_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a tuning parameter of the allocator, before any thread runs.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 
@@ -117,6 +103,7 @@ fn serve(config: Config) -> Result<()> {
     let pool = pool::SearchPool::new(config.search_threads, config.queue);
     let state = Arc::new(state::SearcherState::new(engine, pool, config.upload_limits(), config.upload_memory_bytes));
     state::spawn_watcher(config.db.clone(), state.clone(), Duration::from_secs_f64(config.reload_seconds));
+    shoplens_searcher::memory::spawn_trimmer(state.upload_budget.clone());
     tracing::info!(bind = %config.bind, db = %config.db.display(), search_threads = config.search_threads, queue = config.queue, "searcher listening on http://{}", config.bind);
     actix_web::rt::System::new().block_on(async move {
         actix_web::HttpServer::new({

@@ -37,11 +37,13 @@ impl UploadLimits {
 pub struct MemoryBudget {
     capacity: usize,
     used: AtomicUsize,
+    /// Bytes given back since the heap was last trimmed (see [`crate::memory`]).
+    released: AtomicUsize,
 }
 
 impl MemoryBudget {
     pub fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(Self { capacity, used: AtomicUsize::new(0) })
+        Arc::new(Self { capacity, used: AtomicUsize::new(0), released: AtomicUsize::new(0) })
     }
 
     pub fn capacity(&self) -> usize {
@@ -59,6 +61,13 @@ impl MemoryBudget {
 
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.released.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Whether at least `bytes` were given back since the last time this said yes; saying
+    /// yes starts the count again.
+    pub fn take_released(&self, bytes: usize) -> bool {
+        self.released.fetch_update(Ordering::AcqRel, Ordering::Acquire, |released| (released >= bytes).then_some(0)).is_ok()
     }
 }
 
@@ -188,6 +197,22 @@ mod tests {
         assert!(budget.used() >= 4);
         drop(upload);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn freed_uploads_add_up_to_one_trim() {
+        let budget = MemoryBudget::new(1 << 20);
+        for _ in 0..3 {
+            drop(read_body(chunks(&[b"x"]), Some(400), limits(), &budget).await.unwrap());
+        }
+        // 1,200 bytes given back: one trim of 1,000 is due, and then none until 1,000 more.
+        assert!(!budget.take_released(1300));
+        assert!(budget.take_released(1000));
+        assert!(!budget.take_released(1000));
+        drop(read_body(chunks(&[b"x"]), Some(999), limits(), &budget).await.unwrap());
+        assert!(!budget.take_released(1000));
+        drop(read_body(chunks(&[b"x"]), Some(1), limits(), &budget).await.unwrap());
+        assert!(budget.take_released(1000));
     }
 
     #[tokio::test]

@@ -10,6 +10,12 @@
 //!
 //! `--seconds S` runs the clients for S seconds instead of a request count.
 //!
+//! `--photos DIR` cycles through the photos of a folder (`.jpg`, `.jpeg`, `.png`, `.webp`,
+//! in name order, at most `--max-photos`) instead of one `--photo`: request `i` sends photo
+//! `i mod n`, so a run measures the mix of sizes and garment counts real uploads have, not
+//! one photo's. The served timings of README and `benches/RESULTS.md` come from
+//! `--photos ../shared/data/ccp-unlabelled/image`.
+//!
 //! A plain HTTP/1.1 client over `TcpStream`: enough for one route, and no client library's
 //! pooling or retries between us and what the server does.
 
@@ -51,6 +57,18 @@ fn post(stream: &mut BufReader<TcpStream>, addr: &str, path: &str, body: &[u8]) 
     Ok(Answer { status, body })
 }
 
+/// The photos of `dir` in name order, at most `max`.
+fn read_folder(dir: &str, max: usize) -> Vec<Vec<u8>> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("--photos {dir:?}: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|x| x.to_str()).is_some_and(|x| ["jpg", "jpeg", "png", "webp"].contains(&x.to_ascii_lowercase().as_str())))
+        .collect();
+    paths.sort();
+    paths.truncate(max);
+    paths.iter().map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).collect()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -70,13 +88,20 @@ fn main() {
     let seconds: f64 = arg("--seconds", "0").parse().expect("--seconds S");
     let warmup: usize = arg("--warmup", "5").parse().expect("--warmup N");
     let query = arg("--query", "k=10");
-    let body = Arc::new(std::fs::read(&photo).unwrap_or_else(|e| panic!("--photo {photo:?}: {e}")));
+    let folder = arg("--photos", "");
+    let max_photos: usize = arg("--max-photos", "10000").parse().expect("--max-photos N");
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(if folder.is_empty() {
+        vec![std::fs::read(&photo).unwrap_or_else(|e| panic!("--photo {photo:?}: {e}"))]
+    } else {
+        read_folder(&folder, max_photos)
+    });
+    assert!(!bodies.is_empty(), "no photos to send (give --photo FILE or --photos DIR)");
     let path = format!("/v1/search?{query}");
 
     // Warm-up on one connection (first-touch allocations, caches).
     let mut conn = BufReader::new(TcpStream::connect(&addr).expect("connect"));
-    for _ in 0..warmup {
-        post(&mut conn, &addr, &path, &body).expect("warm-up request");
+    for i in 0..warmup {
+        post(&mut conn, &addr, &path, &bodies[i % bodies.len()]).expect("warm-up request");
     }
     drop(conn);
 
@@ -84,17 +109,22 @@ fn main() {
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|_| {
-            let (addr, path, body, next) = (addr.clone(), path.clone(), body.clone(), next.clone());
+            let (addr, path, bodies, next) = (addr.clone(), path.clone(), bodies.clone(), next.clone());
             std::thread::spawn(move || {
                 let mut conn = BufReader::new(TcpStream::connect(&addr).expect("connect"));
                 let mut out = Vec::new();
                 let until = (seconds > 0.0).then(|| Instant::now() + Duration::from_secs_f64(seconds));
-                while match until {
-                    Some(t) => Instant::now() < t,
-                    None => next.fetch_add(1, Ordering::SeqCst) < requests,
-                } {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let more = match until {
+                        Some(t) => Instant::now() < t,
+                        None => i < requests,
+                    };
+                    if !more {
+                        break;
+                    }
                     let t = Instant::now();
-                    let answer = match post(&mut conn, &addr, &path, &body) {
+                    let answer = match post(&mut conn, &addr, &path, &bodies[i % bodies.len()]) {
                         Ok(a) => a,
                         Err(e) => {
                             eprintln!("request failed: {e}; reconnecting");
@@ -123,8 +153,10 @@ fn main() {
     let other: Vec<u16> = results.iter().filter(|r| r.0 != 200 && r.0 != 503).map(|r| r.0).collect();
     let mut stages = std::collections::BTreeMap::<String, f64>::new();
     let mut garments = 0usize;
+    let mut served = Vec::new();
     for (_, _, body) in results.iter().filter(|r| r.0 == 200) {
         let v: serde_json::Value = serde_json::from_slice(body).expect("JSON answer");
+        served.extend(v["timings_ms"]["total"].as_f64());
         if let Some(t) = v["timings_ms"].as_object() {
             for (k, x) in t {
                 *stages.entry(k.clone()).or_default() += x.as_f64().unwrap_or(0.0);
@@ -133,6 +165,7 @@ fn main() {
         garments += v["garments"].as_array().map_or(0, Vec::len);
     }
     let n = ok.len().max(1) as f64;
+    println!("{} distinct photo(s), {:.0} KiB on average", bodies.len(), bodies.iter().map(Vec::len).sum::<usize>() as f64 / bodies.len() as f64 / 1024.0);
     println!(
         "clients {clients}: {} answered 200, {busy} answered 503, {} other {:?}; {:.1} searches/s",
         ok.len(),
@@ -148,5 +181,9 @@ fn main() {
         ok.iter().sum::<f64>() / n,
         ok.last().copied().unwrap_or(f64::NAN)
     );
+    served.sort_by(f64::total_cmp);
+    // The server's own total leaves out reading the upload and writing the answer, and the
+    // wait for a search thread: the gap to the latency above is what HTTP and queueing cost.
+    println!("server total ms: p50 {:.1}  p95 {:.1}", percentile(&served, 50.0), percentile(&served, 95.0));
     println!("server stages, mean ms: {}; garments per photo {:.1}", stages.iter().map(|(k, v)| format!("{k} {:.1}", v / n)).collect::<Vec<_>>().join(", "), garments as f64 / n);
 }

@@ -311,7 +311,7 @@ fn upload_error(e: UploadError, state: &SearcherState) -> ApiError {
         UploadError::Deadline { seconds } => ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the upload took over {seconds} s; send the photo in one go")),
         UploadError::Idle { seconds } => ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the upload stalled for {seconds} s")),
         UploadError::MemoryBusy => {
-            state.metrics.rejected();
+            state.metrics.upload_over_budget();
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "the server is receiving too many uploads at once; retry shortly")
         }
         UploadError::Payload(reason) => ApiError::bad_request("invalid_body", format!("reading the upload failed: {reason}")),

@@ -43,6 +43,7 @@ struct Inner {
     latency: BTreeMap<String, Histogram>,
     stages: BTreeMap<String, Histogram>,
     rejected: u64,
+    uploads_over_budget: u64,
     abandoned: u64,
     generation: u64,
     items: u64,
@@ -81,6 +82,12 @@ impl Metrics {
         self.with(|m| m.rejected += 1);
     }
 
+    /// An upload refused (503) because uploads in flight held the whole memory budget: not a
+    /// full search pool, so counted apart (a slow-upload attack shows here, not as load).
+    pub fn upload_over_budget(&self) {
+        self.with(|m| m.uploads_over_budget += 1);
+    }
+
     /// A search not run (or stopped between its stages) because its client had gone.
     pub fn abandoned(&self) {
         self.with(|m| m.abandoned += 1);
@@ -117,13 +124,14 @@ impl Metrics {
             let _ = write!(
                 out,
                 "# HELP shoplens_search_rejected_total Searches refused with 503 because the pool was full.\n# TYPE shoplens_search_rejected_total counter\nshoplens_search_rejected_total {}\n\
+                 # HELP shoplens_upload_over_budget_total Uploads refused with 503 because uploads in flight held the whole upload memory budget.\n# TYPE shoplens_upload_over_budget_total counter\nshoplens_upload_over_budget_total {}\n\
                  # HELP shoplens_search_abandoned_total Searches not run, or stopped between stages, because the client had closed the connection (answered 499).\n# TYPE shoplens_search_abandoned_total counter\nshoplens_search_abandoned_total {}\n\
                  # HELP shoplens_index_generation Generation being served.\n# TYPE shoplens_index_generation gauge\nshoplens_index_generation {}\n\
                  # HELP shoplens_index_items Shop items in the served generation.\n# TYPE shoplens_index_items gauge\nshoplens_index_items {}\n\
                  # HELP shoplens_index_garments Garments in the served generation.\n# TYPE shoplens_index_garments gauge\nshoplens_index_garments {}\n\
                  # HELP shoplens_index_loads_total Generations loaded.\n# TYPE shoplens_index_loads_total counter\nshoplens_index_loads_total {}\n\
                  # HELP shoplens_index_load_failures_total Failed attempts to load a generation.\n# TYPE shoplens_index_load_failures_total counter\nshoplens_index_load_failures_total {}\n",
-                m.rejected, m.abandoned, m.generation, m.items, m.garments, m.reloads, m.reload_failures
+                m.rejected, m.uploads_over_budget, m.abandoned, m.generation, m.items, m.garments, m.reloads, m.reload_failures
             );
             out
         })

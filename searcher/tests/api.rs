@@ -274,6 +274,21 @@ async fn a_full_pool_answers_503_with_retry_after_at_once() {
 }
 
 #[actix_web::test]
+async fn an_upload_over_the_memory_budget_is_503_and_counted_apart_from_a_full_pool() {
+    let state = Arc::new(SearcherState::new(Some(engine()), SearchPool::new(1, 4), UploadLimits::of_size(2 << 20), 1000));
+    state.install(ServingIndex::load_current(&fixture().db).unwrap().unwrap());
+    let app = app!(state);
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/v1/search").set_payload(vec![0u8; 2000]).to_request()).await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = test::read_body_json(resp).await;
+    assert_eq!(body["error"]["code"], "busy");
+    assert_eq!(state.upload_budget.used(), 0);
+    let text = String::from_utf8(test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await.to_vec()).unwrap();
+    assert!(text.contains("shoplens_upload_over_budget_total 1"), "{text}");
+    assert!(text.contains("shoplens_search_rejected_total 0"), "{text}");
+}
+
+#[actix_web::test]
 async fn items_images_metrics_and_docs() {
     let state = state_with(SearchPool::new(1, 4));
     let app = app!(state);

@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
-    let raw = graph::build(&vectors, &params);
+    let raw = graph::build_hnsw(&vectors, &params);
     // hnsw_rs's own search gets the normalised queries our index would pass it.
     let unit_queries: Vec<Vec<f32>> = queries
         .iter()

@@ -90,11 +90,8 @@ fn main() {
     let query = arg("--query", "k=10");
     let folder = arg("--photos", "");
     let max_photos: usize = arg("--max-photos", "10000").parse().expect("--max-photos N");
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(if folder.is_empty() {
-        vec![std::fs::read(&photo).unwrap_or_else(|e| panic!("--photo {photo:?}: {e}"))]
-    } else {
-        read_folder(&folder, max_photos)
-    });
+    let bodies: Arc<Vec<Vec<u8>>> =
+        Arc::new(if folder.is_empty() { vec![std::fs::read(&photo).unwrap_or_else(|e| panic!("--photo {photo:?}: {e}"))] } else { read_folder(&folder, max_photos) });
     assert!(!bodies.is_empty(), "no photos to send (give --photo FILE or --photos DIR)");
     let path = format!("/v1/search?{query}");
 

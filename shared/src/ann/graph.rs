@@ -1,12 +1,13 @@
-//! The HNSW graph over a generation's garments (hnsw_rs), and its dump on disk.
+//! The HNSW graph over a generation's garments: built by hnsw_rs, served frozen
+//! ([`FrozenGraph`]), and dumped on disk in the frozen form.
 //!
-//! The graph is derived data. Each generation's dump has its own file names
-//! (`gen-NNNNNNNNNN.hnsw.graph` / `.hnsw.data`, which hnsw_rs rewrites in place) and a side
-//! file `gen-NNNNNNNNNN.ann.json` naming the parameters, dimension, the garments it holds
-//! (fingerprint) and the blake3 hashes of both files. The side file is written last,
-//! atomically, so a crash mid-dump leaves no side file or a side file whose hashes do not
-//! match: either way the graph is rebuilt from the store, never trusted. A damaged dump never
-//! reaches hnsw_rs's loader, which asserts (panics) on bad input.
+//! The graph is derived data. Each generation's dump has its own file
+//! (`gen-NNNNNNNNNN.graph`, written atomically) and a side file `gen-NNNNNNNNNN.ann.json`
+//! naming the parameters, dimension, the garments it holds (fingerprint) and the blake3 hash
+//! of the graph file. The side file is written last, atomically, so a crash mid-dump leaves
+//! no side file or a side file whose hash does not match: either way the graph is rebuilt
+//! from the store, never trusted. The frozen reader checks every field as well, so even a
+//! file that matches its hash by design cannot make a search index out of bounds.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,10 +15,11 @@ use std::path::{Path, PathBuf};
 use hnsw_rs::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::frozen::FrozenGraph;
 use super::{AnnParams, GarmentVectors};
 use crate::{Error, Result};
 
-/// The graph type: dot-product distance on unit vectors (1 - cosine).
+/// hnsw_rs's graph type while building: dot-product distance on unit vectors (1 - cosine).
 pub type Graph = Hnsw<'static, f32, UnitDot>;
 
 /// `1 - a·b` for unit vectors, clamped at 0.
@@ -33,8 +35,9 @@ impl Distance<f32> for UnitDot {
     }
 }
 
-/// Format of the side file; bump when its meaning changes.
-const SIDE_FILE_FORMAT: u32 = 1;
+/// Format of the side file; bump when its meaning changes. 2: the dump is one frozen
+/// graph file (format 1 named hnsw_rs's two dump files, which are rebuilt, not read).
+const SIDE_FILE_FORMAT: u32 = 2;
 /// hnsw_rs's own layer cap.
 const MAX_LAYER: usize = 16;
 
@@ -50,16 +53,20 @@ pub struct SideFile {
     /// [`GarmentVectors::fingerprint`] of the vectors the graph was built from.
     pub fingerprint: String,
     pub graph_blake3: String,
-    pub data_blake3: String,
 }
 
-/// Builds a graph over every row, inserting in parallel on the current rayon pool.
+/// Builds hnsw_rs's graph over every row, inserting in parallel on the current rayon pool.
 /// Row numbers are the graph's data ids.
-pub fn build(vectors: &GarmentVectors, params: &AnnParams) -> Graph {
+pub fn build_hnsw(vectors: &GarmentVectors, params: &AnnParams) -> Graph {
     let graph = Hnsw::new(params.m, vectors.len().max(1), MAX_LAYER, params.ef_construction, UnitDot);
     let rows: Vec<(&[f32], usize)> = (0..vectors.len()).map(|r| (vectors.row(r), r)).collect();
     graph.parallel_insert_slice(&rows);
     graph
+}
+
+/// Builds the graph with hnsw_rs and freezes it; hnsw_rs's own structure is dropped.
+pub fn build(vectors: &GarmentVectors, params: &AnnParams) -> FrozenGraph {
+    FrozenGraph::freeze(&build_hnsw(vectors, params), vectors.len())
 }
 
 /// File base name of a generation's dump.
@@ -67,37 +74,22 @@ pub fn basename(generation: u64) -> String {
     format!("gen-{generation:010}")
 }
 
-fn paths(dir: &Path, generation: u64) -> (PathBuf, PathBuf, PathBuf) {
+fn paths(dir: &Path, generation: u64) -> (PathBuf, PathBuf) {
     let base = basename(generation);
-    (dir.join(format!("{base}.hnsw.graph")), dir.join(format!("{base}.hnsw.data")), dir.join(format!("{base}.ann.json")))
-}
-
-fn hash_file(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
-    Ok(hasher.finalize().to_hex().to_string())
-}
-
-fn sync_file(path: &Path) -> Result<()> {
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
+    (dir.join(format!("{base}.graph")), dir.join(format!("{base}.ann.json")))
 }
 
 /// Dumps `graph` for `generation` into `dir` and writes its side file last.
-pub fn dump(graph: &Graph, dir: &Path, generation: u64, vectors: &GarmentVectors, params: &AnnParams) -> Result<SideFile> {
+pub fn dump(graph: &FrozenGraph, dir: &Path, generation: u64, vectors: &GarmentVectors, params: &AnnParams) -> Result<SideFile> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let (graph_path, data_path, side_path) = paths(dir, generation);
-    // The old side file must not outlive the files it describes being rewritten.
+    let (graph_path, side_path) = paths(dir, generation);
+    // The old side file must not outlive the file it describes being rewritten.
     match fs::remove_file(&side_path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&side_path, e)),
         _ => {}
     }
-    let written = graph.file_dump(dir, &basename(generation)).map_err(|e| Error::AnnDump { path: graph_path.clone(), reason: e.to_string() })?;
-    if written != basename(generation) {
-        return Err(Error::AnnDump { path: graph_path, reason: format!("hnsw_rs wrote basename {written:?}") });
-    }
-    sync_file(&graph_path)?;
-    sync_file(&data_path)?;
+    let bytes = graph.to_bytes();
+    crate::durable::write_atomically(&graph_path, &bytes)?;
     let side = SideFile {
         format: SIDE_FILE_FORMAT,
         generation,
@@ -106,8 +98,7 @@ pub fn dump(graph: &Graph, dir: &Path, generation: u64, vectors: &GarmentVectors
         m: params.m,
         ef_construction: params.ef_construction,
         fingerprint: vectors.fingerprint(),
-        graph_blake3: hash_file(&graph_path)?,
-        data_blake3: hash_file(&data_path)?,
+        graph_blake3: blake3::hash(&bytes).to_hex().to_string(),
     };
     crate::durable::write_atomically(&side_path, &serde_json::to_vec_pretty(&side).expect("side file serialises"))?;
     Ok(side)
@@ -115,10 +106,10 @@ pub fn dump(graph: &Graph, dir: &Path, generation: u64, vectors: &GarmentVectors
 
 /// Loads the dump of `generation` when its side file vouches for exactly these `vectors`
 /// and `params`; otherwise says why it cannot be used.
-pub fn load(dir: &Path, generation: u64, vectors: &GarmentVectors, params: &AnnParams) -> Result<Graph, String> {
-    let (graph_path, data_path, side_path) = paths(dir, generation);
+pub fn load(dir: &Path, generation: u64, vectors: &GarmentVectors, params: &AnnParams) -> Result<FrozenGraph, String> {
+    let (graph_path, side_path) = paths(dir, generation);
     let body = fs::read(&side_path).map_err(|e| format!("no usable side file {}: {e}", side_path.display()))?;
-    let side: SideFile = serde_json::from_slice(&body).map_err(|e| format!("side file {} is damaged: {e}", side_path.display()))?;
+    let side: SideFile = serde_json::from_slice(&body).map_err(|e| format!("side file {} is damaged or of another format: {e}", side_path.display()))?;
     let expected = (SIDE_FILE_FORMAT, generation, vectors.dim(), vectors.len(), params.m, params.ef_construction);
     let found = (side.format, side.generation, side.dim, side.count, side.m, side.ef_construction);
     if expected != found {
@@ -127,22 +118,12 @@ pub fn load(dir: &Path, generation: u64, vectors: &GarmentVectors, params: &AnnP
     if side.fingerprint != vectors.fingerprint() {
         return Err("the dump holds other garments than the store's generation".into());
     }
-    for (path, want) in [(&graph_path, &side.graph_blake3), (&data_path, &side.data_blake3)] {
-        let got = hash_file(path).map_err(|e| e.to_string())?;
-        if &got != want {
-            return Err(format!("{} is damaged (blake3 {got}, side file says {want})", path.display()));
-        }
+    let bytes = fs::read(&graph_path).map_err(|e| format!("{}: {e}", graph_path.display()))?;
+    let got = blake3::hash(&bytes).to_hex().to_string();
+    if got != side.graph_blake3 {
+        return Err(format!("{} is damaged (blake3 {got}, side file says {})", graph_path.display(), side.graph_blake3));
     }
-    // hnsw_rs's loaded graph borrows its loader; leaking the small loader gives the graph a
-    // 'static lifetime (hnswlib-rs issue #19). One loader is leaked per load.
-    let io: &'static HnswIo = Box::leak(Box::new(HnswIo::new(dir, &basename(generation))));
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| io.load_hnsw_with_dist::<f32, UnitDot>(UnitDot)))
-        .map_err(|_| "hnsw_rs panicked while reading the dump".to_string())?
-        .map_err(|e| format!("hnsw_rs could not read the dump: {e}"))?;
-    if loaded.get_nb_point() != vectors.len() {
-        return Err(format!("the dump holds {} points, expected {}", loaded.get_nb_point(), vectors.len()));
-    }
-    Ok(loaded)
+    FrozenGraph::from_bytes(&bytes, vectors.len()).map_err(|e| format!("{} is damaged: {e}", graph_path.display()))
 }
 
 /// Deletes the dumps of generations not in `keep`; returns how many generations' files went.

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::exact::{dot, top_k};
-use super::graph::{self, Graph};
+use super::frozen::FrozenGraph;
+use super::graph;
 use super::vectors::normalise;
 use super::{AnnParams, GarmentVectors, SearchHit, check_k};
 use crate::{Error, Result};
@@ -31,7 +32,7 @@ pub enum SearchPath {
     Graph,
     /// The graph with an enlarged result list, filtered afterwards.
     GraphOverFetch,
-    /// hnsw_rs's own filtered search (the slow fallback).
+    /// The graph walked with the filter applied to its results (the slow fallback).
     GraphFiltered,
 }
 
@@ -41,7 +42,7 @@ pub struct GarmentIndex {
     params: AnnParams,
     vectors: GarmentVectors,
     categories: BTreeMap<String, Vec<u32>>,
-    graph: Option<Graph>,
+    graph: Option<FrozenGraph>,
 }
 
 impl std::fmt::Debug for GarmentIndex {
@@ -63,7 +64,7 @@ impl GarmentIndex {
         Ok(Self::assemble(generation, vectors, params, graph))
     }
 
-    fn assemble(generation: u64, vectors: GarmentVectors, params: AnnParams, graph: Option<Graph>) -> Self {
+    fn assemble(generation: u64, vectors: GarmentVectors, params: AnnParams, graph: Option<FrozenGraph>) -> Self {
         Self { generation, categories: vectors.rows_by_category(), params, vectors, graph }
     }
 
@@ -151,7 +152,7 @@ impl GarmentIndex {
             return Ok((self.exact(&query, k, rows), path));
         };
         let Some(rows) = rows else {
-            let found = graph.search(&query, k, ef).into_iter().map(|n| n.d_id as u32);
+            let found = graph.search(&self.vectors, &query, k, ef, None).into_iter().map(|(row, _)| row);
             return Ok((self.rescore(&query, found, k), SearchPath::Graph));
         };
         if rows.len() <= self.params.filter_exact_max {
@@ -163,13 +164,17 @@ impl GarmentIndex {
         let wanted_category = self.vectors.category(rows[0] as usize);
         let selectivity = rows.len() as f64 / self.vectors.len() as f64;
         let fetch = ((k as f64 / selectivity * 4.0).ceil() as usize + 10).min(self.vectors.len());
-        let found: Vec<u32> =
-            graph.search(&query, fetch, ef.max(fetch)).into_iter().map(|n| n.d_id as u32).filter(|&r| self.vectors.category(r as usize) == wanted_category).collect();
+        let found: Vec<u32> = graph
+            .search(&self.vectors, &query, fetch, ef.max(fetch), None)
+            .into_iter()
+            .map(|(row, _)| row)
+            .filter(|&r| self.vectors.category(r as usize) == wanted_category)
+            .collect();
         if found.len() >= k.min(rows.len()) {
             return Ok((self.rescore(&query, found.into_iter(), k), SearchPath::GraphOverFetch));
         }
-        let filter = |id: &usize| self.vectors.category(*id) == wanted_category;
-        let found = graph.search_filter(&query, k, ef, Some(&filter)).into_iter().map(|n| n.d_id as u32);
+        let filter = |row: u32| self.vectors.category(row as usize) == wanted_category;
+        let found = graph.search(&self.vectors, &query, k, ef, Some(&filter)).into_iter().map(|(row, _)| row);
         Ok((self.rescore(&query, found, k), SearchPath::GraphFiltered))
     }
 

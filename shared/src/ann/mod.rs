@@ -4,13 +4,15 @@
 //!   their ids and categories (derived from the store, never the source of truth);
 //! - [`exact`]: brute-force top-k over all rows or a subset, parallel with rayon: ground
 //!   truth for recall, and the fast path for small catalogs and selective filters;
-//! - [`graph`]: the HNSW graph (hnsw_rs), built in parallel, dumped per generation with a
-//!   side file that names its parameters and hashes; on any mismatch it is rebuilt;
+//! - [`graph`]: the HNSW graph, built in parallel by hnsw_rs and frozen into flat link
+//!   arrays ([`frozen`]) for serving, dumped per generation with a side file that names its
+//!   parameters and hash; on any mismatch it is rebuilt;
 //! - [`GarmentIndex`]: search with an optional category filter, choosing the path.
 //!
 //! Scores are cosine similarities (dot products of unit vectors), higher is closer.
 
 pub mod exact;
+pub mod frozen;
 pub mod graph;
 mod index;
 pub mod synthetic;

@@ -97,20 +97,25 @@ fn a_damaged_or_stale_dump_is_rebuilt_never_trusted() {
     GarmentIndex::open(Some(dir.path()), 2, vectors.clone(), params()).unwrap();
     let base = dir.path().join(graph::basename(2));
 
-    // Flip bytes in the graph file: hashes catch it before hnsw_rs (which would panic) reads it.
-    let graph_file = base.with_extension("hnsw.graph");
-    let mut bytes = std::fs::read(&graph_file).unwrap();
+    // Flip bytes in the graph file: the hash catches it.
+    let graph_file = base.with_extension("graph");
+    let good = std::fs::read(&graph_file).unwrap();
+    let mut bytes = good.clone();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&graph_file, &bytes).unwrap();
     let (_, outcome) = GarmentIndex::open(Some(dir.path()), 2, vectors.clone(), params()).unwrap();
     assert!(matches!(&outcome, LoadOutcome::Built { reason } if reason.contains("damaged")), "{outcome:?}");
 
-    // Truncated data file.
-    let data_file = base.with_extension("hnsw.data");
-    let len = std::fs::metadata(&data_file).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&data_file).unwrap().set_len(len / 3).unwrap();
-    assert!(matches!(GarmentIndex::open(Some(dir.path()), 2, vectors.clone(), params()).unwrap().1, LoadOutcome::Built { .. }));
+    // A truncated graph whose side file was rewritten to vouch for it: the reader's own
+    // checks refuse it.
+    std::fs::write(&graph_file, &good[..good.len() / 12 * 4]).unwrap();
+    let side_file = base.with_extension("ann.json");
+    let mut side: serde_json::Value = serde_json::from_slice(&std::fs::read(&side_file).unwrap()).unwrap();
+    side["graph_blake3"] = blake3::hash(&good[..good.len() / 12 * 4]).to_hex().to_string().into();
+    std::fs::write(&side_file, serde_json::to_vec(&side).unwrap()).unwrap();
+    let (_, outcome) = GarmentIndex::open(Some(dir.path()), 2, vectors.clone(), params()).unwrap();
+    assert!(matches!(&outcome, LoadOutcome::Built { reason } if reason.contains("ends after")), "{outcome:?}");
 
     // Other parameters, other garments, or a garbage side file: rebuilt.
     let other = AnnParams { m: 24, ..params() };

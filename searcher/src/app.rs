@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::middleware::Next;
-use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use actix_web::middleware::{Compress, Next, from_fn};
+use actix_web::{App, HttpRequest, HttpResponse, ResponseError, web};
 use serde_json::{Value, json};
 use shoplens::geometry::BBox;
 use shoplens::serving::engine::{MAX_RESULTS, Ranking, SearchOutcome, SearchRequest};
@@ -132,7 +132,15 @@ macro_rules! readable {
     };
 }
 
-pub fn configure(state: Arc<SearcherState>) -> impl FnOnce(&mut web::ServiceConfig) {
+/// The application as the server runs it: the middleware in their order, then the routes.
+/// `main` and the HTTP tests both build it here, so the tests exercise what is served.
+pub fn build(
+    state: Arc<SearcherState>,
+) -> App<impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>> {
+    App::new().wrap(from_fn(refuse_long_uris)).wrap(from_fn(record_metrics)).wrap(Compress::default()).configure(configure(state))
+}
+
+fn configure(state: Arc<SearcherState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::from(state))
             .service(readable!("/", page))
@@ -163,7 +171,7 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// Refuses request targets over [`MAX_URI_BYTES`] with 414 and the error JSON, before any
 /// route sees them. (Targets over 64 KiB never reach the app: the `http` crate cannot
 /// hold them, and actix-http answers its own empty 400.)
-pub async fn refuse_long_uris(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+async fn refuse_long_uris(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if len > MAX_URI_BYTES {
         let resp = ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", format!("the request target is {len} bytes, over the {MAX_URI_BYTES}-byte limit")).error_response();
@@ -173,7 +181,7 @@ pub async fn refuse_long_uris(req: ServiceRequest, next: Next<impl MessageBody +
 }
 
 /// Counts every request under its route template, with its status and latency.
-pub async fn record_metrics(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+async fn record_metrics(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let state = req.app_data::<web::Data<SearcherState>>().cloned();

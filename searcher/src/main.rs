@@ -108,13 +108,7 @@ fn serve(config: Config) -> Result<()> {
     actix_web::rt::System::new().block_on(async move {
         actix_web::HttpServer::new({
             let state = state.clone();
-            move || {
-                actix_web::App::new()
-                    .wrap(actix_web::middleware::from_fn(app::refuse_long_uris))
-                    .wrap(actix_web::middleware::from_fn(app::record_metrics))
-                    .wrap(actix_web::middleware::Compress::default())
-                    .configure(app::configure(state.clone()))
-            }
+            move || app::build(state.clone())
         })
         .on_connect(shoplens_searcher::client::remember_socket)
         .max_connections(config.max_connections)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use actix_web::{App, test};
+use actix_web::test;
 use serde_json::Value;
 use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::indexing::{BuildOptions, Models, build_generation};
@@ -16,7 +16,7 @@ use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::serving::engine::{SearchEngine, ServingIndex};
 use shoplens::store::CatalogStore;
 use shoplens::vision::DecodeLimits;
-use shoplens_searcher::app::{configure, record_metrics, refuse_long_uris};
+use shoplens_searcher::app;
 use shoplens_searcher::pool::SearchPool;
 use shoplens_searcher::state::{SearcherState, Watcher};
 use shoplens_searcher::upload::UploadLimits;
@@ -107,10 +107,7 @@ fn state_of(engine: Arc<SearchEngine>, pool: SearchPool) -> Arc<SearcherState> {
 
 macro_rules! app {
     ($state:expr) => {
-        test::init_service(
-            App::new().wrap(actix_web::middleware::from_fn(refuse_long_uris)).wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure($state.clone())),
-        )
-        .await
+        test::init_service(app::build($state.clone())).await
     };
 }
 
@@ -310,6 +307,9 @@ async fn items_images_metrics_and_docs() {
     assert!(spec["paths"]["/v1/search"]["post"].is_object());
     let page = test::call_and_read_body(&app, test::TestRequest::get().uri("/").to_request()).await;
     assert!(String::from_utf8_lossy(&page).contains("/v1/search"));
+    // The app under test is the one `main` serves: its page is compressed for a client that asks.
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/").insert_header(("accept-encoding", "gzip")).to_request()).await;
+    assert_eq!(resp.headers().get("content-encoding").map(|v| v.to_str().unwrap()), Some("gzip"));
     let cats: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/v1/categories").to_request()).await;
     assert!(cats["detector"].as_array().unwrap().iter().any(|c| c == "top"));
     let text = String::from_utf8(test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await.to_vec()).unwrap();
@@ -514,14 +514,7 @@ async fn wrong_methods_are_405_with_allow_head_works_and_weak_etags_match() {
 fn serve_on_loopback(state: Arc<SearcherState>) -> (std::net::SocketAddr, actix_web::dev::ServerHandle) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = actix_web::HttpServer::new(move || {
-        App::new().wrap(actix_web::middleware::from_fn(refuse_long_uris)).wrap(actix_web::middleware::from_fn(record_metrics)).configure(configure(state.clone()))
-    })
-    .on_connect(shoplens_searcher::client::remember_socket)
-    .workers(1)
-    .listen(listener)
-    .unwrap()
-    .run();
+    let server = actix_web::HttpServer::new(move || app::build(state.clone())).on_connect(shoplens_searcher::client::remember_socket).workers(1).listen(listener).unwrap().run();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     (addr, handle)

@@ -1,4 +1,5 @@
-//! Reading a catalog's image files as untrusted input: a catalog folder may hold links to
+//! Reading files as untrusted input (a catalog's images; the searcher's read of a store's
+//! `CURRENT` pointer uses it too, without a root): a catalog folder may hold links to
 //! anywhere (`/etc/passwd`), devices (`/dev/zero`) or FIFOs (which block an open or a read
 //! forever). Every read goes through [`read_catalog_file`]: the last component is opened
 //! without following a link and without blocking, the opened file must be a regular file
@@ -21,12 +22,12 @@ pub fn read_catalog_file(path: &Path, root: Option<&Path>, max_bytes: u64) -> Re
         }
     }
     let file = open_no_follow(path).map_err(|e| match e.raw_os_error() {
-        Some(code) if code == libc::ELOOP => format!("{shown} is a symbolic link; catalog images must be regular files"),
+        Some(code) if code == libc::ELOOP => format!("{shown} is a symbolic link; only regular files are read"),
         _ => format!("cannot read {shown}: {e}"),
     })?;
     let meta = file.metadata().map_err(|e| format!("cannot read {shown}: {e}"))?;
     if !meta.file_type().is_file() {
-        return Err(format!("{shown} is not a regular file (a device, FIFO or directory); catalog images must be regular files"));
+        return Err(format!("{shown} is not a regular file (a device, FIFO or directory); only regular files are read"));
     }
     if meta.len() > max_bytes {
         return Err(format!("{shown} is a file of {} bytes, over the {max_bytes}-byte limit", meta.len()));

@@ -1,163 +1,204 @@
 //! `indexer train ...`: training our networks, with progress bars.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::progress::Reporter;
 use anyhow::Result;
-use clap::Subcommand;
+use candle_core::Device;
+use clap::{Args, Subcommand};
 use shoplens::device::{DevicePreference, describe, select_device};
-use shoplens::training::detector::{DetectorTraining, train_detector};
-use shoplens::training::embedder::{EmbedderTraining, PRECISION_K, fmt_top_k, train_embedder};
+use shoplens::training::detector::{DetectorReport, DetectorTraining, train_detector};
+use shoplens::training::embedder::{EmbedderTraining, PRECISION_K, TrainingReport as EmbedderReport, fmt_top_k, train_embedder};
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCommand {
     /// Train the embedding head (GeM + projection) for consumer-to-shop matching on a
     /// DeepFashion2-format set, on top of the frozen pretrained backbone.
-    Embedder {
-        /// DeepFashion2-format consumer-to-shop set (user/, shop/, gallery_gt.json).
-        #[arg(long)]
-        data: PathBuf,
-        /// CC0 catalog folder (catalog.csv) for augmentation positives and distractors.
-        #[arg(long)]
-        catalog: Option<PathBuf>,
-        /// Backbone weights (the output references it by file name: keep them together).
-        #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
-        backbone: PathBuf,
-        #[arg(long, default_value = "models/embedder-lite0.safetensors")]
-        out: PathBuf,
-        /// Cache of backbone feature maps, reused by later runs.
-        #[arg(long, default_value = "target/feature-cache")]
-        cache: PathBuf,
-        #[arg(long, default_value_t = 40)]
-        epochs: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Embedding length (instance part + kind part).
-        #[arg(long, default_value_t = 512)]
-        dim: usize,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 0.07)]
-        temperature: f64,
-        #[arg(long, default_value_t = 600)]
-        augment_items: usize,
-        #[arg(long, default_value_t = 1000)]
-        distractors: usize,
-        /// Weight of the category cross-entropy (street crops, shop side, labelled catalog
-        /// photos) against the instance pairs.
-        #[arg(long, default_value_t = 1.0)]
-        category_weight: f64,
-        /// Weight of the distillation from the untrained backbone's average-pooled features
-        /// (off by default: on validation it cost proxy top-1 and gave no category precision).
-        #[arg(long, default_value_t = 0.0)]
-        distill_weight: f64,
-        /// Share of instance pairs whose shop side is the cut-out rendered as a catalog photo
-        /// (off by default: on validation it lowered proxy top-1 and did not raise category
-        /// precision; see the model card).
-        #[arg(long, default_value_t = 0.0)]
-        render_share: f64,
-        /// Length of the embedding's kind part (0: one part); the rest is the instance part.
-        #[arg(long, default_value_t = 128)]
-        category_dim: usize,
-        /// The kind part's share of the cosine similarity.
-        #[arg(long, default_value_t = 0.3)]
-        category_share: f64,
-        /// Tagged street photos (ccp-unlabelled: image/ + tags.json): the detector's boxes of
-        /// tagged classes become labelled crops for the category term.
-        #[arg(long)]
-        unlabelled: Option<PathBuf>,
-        /// The detector for those pseudo-labels.
-        #[arg(long, default_value = "models/detector-lite0.safetensors")]
-        detector: PathBuf,
-        #[arg(long, default_value_t = 0.5)]
-        pseudo_min_score: f32,
-        /// Share of validation queries whose best wrong match may pass the exact-match
-        /// threshold (a result above it is listed first whatever its category).
-        #[arg(long, default_value_t = 0.1)]
-        exact_match_false_rate: f64,
-        /// Continue from the checkpoint beside --out.
-        #[arg(long)]
-        resume: bool,
-        /// Run on the CPU even when a GPU is available.
-        #[arg(long)]
-        cpu: bool,
-    },
+    Embedder(EmbedderArgs),
     /// Train the garment detector's head (FCOS-style pyramid and tower) on a
     /// DeepFashion2-format folder of photos (image/, annos/), on top of the frozen
     /// pretrained backbone. The taxonomy is the annotations' categories.
-    Detector {
-        /// DeepFashion2-format folder: image/ and annos/ (e.g. street2shop-ccp/user).
-        #[arg(long)]
-        data: PathBuf,
-        /// DeepFashion2-format folder of shop images (e.g. street2shop-ccp/shop), trained on
-        /// beside the street photos so that a lone garment on white is one box.
-        #[arg(long)]
-        shop: Option<PathBuf>,
-        /// CC0 catalog folder (catalog.csv): its training senders' photos become backgrounds
-        /// of shop composites.
-        #[arg(long)]
-        catalog: Option<PathBuf>,
-        /// Start from this detector's head (same taxonomy and shape) instead of random weights.
-        #[arg(long)]
-        init: Option<PathBuf>,
-        /// Cached views per shop image (the image alone, then composites of 1–3 cut-outs).
-        #[arg(long, default_value_t = 3)]
-        shop_views: usize,
-        /// Shop images drawn per epoch (every street photo is drawn once).
-        #[arg(long, default_value_t = 600)]
-        shop_per_epoch: usize,
-        /// Paste garments of other training photos (through the folder's masks/) into half
-        /// of the random street views.
-        #[arg(long)]
-        copy_paste: bool,
-        #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
-        backbone: PathBuf,
-        #[arg(long, default_value = "models/detector-lite0.safetensors")]
-        out: PathBuf,
-        /// Cache of backbone features of the augmented views, reused by later runs.
-        #[arg(long, default_value = "target/feature-cache")]
-        cache: PathBuf,
-        #[arg(long, default_value_t = 36)]
-        epochs: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Augmented views cached per training photo (the photo, its mirror, random ones).
-        #[arg(long, default_value_t = 8)]
-        views: usize,
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        #[arg(long, default_value_t = 2e-3)]
-        lr: f64,
-        /// Square input side (a multiple of 32).
-        #[arg(long, default_value_t = 320)]
-        size: u32,
-        /// Pyramid and tower width.
-        #[arg(long, default_value_t = 64)]
-        channels: usize,
-        /// 3×3 convolutions in the shared tower.
-        #[arg(long, default_value_t = 2)]
-        tower: usize,
-        /// Feed the backbone's 1280-d head features (ImageNet semantics) as the coarsest
-        /// level instead of the last block's output.
-        #[arg(long)]
-        semantic_top: bool,
-        /// Validate every this many epochs.
-        #[arg(long, default_value_t = 4)]
-        eval_every: usize,
-        /// Continue from the checkpoint beside --out.
-        #[arg(long)]
-        resume: bool,
-        /// Run on the CPU even when a GPU is available.
-        #[arg(long)]
-        cpu: bool,
-    },
+    Detector(DetectorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedderArgs {
+    /// DeepFashion2-format consumer-to-shop set (user/, shop/, gallery_gt.json).
+    #[arg(long)]
+    data: PathBuf,
+    /// CC0 catalog folder (catalog.csv) for augmentation positives and distractors.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Backbone weights (the output references it by file name: keep them together).
+    #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
+    backbone: PathBuf,
+    #[arg(long, default_value = "models/embedder-lite0.safetensors")]
+    out: PathBuf,
+    /// Cache of backbone feature maps, reused by later runs.
+    #[arg(long, default_value = "target/feature-cache")]
+    cache: PathBuf,
+    #[arg(long, default_value_t = 40)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Embedding length (instance part + kind part).
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.07)]
+    temperature: f64,
+    #[arg(long, default_value_t = 600)]
+    augment_items: usize,
+    #[arg(long, default_value_t = 1000)]
+    distractors: usize,
+    /// Weight of the category cross-entropy (street crops, shop side, labelled catalog
+    /// photos) against the instance pairs.
+    #[arg(long, default_value_t = 1.0)]
+    category_weight: f64,
+    /// Weight of the distillation from the untrained backbone's average-pooled features
+    /// (off by default: on validation it cost proxy top-1 and gave no category precision).
+    #[arg(long, default_value_t = 0.0)]
+    distill_weight: f64,
+    /// Share of instance pairs whose shop side is the cut-out rendered as a catalog photo
+    /// (off by default: on validation it lowered proxy top-1 and did not raise category
+    /// precision; see the model card).
+    #[arg(long, default_value_t = 0.0)]
+    render_share: f64,
+    /// Length of the embedding's kind part (0: one part); the rest is the instance part.
+    #[arg(long, default_value_t = 128)]
+    category_dim: usize,
+    /// The kind part's share of the cosine similarity.
+    #[arg(long, default_value_t = 0.3)]
+    category_share: f64,
+    /// Tagged street photos (ccp-unlabelled: image/ + tags.json): the detector's boxes of
+    /// tagged classes become labelled crops for the category term.
+    #[arg(long)]
+    unlabelled: Option<PathBuf>,
+    /// The detector for those pseudo-labels.
+    #[arg(long, default_value = "models/detector-lite0.safetensors")]
+    detector: PathBuf,
+    #[arg(long, default_value_t = 0.5)]
+    pseudo_min_score: f32,
+    /// Share of validation queries whose best wrong match may pass the exact-match
+    /// threshold (a result above it is listed first whatever its category).
+    #[arg(long, default_value_t = 0.1)]
+    exact_match_false_rate: f64,
+    /// Continue from the checkpoint beside --out.
+    #[arg(long)]
+    resume: bool,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    cpu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DetectorArgs {
+    /// DeepFashion2-format folder: image/ and annos/ (e.g. street2shop-ccp/user).
+    #[arg(long)]
+    data: PathBuf,
+    /// DeepFashion2-format folder of shop images (e.g. street2shop-ccp/shop), trained on
+    /// beside the street photos so that a lone garment on white is one box.
+    #[arg(long)]
+    shop: Option<PathBuf>,
+    /// CC0 catalog folder (catalog.csv): its training senders' photos become backgrounds
+    /// of shop composites.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Start from this detector's head (same taxonomy and shape) instead of random weights.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Cached views per shop image (the image alone, then composites of 1–3 cut-outs).
+    #[arg(long, default_value_t = 3)]
+    shop_views: usize,
+    /// Shop images drawn per epoch (every street photo is drawn once).
+    #[arg(long, default_value_t = 600)]
+    shop_per_epoch: usize,
+    /// Paste garments of other training photos (through the folder's masks/) into half
+    /// of the random street views.
+    #[arg(long)]
+    copy_paste: bool,
+    #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
+    backbone: PathBuf,
+    #[arg(long, default_value = "models/detector-lite0.safetensors")]
+    out: PathBuf,
+    /// Cache of backbone features of the augmented views, reused by later runs.
+    #[arg(long, default_value = "target/feature-cache")]
+    cache: PathBuf,
+    #[arg(long, default_value_t = 36)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Augmented views cached per training photo (the photo, its mirror, random ones).
+    #[arg(long, default_value_t = 8)]
+    views: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Square input side (a multiple of 32).
+    #[arg(long, default_value_t = 320)]
+    size: u32,
+    /// Pyramid and tower width.
+    #[arg(long, default_value_t = 64)]
+    channels: usize,
+    /// 3×3 convolutions in the shared tower.
+    #[arg(long, default_value_t = 2)]
+    tower: usize,
+    /// Feed the backbone's 1280-d head features (ImageNet semantics) as the coarsest
+    /// level instead of the last block's output.
+    #[arg(long)]
+    semantic_top: bool,
+    /// Validate every this many epochs.
+    #[arg(long, default_value_t = 4)]
+    eval_every: usize,
+    /// Continue from the checkpoint beside --out.
+    #[arg(long)]
+    resume: bool,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    cpu: bool,
 }
 
 pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
-        TrainCommand::Detector {
+        TrainCommand::Detector(args) => detector(args),
+        TrainCommand::Embedder(args) => embedder(args),
+    }
+}
+
+fn device(cpu: bool) -> Result<Device> {
+    let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
+    eprintln!("training on {}", describe(&device));
+    Ok(device)
+}
+
+/// `indexer train detector`: trains with progress bars, then prints the validation report
+/// and, last, the report as one JSON line.
+fn detector(args: DetectorArgs) -> Result<()> {
+    let out = args.out.clone();
+    let cfg = args.into_training()?;
+    let mut reporter = Reporter::default();
+    let report = train_detector(&cfg, &mut |event| reporter.handle(event))?;
+    reporter.finish();
+    print_detector_report(&report, &out)
+}
+
+/// `indexer train embedder`: as [`detector`], for the match network.
+fn embedder(args: EmbedderArgs) -> Result<()> {
+    let out = args.out.clone();
+    let cfg = args.into_training()?;
+    let mut reporter = Reporter::default();
+    let report = train_embedder(&cfg, &mut |event| reporter.handle(event))?;
+    reporter.finish();
+    print_embedder_report(&report, &out)
+}
+
+impl DetectorArgs {
+    fn into_training(self) -> Result<DetectorTraining> {
+        let Self {
             data,
             shop,
             catalog,
@@ -180,68 +221,38 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             eval_every,
             resume,
             cpu,
-        } => {
-            let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
-            eprintln!("training on {}", describe(&device));
-            let cfg = DetectorTraining {
-                data,
-                shop,
-                catalog,
-                init,
-                shop_views,
-                shop_per_epoch,
-                copy_paste,
-                backbone,
-                out: out.clone(),
-                cache,
-                epochs,
-                seed,
-                views,
-                batch,
-                lr,
-                size,
-                channels,
-                tower,
-                semantic_top,
-                eval_every,
-                resume,
-                device,
-            };
-            let mut reporter = Reporter::default();
-            let report = train_detector(&cfg, &mut |event| reporter.handle(event))?;
-            reporter.finish();
-            println!("validation AP50 per category:");
-            for (name, ap) in &report.validation {
-                println!("  {name:<12} AP50 {:.3}  AP {:.3}  ({} instances)", ap.ap50, ap.ap, ap.instances);
-            }
-            println!(
-                "mean AP {:.3}, AP50 {:.3}, AP75 {:.3}; headline AP50 (top, outer, dress, pants, skirt, shorts, footwear, bag) {}",
-                report.ap,
-                report.ap50,
-                report.ap75,
-                report.headline_ap50.map_or("-".into(), |v| format!("{v:.3}"))
-            );
-            if let Some(shop) = &report.shop {
-                println!(
-                    "shop images: AP50 {:.3}, headline AP50 {}, {:.2} garments per image (serving post-processing)",
-                    shop.ap50,
-                    shop.headline_ap50.map_or("-".into(), |v| format!("{v:.3}")),
-                    shop.garments_per_image
-                );
-            }
-            println!(
-                "{} training photos × {} views, {} validation photos; features {:.0} s, training {:.0} s; wrote {}",
-                report.train_images,
-                report.views,
-                report.val_images,
-                report.feature_seconds,
-                report.train_seconds,
-                out.display()
-            );
-            println!("{}", serde_json::to_string(&report)?);
-            Ok(())
-        }
-        TrainCommand::Embedder {
+        } = self;
+        let device = device(cpu)?;
+        Ok(DetectorTraining {
+            data,
+            shop,
+            catalog,
+            init,
+            shop_views,
+            shop_per_epoch,
+            copy_paste,
+            backbone,
+            out,
+            cache,
+            epochs,
+            seed,
+            views,
+            batch,
+            lr,
+            size,
+            channels,
+            tower,
+            semantic_top,
+            eval_every,
+            resume,
+            device,
+        })
+    }
+}
+
+impl EmbedderArgs {
+    fn into_training(self) -> Result<EmbedderTraining> {
+        let Self {
             data,
             catalog,
             backbone,
@@ -266,71 +277,102 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             exact_match_false_rate,
             resume,
             cpu,
-        } => {
-            let device = select_device(if cpu { DevicePreference::Cpu } else { DevicePreference::Auto })?;
-            eprintln!("training on {}", describe(&device));
-            let cfg = EmbedderTraining {
-                data,
-                catalog,
-                backbone,
-                out: out.clone(),
-                cache,
-                epochs,
-                seed,
-                dim,
-                batch,
-                lr,
-                temperature,
-                augment_items,
-                distractors,
-                category_weight,
-                distill_weight,
-                render_share,
-                category_dim,
-                category_share,
-                detector: unlabelled.as_ref().map(|_| detector),
-                unlabelled,
-                pseudo_min_score,
-                exact_match_false_rate,
-                resume,
-                device,
-            };
-            let mut reporter = Reporter::default();
-            let report = train_embedder(&cfg, &mut |event| reporter.handle(event))?;
-            reporter.finish();
-            println!("untrained backbone: {}; category precision@{PRECISION_K} {:.3}", fmt_top_k(&report.baseline_top_k), report.baseline_precision.mean);
-            println!(
-                "trained (epoch {}): {} (default ranking: {}; exact match ≥ {:.3}); category precision@{PRECISION_K} {:.3} alone, {:.3} with the default ranking; category head accuracy {:.3}",
-                report.best_epoch,
-                fmt_top_k(&report.top_k),
-                fmt_top_k(&report.ranked_top_k),
-                report.exact_match_similarity,
-                report.precision.mean,
-                report.ranked_precision.mean,
-                report.category_accuracy
-            );
-            for (c, (n, p)) in &report.precision.per_category {
-                let name = report.categories.get(*c).map_or("(unseen)", String::as_str);
-                let base = report.baseline_precision.per_category.get(c).map_or(0.0, |b| b.1);
-                let ranked = report.ranked_precision.per_category.get(c).map_or(0.0, |b| b.1);
-                println!("  {name:<12} {n:>4} queries  precision {p:.3}  ranked {ranked:.3}  untrained {base:.3}");
-            }
-            println!(
-                "{} training pairs ({} with a rendered shop side) + {} augmentation pairs, {} labelled catalog photos, {} pseudo-labelled street crops; {} validation queries against {} gallery garments ({} distractors); features {:.0} s, training {:.0} s; wrote {}",
-                report.train_pairs,
-                report.rendered_pairs,
-                report.augment_pairs,
-                report.labelled_catalog,
-                report.pseudo_labelled,
-                report.val_queries,
-                report.gallery,
-                report.distractors,
-                report.feature_seconds,
-                report.train_seconds,
-                out.display()
-            );
-            println!("{}", serde_json::to_string(&report)?);
-            Ok(())
-        }
+        } = self;
+        let device = device(cpu)?;
+        Ok(EmbedderTraining {
+            data,
+            catalog,
+            backbone,
+            out,
+            cache,
+            epochs,
+            seed,
+            dim,
+            batch,
+            lr,
+            temperature,
+            augment_items,
+            distractors,
+            category_weight,
+            distill_weight,
+            render_share,
+            category_dim,
+            category_share,
+            detector: unlabelled.as_ref().map(|_| detector),
+            unlabelled,
+            pseudo_min_score,
+            exact_match_false_rate,
+            resume,
+            device,
+        })
     }
+}
+
+fn print_detector_report(report: &DetectorReport, out: &Path) -> Result<()> {
+    println!("validation AP50 per category:");
+    for (name, ap) in &report.validation {
+        println!("  {name:<12} AP50 {:.3}  AP {:.3}  ({} instances)", ap.ap50, ap.ap, ap.instances);
+    }
+    println!(
+        "mean AP {:.3}, AP50 {:.3}, AP75 {:.3}; headline AP50 (top, outer, dress, pants, skirt, shorts, footwear, bag) {}",
+        report.ap,
+        report.ap50,
+        report.ap75,
+        report.headline_ap50.map_or("-".into(), |v| format!("{v:.3}"))
+    );
+    if let Some(shop) = &report.shop {
+        println!(
+            "shop images: AP50 {:.3}, headline AP50 {}, {:.2} garments per image (serving post-processing)",
+            shop.ap50,
+            shop.headline_ap50.map_or("-".into(), |v| format!("{v:.3}")),
+            shop.garments_per_image
+        );
+    }
+    println!(
+        "{} training photos × {} views, {} validation photos; features {:.0} s, training {:.0} s; wrote {}",
+        report.train_images,
+        report.views,
+        report.val_images,
+        report.feature_seconds,
+        report.train_seconds,
+        out.display()
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn print_embedder_report(report: &EmbedderReport, out: &Path) -> Result<()> {
+    println!("untrained backbone: {}; category precision@{PRECISION_K} {:.3}", fmt_top_k(&report.baseline_top_k), report.baseline_precision.mean);
+    println!(
+        "trained (epoch {}): {} (default ranking: {}; exact match ≥ {:.3}); category precision@{PRECISION_K} {:.3} alone, {:.3} with the default ranking; category head accuracy {:.3}",
+        report.best_epoch,
+        fmt_top_k(&report.top_k),
+        fmt_top_k(&report.ranked_top_k),
+        report.exact_match_similarity,
+        report.precision.mean,
+        report.ranked_precision.mean,
+        report.category_accuracy
+    );
+    for (c, (n, p)) in &report.precision.per_category {
+        let name = report.categories.get(*c).map_or("(unseen)", String::as_str);
+        let base = report.baseline_precision.per_category.get(c).map_or(0.0, |b| b.1);
+        let ranked = report.ranked_precision.per_category.get(c).map_or(0.0, |b| b.1);
+        println!("  {name:<12} {n:>4} queries  precision {p:.3}  ranked {ranked:.3}  untrained {base:.3}");
+    }
+    println!(
+        "{} training pairs ({} with a rendered shop side) + {} augmentation pairs, {} labelled catalog photos, {} pseudo-labelled street crops; {} validation queries against {} gallery garments ({} distractors); features {:.0} s, training {:.0} s; wrote {}",
+        report.train_pairs,
+        report.rendered_pairs,
+        report.augment_pairs,
+        report.labelled_catalog,
+        report.pseudo_labelled,
+        report.val_queries,
+        report.gallery,
+        report.distractors,
+        report.feature_seconds,
+        report.train_seconds,
+        out.display()
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }

@@ -62,7 +62,8 @@ pub struct FrozenGraph {
     upper: Vec<UpperLayer>,
 }
 
-/// A candidate: distance `1 - dot` and row; ordered by distance, then row.
+/// A candidate: distance `-dot` and row; ordered by distance, then row. (Negation is exact,
+/// so the score a search returns is bit for bit the exact path's `dot`.)
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Near(f32, u32);
 
@@ -163,13 +164,14 @@ impl FrozenGraph {
     }
 
     /// Up to `k` rows nearest to the unit `query` (of `vectors`, the rows it was built
-    /// over), best first, found with a beam of `ef` (at least `k`); only rows `keep` accepts
-    /// enter the results, all are walked through.
+    /// over), best first, with their score (the exact path's [`dot`], bit for bit), found
+    /// with a beam of `ef` (at least `k`); only rows `keep` accepts enter the results, all
+    /// are walked through.
     pub fn search(&self, vectors: &GarmentVectors, query: &[f32], k: usize, ef: usize, keep: Option<&dyn Fn(u32) -> bool>) -> Vec<(u32, f32)> {
         if self.n == 0 || k == 0 {
             return Vec::new();
         }
-        let distance = |row: u32| 1.0 - dot(vectors.row(row as usize), query);
+        let distance = |row: u32| -dot(vectors.row(row as usize), query);
         let mut at = Near(distance(self.entry), self.entry);
         for layer in self.upper.iter().rev() {
             loop {
@@ -242,7 +244,7 @@ impl FrozenGraph {
                 }
             }
         }
-        let mut found: Vec<(u32, f32)> = results.into_sorted_vec().into_iter().map(|Near(d, row)| (row, 1.0 - d)).collect();
+        let mut found: Vec<(u32, f32)> = results.into_sorted_vec().into_iter().map(|Near(d, row)| (row, -d)).collect();
         found.truncate(k);
         found
     }
@@ -369,6 +371,8 @@ mod tests {
             let hits = graph.search(&vectors, q, 10, 64, None);
             assert_eq!(hits.len(), 10);
             assert!(hits.windows(2).all(|w| w[0].1 >= w[1].1), "best first");
+            // The index serves these scores as they are: they must be the exact path's.
+            assert!(hits.iter().all(|&(r, score)| score.to_bits() == exact::dot(vectors.row(r as usize), q).to_bits()), "scores are the exact dot");
             found += hits.iter().filter(|(r, _)| truth.contains(r)).count();
         }
         let recall = found as f64 / 1000.0;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::exact::{dot, top_k};
+use super::exact::top_k;
 use super::frozen::FrozenGraph;
 use super::graph;
 use super::vectors::normalise;
@@ -152,8 +152,7 @@ impl GarmentIndex {
             return Ok((self.exact(&query, k, rows), path));
         };
         let Some(rows) = rows else {
-            let found = graph.search(&self.vectors, &query, k, ef, None).into_iter().map(|(row, _)| row);
-            return Ok((self.rescore(&query, found, k), SearchPath::Graph));
+            return Ok((self.hits(graph.search(&self.vectors, &query, k, ef, None), k), SearchPath::Graph));
         };
         if rows.len() <= self.params.filter_exact_max {
             return Ok((self.exact(&query, k, Some(rows)), SearchPath::ExactCategory));
@@ -164,18 +163,12 @@ impl GarmentIndex {
         let wanted_category = self.vectors.category(rows[0] as usize);
         let selectivity = rows.len() as f64 / self.vectors.len() as f64;
         let fetch = ((k as f64 / selectivity * 4.0).ceil() as usize + 10).min(self.vectors.len());
-        let found: Vec<u32> = graph
-            .search(&self.vectors, &query, fetch, ef.max(fetch), None)
-            .into_iter()
-            .map(|(row, _)| row)
-            .filter(|&r| self.vectors.category(r as usize) == wanted_category)
-            .collect();
+        let of_category = |row: u32| self.vectors.category(row as usize) == wanted_category;
+        let found: Vec<(u32, f32)> = graph.search(&self.vectors, &query, fetch, ef.max(fetch), None).into_iter().filter(|&(row, _)| of_category(row)).collect();
         if found.len() >= k.min(rows.len()) {
-            return Ok((self.rescore(&query, found.into_iter(), k), SearchPath::GraphOverFetch));
+            return Ok((self.hits(found, k), SearchPath::GraphOverFetch));
         }
-        let filter = |row: u32| self.vectors.category(row as usize) == wanted_category;
-        let found = graph.search(&self.vectors, &query, k, ef, Some(&filter)).into_iter().map(|(row, _)| row);
-        Ok((self.rescore(&query, found, k), SearchPath::GraphFiltered))
+        Ok((self.hits(graph.search(&self.vectors, &query, k, ef, Some(&of_category)), k), SearchPath::GraphFiltered))
     }
 
     /// Exact top-k over all garments (or one category): ground truth for recall.
@@ -203,13 +196,10 @@ impl GarmentIndex {
         top_k(self.vectors.as_slice(), self.vectors.dim(), query, k, rows).into_iter().map(|(row, score)| self.hit(row, score)).collect()
     }
 
-    /// Scores graph results with the same dot product as the exact path, so scores agree
-    /// whichever path answered, and keeps the best `k`.
-    fn rescore(&self, query: &[f32], rows: impl Iterator<Item = u32>, k: usize) -> Vec<SearchHit> {
-        let mut hits: Vec<SearchHit> = rows.map(|row| self.hit(row, dot(self.vectors.row(row as usize), query))).collect();
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.row.cmp(&b.row)));
-        hits.truncate(k);
-        hits
+    /// The first `k` of a graph search's results (best first, scored with the exact path's
+    /// dot product, so scores agree whichever path answered).
+    fn hits(&self, found: Vec<(u32, f32)>, k: usize) -> Vec<SearchHit> {
+        found.into_iter().take(k).map(|(row, score)| self.hit(row, score)).collect()
     }
 
     fn hit(&self, row: u32, score: f32) -> SearchHit {

@@ -11,8 +11,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use shoplens::models::backbone::efficientnet_lite::EfficientNetLite;
 use shoplens::models::detector::GarmentDetector;
-use shoplens::models::efficientnet_lite::EfficientNetLite;
 use shoplens::models::embedder::GarmentEmbedder;
 
 fn bench(c: &mut Criterion) {

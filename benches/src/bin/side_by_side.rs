@@ -21,8 +21,8 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 use shoplens::ann::synthetic::{clustered, queries_near};
 use shoplens::ann::{AnnParams, GarmentIndex, LoadOutcome};
+use shoplens::models::backbone::efficientnet_lite::EfficientNetLite;
 use shoplens::models::detector::GarmentDetector;
-use shoplens::models::efficientnet_lite::EfficientNetLite;
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens_benches::{resident_bytes, short};
 

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
 use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
-use shoplens::models::torch_import::import_wheel;
+use shoplens::models::formats::torch_import::import_wheel;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Variant {
@@ -79,7 +79,7 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
         WeightsCommand::Import { variant, wheel, out } => (variant, wheel, out),
         WeightsCommand::BaselineEmbedder { backbone, out } => {
             let name = backbone.file_name().and_then(|n| n.to_str()).context("--backbone needs a file name")?;
-            if !shoplens::models::weights_file::sibling(&out, name).exists() {
+            if !shoplens::models::formats::weights_file::sibling(&out, name).exists() {
                 bail!("{} must sit beside {} (the embedder names its backbone by file name)", name, out.display());
             }
             let config = GarmentEmbedder::save_imagenet_baseline(&out, name)?;

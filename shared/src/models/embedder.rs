@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::efficientnet_lite::{EfficientNetLite, FEATURE_DIM};
-use super::weights_file;
+use super::Backbone;
+use super::formats::tensors::NamedTensors;
+use super::formats::weights_file;
 use crate::vision::Preprocess;
 use crate::{Error, Result};
 
@@ -174,7 +175,7 @@ pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct GarmentEmbedder {
     config: EmbedderConfig,
-    backbone: EfficientNetLite,
+    backbone: Backbone,
     head: EmbeddingHead,
     classifier: Option<Classifier>,
     device: Device,
@@ -184,17 +185,12 @@ impl GarmentEmbedder {
     /// Loads an embedder weights file and the backbone it names.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let config: EmbedderConfig = weights_file::read_config(path)?;
-        let backbone = EfficientNetLite::load(&Self::backbone_path(path, &config), device)?;
-        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })?;
-        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = tensors.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("{}: {name} missing", path.display()) })?;
-            if t.dims() != shape {
-                return Err(Error::InvalidWeights { reason: format!("{}: {name} has shape {:?}, expected {shape:?}", path.display(), t.dims()) });
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        };
+        let backbone = Backbone::load(&Self::backbone_path(path, &config), device)?;
+        let tensors = NamedTensors::read(path, device)?;
+        let get = |name: &str, shape: &[usize]| tensors.get(name, shape);
+        let features = backbone.feature_dim();
         let head =
-            EmbeddingHead { p: get("gem.p", &[1])?, weight: get("proj.weight", &[config.dim, FEATURE_DIM])?, bias: get("proj.bias", &[config.dim])?, parts: config.parts.clone() };
+            EmbeddingHead { p: get("gem.p", &[1])?, weight: get("proj.weight", &[config.dim, features])?, bias: get("proj.bias", &[config.dim])?, parts: config.parts.clone() };
         let lengths: usize = head.parts.iter().map(|p| p.len).sum();
         if !head.parts.is_empty() && lengths != config.dim {
             return Err(Error::InvalidWeights { reason: format!("{}: embedding parts cover {lengths} of {} dimensions", path.display(), config.dim) });
@@ -208,7 +204,7 @@ impl GarmentEmbedder {
 
     /// An embedder from its parts; `categories` is the category head, whose outputs
     /// `config.categories` names.
-    pub fn new(config: EmbedderConfig, backbone: EfficientNetLite, head: EmbeddingHead, categories: Option<&CategoryHead>, device: &Device) -> Result<Self> {
+    pub fn new(config: EmbedderConfig, backbone: Backbone, head: EmbeddingHead, categories: Option<&CategoryHead>, device: &Device) -> Result<Self> {
         let classifier = match categories {
             Some(c) if c.weight.dims() == [config.categories.len(), config.dim] => Some(Classifier::from_head(&config.categories, c)?),
             Some(c) => {
@@ -243,21 +239,22 @@ impl GarmentEmbedder {
     }
 
     /// Writes the floor every trained embedder is measured against: the untrained ImageNet
-    /// backbone, average-pooled (GeM with p = 1), its 1280-d features as the embedding
-    /// (identity projection), no category head. `backbone` is the backbone's file name,
-    /// beside `path`.
+    /// backbone, average-pooled (GeM with p = 1), its features as the embedding (identity
+    /// projection), no category head. `backbone` is the backbone's file name, beside `path`.
     pub fn save_imagenet_baseline(path: &Path, backbone: &str) -> Result<EmbedderConfig> {
         let device = Device::Cpu;
+        let net = Backbone::load(&weights_file::sibling(path, backbone), &device)?;
+        let features = net.feature_dim();
         let head = EmbeddingHead {
             p: Tensor::new(&[1f32], &device)?,
-            weight: Tensor::eye(FEATURE_DIM, DType::F32, &device)?,
-            bias: Tensor::zeros(FEATURE_DIM, DType::F32, &device)?,
+            weight: Tensor::eye(features, DType::F32, &device)?,
+            bias: Tensor::zeros(features, DType::F32, &device)?,
             parts: Vec::new(),
         };
         let config = EmbedderConfig {
             backbone: backbone.to_string(),
-            dim: FEATURE_DIM,
-            preprocess: Preprocess::LITE0,
+            dim: features,
+            preprocess: net.embedding_preprocess(),
             version: format!("{}-imagenet-average", backbone.trim_end_matches(".safetensors")),
             training: serde_json::json!({"note": "untrained ImageNet backbone, average-pooled: the baseline, not a trained model"}),
             categories: Vec::new(),
@@ -280,7 +277,7 @@ impl GarmentEmbedder {
         &self.config.version
     }
 
-    pub fn backbone(&self) -> &EfficientNetLite {
+    pub fn backbone(&self) -> &Backbone {
         &self.backbone
     }
 

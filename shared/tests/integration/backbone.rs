@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde_json::Value;
-use shoplens::models::efficientnet_lite::EfficientNetLite;
+use shoplens::models::backbone::efficientnet_lite::EfficientNetLite;
 use shoplens::vision::{DecodeLimits, Preprocess, decode_image};
 
 fn repo() -> PathBuf {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use shoplens::models::torch_import::{StorageDtype, import_wheel, read_legacy_checkpoint};
+use shoplens::models::formats::torch_import::{StorageDtype, import_wheel, read_legacy_checkpoint};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch").join(name)

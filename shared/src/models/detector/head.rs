@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{D, Tensor};
 
 use super::DetectorConfig;
-use crate::models::efficientnet_lite::{EfficientNetLite, FEATURE_DIM};
+use crate::models::Backbone;
 use crate::{Error, Result};
 
 /// Largest `s_l · raw` before `exp`: boxes up to e^8 ≈ 3000 strides, far beyond any input.
@@ -184,12 +184,12 @@ fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor) -> Resul
 }
 
 /// Channels of the head's inputs for `config` on `backbone`.
-pub fn input_channels(backbone: &EfficientNetLite, config: &DetectorConfig) -> Vec<usize> {
+pub fn input_channels(backbone: &Backbone, config: &DetectorConfig) -> Vec<usize> {
     let mut channels = backbone.pyramid_channels();
     if config.semantic_top
         && let Some(last) = channels.last_mut()
     {
-        *last = FEATURE_DIM;
+        *last = backbone.feature_dim();
     }
     channels
 }
@@ -197,7 +197,7 @@ pub fn input_channels(backbone: &EfficientNetLite, config: &DetectorConfig) -> V
 /// The head's inputs from the backbone's pyramid (f32): the coarsest level through the
 /// backbone's head convolution when the config asks for it. Training applies it to cached
 /// pyramids the same way.
-pub fn head_inputs(backbone: &EfficientNetLite, config: &DetectorConfig, mut levels: Vec<Tensor>) -> Result<Vec<Tensor>> {
+pub fn head_inputs(backbone: &Backbone, config: &DetectorConfig, mut levels: Vec<Tensor>) -> Result<Vec<Tensor>> {
     if config.semantic_top
         && let Some(last) = levels.pop()
     {

@@ -22,14 +22,15 @@ mod head;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 pub use self::decode::{Postprocess, decode, location_grid};
 pub use self::head::{Conv, DetectorHead, ParamInit, ParamSource, head_inputs, input_channels};
-use super::efficientnet_lite::EfficientNetLite;
-use super::weights_file;
+use super::Backbone;
+use super::formats::tensors::NamedTensors;
+use super::formats::weights_file;
 use crate::geometry::BBox;
 use crate::vision::{LetterboxGeometry, Preprocess};
 use crate::{Error, Result};
@@ -133,7 +134,7 @@ pub struct Detection {
 #[derive(Debug, Clone)]
 pub struct GarmentDetector {
     config: DetectorConfig,
-    backbone: EfficientNetLite,
+    backbone: Backbone,
     head: DetectorHead,
     grid: Vec<(f32, f32, f32)>,
     device: Device,
@@ -143,19 +144,13 @@ impl GarmentDetector {
     /// Loads a detector weights file and the backbone it names.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let config: DetectorConfig = weights_file::read_config(path)?;
-        let backbone = EfficientNetLite::load(&weights_file::sibling(path, &config.backbone), device)?;
-        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })?;
-        let head = DetectorHead::build(&config, &input_channels(&backbone, &config), &mut |name, shape, _| {
-            let t = tensors.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("{}: {name} missing", path.display()) })?;
-            if t.dims() != shape {
-                return Err(Error::InvalidWeights { reason: format!("{}: {name} has shape {:?}, expected {shape:?}", path.display(), t.dims()) });
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        })?;
+        let backbone = Backbone::load(&weights_file::sibling(path, &config.backbone), device)?;
+        let tensors = NamedTensors::read(path, device)?;
+        let head = DetectorHead::build(&config, &input_channels(&backbone, &config), &mut |name, shape, _| tensors.get(name, shape))?;
         Ok(Self::new(config, backbone, head, device))
     }
 
-    pub fn new(config: DetectorConfig, backbone: EfficientNetLite, head: DetectorHead, device: &Device) -> Self {
+    pub fn new(config: DetectorConfig, backbone: Backbone, head: DetectorHead, device: &Device) -> Self {
         let grid = location_grid(config.preprocess.size as usize, &config.strides);
         Self { config, backbone, head, grid, device: device.clone() }
     }
@@ -177,7 +172,7 @@ impl GarmentDetector {
         &self.config.version
     }
 
-    pub fn backbone(&self) -> &EfficientNetLite {
+    pub fn backbone(&self) -> &Backbone {
         &self.backbone
     }
 

@@ -15,8 +15,8 @@ use super::DetectorTraining;
 use super::views::{self, Targets};
 use crate::datasets::{Df2Annotation, Df2Folder, Df2Image};
 use crate::geometry::BBox;
+use crate::models::Backbone;
 use crate::models::detector::Category;
-use crate::models::efficientnet_lite::EfficientNetLite;
 use crate::training::{Progress, ProgressFn, catalog_photos, is_validation_sender};
 use crate::vision::{DecodeLimits, Preprocess, decode_image};
 use crate::{Error, Result};
@@ -166,7 +166,7 @@ fn shop_specs(train: &[&Sample], backdrops: &[PathBuf], views: usize, seed: u64)
 /// shards keyed by the backbone's hash and the shard's specs.
 #[allow(clippy::too_many_arguments)]
 fn view_features(
-    backbone: &EfficientNetLite,
+    backbone: &Backbone,
     backbone_hash: &blake3::Hash,
     specs: &[ViewSpec],
     samples: &HashMap<&Path, &Sample>,
@@ -352,7 +352,7 @@ pub(super) struct CachedViews {
 impl CachedViews {
     pub(super) fn compute(
         cfg: &DetectorTraining,
-        backbone: &EfficientNetLite,
+        backbone: &Backbone,
         domains: &Domains,
         street: &Split<'_>,
         shop: &Split<'_>,

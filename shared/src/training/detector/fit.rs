@@ -13,8 +13,8 @@ use super::targets::{LocationTarget, losses, target_tensors};
 use super::{DetectorTraining, fmt_ap50, headline_classes, validate};
 use crate::Result;
 use crate::evaluation::detection::ApSummary;
+use crate::models::Backbone;
 use crate::models::detector::{DetectorConfig, DetectorHead, head_inputs};
-use crate::models::efficientnet_lite::EfficientNetLite;
 use crate::training::checkpoint::Checkpoint;
 use crate::training::{Progress, ProgressFn};
 
@@ -25,7 +25,7 @@ pub(super) type Validation = (ApSummary, Option<(ApSummary, f64)>);
 /// What the loop trains on.
 pub(super) struct Run<'a> {
     pub cfg: &'a DetectorTraining,
-    pub backbone: &'a EfficientNetLite,
+    pub backbone: &'a Backbone,
     pub config: &'a DetectorConfig,
     pub views: &'a CachedViews,
     pub grid: &'a [(f32, f32, f32)],

@@ -29,7 +29,7 @@ mod fit;
 mod targets;
 mod views;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -46,9 +46,10 @@ use self::views::Targets;
 use super::{Progress, ProgressFn};
 use crate::evaluation::detection::{self, ApSummary, HEADLINE};
 use crate::geometry::BBox;
+use crate::models::Backbone;
 use crate::models::detector::{Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, head_inputs, input_channels, location_grid};
-use crate::models::efficientnet_lite::EfficientNetLite;
-use crate::vision::{Normalisation, Preprocess};
+use crate::models::formats::tensors::NamedTensors;
+use crate::vision::Preprocess;
 use crate::{Error, Result};
 
 /// Everything a training run needs.
@@ -83,7 +84,7 @@ pub struct DetectorTraining {
     pub size: u32,
     pub channels: usize,
     pub tower: usize,
-    /// Coarsest level from the backbone's 1280-d head features.
+    /// Coarsest level from the backbone's semantic head features.
     pub semantic_top: bool,
     /// Validate every this many epochs (and after the last).
     pub eval_every: usize,
@@ -144,7 +145,7 @@ pub(super) fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rn
 }
 
 /// Runs `head` on cached features: each view's raw output `[k + 5, locations]`, flattened.
-fn head_outputs(backbone: &EfficientNetLite, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], device: &Device) -> Result<Vec<Vec<f32>>> {
+fn head_outputs(backbone: &Backbone, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], device: &Device) -> Result<Vec<Vec<f32>>> {
     let n = levels[0].dim(0)?;
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(32) {
@@ -180,8 +181,8 @@ pub fn fmt_ap50(summary: &ApSummary, categories: &[Category]) -> String {
 
 /// A head's parameters taken from an earlier detector (`--init`): its config must match
 /// the run's taxonomy and shape.
-fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let earlier: DetectorConfig = crate::models::weights_file::read_config(path)?;
+fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result<NamedTensors> {
+    let earlier: DetectorConfig = crate::models::formats::weights_file::read_config(path)?;
     let same = earlier.categories == config.categories
         && earlier.channels == config.channels
         && earlier.tower == config.tower
@@ -190,13 +191,13 @@ fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result
     if !same {
         return Err(Error::InvalidSetting { name: "init", reason: format!("{} has another taxonomy or head shape than this run", path.display()) });
     }
-    candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })
+    NamedTensors::read(path, device)
 }
 
 /// Validation of `head` on cached features: AP (evaluation post-processing) and garments
 /// per image (the config's serving post-processing).
 fn validate(
-    backbone: &EfficientNetLite,
+    backbone: &Backbone,
     config: &DetectorConfig,
     head: &DetectorHead,
     levels: &[Tensor],
@@ -217,11 +218,11 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         return Err(Error::InvalidSetting { name: "training", reason: "need epochs ≥ 1, batch ≥ 1, views ≥ 2, shop views ≥ 1 and eval-every ≥ 1".into() });
     }
     let started = Instant::now();
-    let backbone = EfficientNetLite::load(&cfg.backbone, &cfg.device)?;
+    let backbone = Backbone::load(&cfg.backbone, &cfg.device)?;
     let domains = Domains::read(cfg)?;
     let (street, shop) = domains.split(cfg.shop.is_some())?;
     progress(Progress::Message(data_message(&domains.categories, &street, &shop)));
-    let config = detector_config(cfg, domains.categories.clone())?;
+    let config = detector_config(cfg, &backbone, domains.categories.clone())?;
     let in_channels = input_channels(&backbone, &config);
     if in_channels.len() != config.strides.len() {
         return Err(Error::InvalidWeights { reason: format!("the backbone gives {} pyramid levels, expected 3", in_channels.len()) });
@@ -281,11 +282,11 @@ fn data_message(categories: &[Category], street: &Split<'_>, shop: &Split<'_>) -
 
 /// The head's configuration from the run's settings (version and training record are
 /// filled in once trained).
-fn detector_config(cfg: &DetectorTraining, categories: Vec<Category>) -> Result<DetectorConfig> {
+fn detector_config(cfg: &DetectorTraining, backbone: &Backbone, categories: Vec<Category>) -> Result<DetectorConfig> {
     let mut config = DetectorConfig {
         backbone: cfg.backbone.file_name().and_then(|f| f.to_str()).unwrap_or("efficientnet-lite0.safetensors").to_string(),
         categories,
-        preprocess: Preprocess { size: cfg.size, normalisation: Normalisation::TfLite, pad_rgb: [255, 255, 255] },
+        preprocess: Preprocess { size: cfg.size, normalisation: backbone.normalisation(), pad_rgb: [255, 255, 255] },
         channels: cfg.channels,
         tower: cfg.tower,
         groups: 16.min(cfg.channels).max(1),
@@ -304,15 +305,14 @@ fn detector_config(cfg: &DetectorTraining, categories: Vec<Category>) -> Result<
 
 /// The head's parameters, drawn from the seed (or taken from `--init`), held in a VarMap
 /// for saving and resuming.
-fn build_head(cfg: &DetectorTraining, config: &DetectorConfig, in_channels: &[usize], init: Option<&HashMap<String, Tensor>>) -> Result<(VarMap, DetectorHead)> {
+fn build_head(cfg: &DetectorTraining, config: &DetectorConfig, in_channels: &[usize], init: Option<&NamedTensors>) -> Result<(VarMap, DetectorHead)> {
     let varmap = VarMap::new();
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let head = {
         let data = varmap.data();
         DetectorHead::build(config, in_channels, &mut |name, shape, param_init| {
-            let value = match init.and_then(|t| t.get(name)) {
-                Some(t) if t.dims() == shape => t.to_dtype(DType::F32)?,
-                Some(t) => return Err(Error::InvalidWeights { reason: format!("--init: {name} has shape {:?}, expected {shape:?}", t.dims()) }),
+            let value = match init.filter(|t| t.contains(name)) {
+                Some(t) => t.get(name, shape)?,
                 None => init_tensor(shape, &param_init, &mut init_rng, &cfg.device)?,
             };
             let var = Var::from_tensor(&value)?;

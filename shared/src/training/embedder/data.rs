@@ -15,10 +15,10 @@ use super::validation::Validation;
 use super::{EmbedderTraining, GEM_P};
 use crate::datasets::{Df2Annotation, Df2Folder, read_gallery_gt};
 use crate::geometry::BBox;
-use crate::models::efficientnet_lite::EfficientNetLite;
+use crate::models::Backbone;
 use crate::models::embedder::gem;
 use crate::training::{CatalogPhoto, Progress, ProgressFn, augment, catalog_photos, is_validation_sender};
-use crate::vision::{DecodeLimits, Preprocess, decode_image};
+use crate::vision::{DecodeLimits, decode_image};
 use crate::{Error, Result};
 
 /// Version of the augmentation code, part of the feature cache key: bump it whenever
@@ -157,15 +157,7 @@ pub(super) struct Pooled {
 
 /// Pools `specs` through the backbone, cached in `cache` under a key of the backbone file's
 /// hash and the specs.
-fn pooled_features(
-    backbone: &EfficientNetLite,
-    backbone_hash: &blake3::Hash,
-    specs: &[CropSpec],
-    name: &str,
-    cache: &Path,
-    device: &Device,
-    progress: ProgressFn,
-) -> Result<Pooled> {
+fn pooled_features(backbone: &Backbone, backbone_hash: &blake3::Hash, specs: &[CropSpec], name: &str, cache: &Path, device: &Device, progress: ProgressFn) -> Result<Pooled> {
     let mut hasher = blake3::Hasher::new();
     hasher.update(backbone_hash.as_bytes());
     hasher.update(&GEM_P.to_le_bytes());
@@ -179,7 +171,7 @@ fn pooled_features(
         return Ok(Pooled { gem, avg });
     }
     progress(Progress::Stage { name: format!("backbone features: {name}"), total: specs.len() as u64 });
-    let preprocess = Preprocess::LITE0;
+    let preprocess = backbone.embedding_preprocess();
     let p = Tensor::new(&[GEM_P as f32], device)?;
     let (mut gems, mut avgs) = (Vec::new(), Vec::new());
     let mut decoded: Option<(PathBuf, image::RgbImage)> = None;
@@ -235,7 +227,7 @@ impl CropTable {
         start
     }
 
-    pub(super) fn pool(&self, backbone: &EfficientNetLite, backbone_hash: &blake3::Hash, cache: &Path, device: &Device, progress: ProgressFn) -> Result<Pooled> {
+    pub(super) fn pool(&self, backbone: &Backbone, backbone_hash: &blake3::Hash, cache: &Path, device: &Device, progress: ProgressFn) -> Result<Pooled> {
         let (mut gems, mut avgs) = (Vec::new(), Vec::new());
         for (name, specs) in &self.specs {
             if specs.is_empty() {

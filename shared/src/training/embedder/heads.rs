@@ -9,7 +9,6 @@ use rand_chacha::ChaCha8Rng;
 use super::GEM_P;
 use crate::Result;
 use crate::models::detector::ParamInit;
-use crate::models::efficientnet_lite::FEATURE_DIM;
 use crate::models::embedder::{CategoryHead, EmbeddingHead, EmbeddingPart, l2_normalise};
 
 /// The trainable variables.
@@ -20,8 +19,9 @@ pub(super) struct Heads {
 
 impl Heads {
     /// Variables drawn from `seed` (candle's CPU generator cannot be seeded) and held in
-    /// `varmap` for the optimiser, saving and resuming.
-    pub(super) fn new(varmap: &VarMap, seed: u64, dim: usize, classes: usize, parts: Vec<EmbeddingPart>, device: &Device) -> Result<Self> {
+    /// `varmap` for the optimiser, saving and resuming; `features` is the length of the
+    /// backbone's pooled feature.
+    pub(super) fn new(varmap: &VarMap, seed: u64, features: usize, dim: usize, classes: usize, parts: Vec<EmbeddingPart>, device: &Device) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut var = |name: &str, shape: &[usize], init: ParamInit| -> Result<Tensor> {
             let v = candle_core::Var::from_tensor(&crate::training::detector::init_tensor(shape, &init, &mut rng, device)?)?;
@@ -33,7 +33,7 @@ impl Heads {
             embedding: EmbeddingHead {
                 // Fixed: see GEM_P; stored so the weights file keeps its format.
                 p: Tensor::new(&[GEM_P as f32], device)?,
-                weight: var("proj.weight", &[dim, FEATURE_DIM], ParamInit::Normal((1.0 / FEATURE_DIM as f64).sqrt()))?,
+                weight: var("proj.weight", &[dim, features], ParamInit::Normal((1.0 / features as f64).sqrt()))?,
                 bias: var("proj.bias", &[dim], ParamInit::Const(0.0))?,
                 parts,
             },

@@ -49,11 +49,10 @@ use serde::{Deserialize, Serialize};
 use self::data::{DataCounts, Pooled, Rows, Splits};
 use self::fit::{Examples, Fitted, fit};
 use self::heads::{Heads, model_version};
-use crate::models::efficientnet_lite::EfficientNetLite;
+use crate::models::Backbone;
 use crate::models::embedder::{EmbedderConfig, EmbeddingPart, GarmentEmbedder, l2_normalise};
 use crate::training::retrieval::CategoryPrecision;
 use crate::training::{Progress, ProgressFn};
-use crate::vision::Preprocess;
 use crate::{Error, Result};
 
 /// The GeM exponent. Fixed (the previous head learnt it and ended near 2.9) so that pooled
@@ -176,7 +175,7 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
     if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let backbone = EfficientNetLite::load(&cfg.backbone, &cfg.device)?;
+    let backbone = Backbone::load(&cfg.backbone, &cfg.device)?;
     let splits = Splits::read(cfg, progress)?;
     let (table, rows) = splits.lay_out(cfg);
     let backbone_hash = blake3::hash(&std::fs::read(&cfg.backbone).map_err(|e| Error::io(&cfg.backbone, e))?);
@@ -187,7 +186,8 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
     let validation = splits.validation(&rows);
     let (baseline_top_k, baseline_precision) = validation.baseline(&pooled)?;
     progress(Progress::Message(format!(
-        "untrained backbone (average pool, 1280-d): {}; category precision@{PRECISION_K} {:.3}",
+        "untrained backbone (average pool, {}-d): {}; category precision@{PRECISION_K} {:.3}",
+        backbone.feature_dim(),
         fmt_top_k(&baseline_top_k),
         baseline_precision.mean
     )));
@@ -195,7 +195,7 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
     let teacher = distillation_teacher(&pooled, &rows, &cfg.device)?;
     let features = pooled.gem.to_device(&cfg.device)?;
     let varmap = VarMap::new();
-    let heads = Heads::new(&varmap, cfg.seed, cfg.dim, splits.names.len(), parts.clone(), &cfg.device)?;
+    let heads = Heads::new(&varmap, cfg.seed, backbone.feature_dim(), cfg.dim, splits.names.len(), parts.clone(), &cfg.device)?;
     let train_started = Instant::now();
     let examples = Examples { features: &features, teacher: &teacher, pairs: &pairs, labelled: &labelled, validation: &validation, pooled: &pooled, names: &splits.names };
     let Fitted { epochs, best_epoch, best } = fit(cfg, varmap, heads, &examples, progress)?;
@@ -226,7 +226,7 @@ pub fn train_embedder(cfg: &EmbedderTraining, progress: ProgressFn) -> Result<Tr
         feature_seconds,
         train_seconds,
     };
-    let config = embedder_config(cfg, &best, splits.names, parts, &report)?;
+    let config = embedder_config(cfg, &backbone, &best, splits.names, parts, &report)?;
     GarmentEmbedder::save_head(&cfg.out, &config, &best.embedding, Some(&best.categories))?;
     Ok(report)
 }
@@ -257,13 +257,20 @@ fn distillation_teacher(pooled: &Pooled, rows: &Rows, device: &Device) -> Result
 }
 
 /// The weights file's description of the trained head, with the recipe and its report.
-fn embedder_config(cfg: &EmbedderTraining, best: &Heads, categories: Vec<String>, parts: Vec<EmbeddingPart>, report: &TrainingReport) -> Result<EmbedderConfig> {
-    let backbone = cfg.backbone.file_name().and_then(|f| f.to_str()).unwrap_or("efficientnet-lite0.safetensors").to_string();
+fn embedder_config(
+    cfg: &EmbedderTraining,
+    backbone: &Backbone,
+    best: &Heads,
+    categories: Vec<String>,
+    parts: Vec<EmbeddingPart>,
+    report: &TrainingReport,
+) -> Result<EmbedderConfig> {
+    let backbone_file = cfg.backbone.file_name().and_then(|f| f.to_str()).unwrap_or("efficientnet-lite0.safetensors").to_string();
     Ok(EmbedderConfig {
-        version: model_version(&backbone, &best.embedding, &best.categories)?,
-        backbone,
+        version: model_version(&backbone_file, &best.embedding, &best.categories)?,
+        backbone: backbone_file,
         dim: cfg.dim,
-        preprocess: Preprocess::LITE0,
+        preprocess: backbone.embedding_preprocess(),
         training: serde_json::json!({
             "data": cfg.data, "catalog": cfg.catalog, "epochs": cfg.epochs, "seed": cfg.seed, "batch": cfg.batch,
             "lr": cfg.lr, "temperature": cfg.temperature, "augment_items": cfg.augment_items,

@@ -10,7 +10,6 @@ use super::PRECISION_K;
 use super::data::Pooled;
 use crate::Result;
 use crate::catalog::related::preferred_category;
-use crate::models::efficientnet_lite::FEATURE_DIM;
 use crate::models::embedder::{CategoryHead, EmbeddingHead, l2_normalise};
 use crate::training::retrieval::{CategoryPrecision, category_precision, ranked_top_k_accuracy, top_k_accuracy};
 
@@ -47,9 +46,10 @@ impl Validation {
         let queries = unit_rows(&Self::rows(&pooled.avg, &self.queries)?)?;
         let gallery = unit_rows(&Self::rows(&pooled.avg, &self.gallery)?)?;
         let distractors = unit_rows(&Self::rows(&pooled.avg, &self.distractors)?)?;
+        let features = pooled.avg.dim(1)?;
         Ok((
-            top_k_accuracy(&queries, &gallery, FEATURE_DIM, &self.correct),
-            category_precision(&queries, &self.query_categories, &distractors, &self.distractor_categories, FEATURE_DIM, PRECISION_K, None, None),
+            top_k_accuracy(&queries, &gallery, features, &self.correct),
+            category_precision(&queries, &self.query_categories, &distractors, &self.distractor_categories, features, PRECISION_K, None, None),
         ))
     }
 

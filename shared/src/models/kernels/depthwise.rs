@@ -15,9 +15,10 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::layers::{Weights, fold_batchnorm, same_padding, take};
+use super::layers::{fold_batchnorm, same_padding};
 use super::planes::PlaneGeometry;
 use crate::Result;
+use crate::models::formats::tensors::NamedTensors;
 
 /// A depthwise convolution with its BatchNorm folded in.
 #[derive(Debug, Clone)]
@@ -43,13 +44,13 @@ impl DepthwiseConvBn {
     /// Loads `{conv}.weight` `[c,1,k,k]` and folds `{bn}.*` into it. The arguments are the
     /// layer's shape as the backbone's config gives it, one value each.
     #[allow(clippy::too_many_arguments)]
-    pub fn load(weights: &Weights, conv: &str, bn: &str, channels: usize, kernel: usize, stride: usize, relu6: bool, eps: f64) -> Result<Self> {
+    pub fn load(weights: &NamedTensors, conv: &str, bn: &str, channels: usize, kernel: usize, stride: usize, relu6: bool, eps: f64) -> Result<Self> {
         if !(1..=MAX_KERNEL).contains(&kernel) || stride == 0 {
             return Err(crate::Error::InvalidWeights {
                 reason: format!("{conv}: depthwise kernel {kernel}×{kernel}, stride {stride}: kernels from 1 to {MAX_KERNEL}, stride ≥ 1"),
             });
         }
-        let weight = take(weights, &format!("{conv}.weight"), &[channels, 1, kernel, kernel])?;
+        let weight = weights.get(&format!("{conv}.weight"), &[channels, 1, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, channels, eps)?;
         let weight = weight.broadcast_mul(&scale.reshape((channels, 1, 1, 1))?)?.contiguous()?;
         let op = DepthwiseKernel { weight: Arc::new(weight.flatten_all()?.to_vec1::<f32>()?), bias: Arc::new(shift.to_vec1::<f32>()?), channels, kernel, stride, relu6 };
@@ -347,17 +348,19 @@ fn taps(g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bias: f32, relu6
 mod tests {
     use candle_core::Device;
 
+    use std::collections::HashMap;
+
     use super::*;
 
     fn layer(c: usize, k: usize, s: usize, relu6: bool) -> DepthwiseConvBn {
         let dev = Device::Cpu;
-        let mut w = Weights::new();
+        let mut w = HashMap::<String, Tensor>::new();
         w.insert("d.weight".into(), Tensor::randn(0f32, 1., (c, 1, k, k), &dev).unwrap());
         w.insert("b.weight".into(), Tensor::rand(0.5f32, 1.5, c, &dev).unwrap());
         w.insert("b.bias".into(), Tensor::randn(0f32, 1., c, &dev).unwrap());
         w.insert("b.running_mean".into(), Tensor::randn(0f32, 1., c, &dev).unwrap());
         w.insert("b.running_var".into(), Tensor::rand(0.5f32, 2., c, &dev).unwrap());
-        DepthwiseConvBn::load(&w, "d", "b", c, k, s, relu6, 1e-3).unwrap()
+        DepthwiseConvBn::load(&NamedTensors::new(w, &dev, "test"), "d", "b", c, k, s, relu6, 1e-3).unwrap()
     }
 
     #[test]

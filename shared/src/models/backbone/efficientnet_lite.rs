@@ -19,8 +19,9 @@ use std::path::Path;
 use candle_core::{D, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::depthwise::{DepthwiseConvBn, ExpandDepthwise};
-use super::layers::{ConvBn, Weights, relu6, take};
+use crate::models::formats::tensors::NamedTensors;
+use crate::models::kernels::depthwise::{DepthwiseConvBn, ExpandDepthwise};
+use crate::models::kernels::layers::{ConvBn, relu6};
 use crate::{Error, Result};
 
 /// BatchNorm epsilon of the TensorFlow originals.
@@ -52,18 +53,18 @@ pub struct Config {
 
 impl Config {
     /// Reads the block layout from the weights' tensor shapes.
-    pub fn from_weights(weights: &Weights) -> Result<Self> {
+    pub fn from_weights(weights: &NamedTensors) -> Result<Self> {
         let mut blocks = Vec::new();
         let mut in_channels = STEM_CHANNELS;
         let mut stage = 0usize;
         for i in 0.. {
             let prefix = format!("_blocks.{i}.");
-            let Some(dw) = weights.get(&format!("{prefix}_depthwise_conv.weight")) else {
+            let Some(dw) = weights.find(&format!("{prefix}_depthwise_conv.weight"))? else {
                 break;
             };
             let (hidden, _, kernel, _) = dw.dims4()?;
             let project =
-                weights.get(&format!("{prefix}_project_conv.weight")).ok_or_else(|| Error::InvalidWeights { reason: format!("{prefix}_project_conv.weight is missing") })?;
+                weights.find(&format!("{prefix}_project_conv.weight"))?.ok_or_else(|| Error::InvalidWeights { reason: format!("{prefix}_project_conv.weight is missing") })?;
             let out_channels = project.dims4()?.0;
             if hidden % in_channels != 0 {
                 return Err(Error::InvalidWeights { reason: format!("block {i}: {hidden} depthwise channels is not a multiple of {in_channels} inputs") });
@@ -79,7 +80,7 @@ impl Config {
         if blocks.is_empty() {
             return Err(Error::InvalidWeights { reason: "no _blocks.N tensors: not an EfficientNet-Lite checkpoint".into() });
         }
-        Ok(Self { blocks, classifier: weights.contains_key("_fc.weight") })
+        Ok(Self { blocks, classifier: weights.contains("_fc.weight") })
     }
 }
 
@@ -94,7 +95,7 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn load(weights: &Weights, i: usize, cfg: &BlockConfig) -> Result<Self> {
+    fn load(weights: &NamedTensors, i: usize, cfg: &BlockConfig) -> Result<Self> {
         let p = format!("_blocks.{i}.");
         let hidden = cfg.in_channels * cfg.expand;
         let expand = (cfg.expand != 1).then(|| ConvBn::load(weights, &format!("{p}_expand_conv"), &format!("{p}_bn0"), cfg.in_channels, hidden, 1, 1, BN_EPS)).transpose()?;
@@ -160,15 +161,15 @@ pub struct EfficientNetLite {
 
 impl EfficientNetLite {
     /// Builds the network from named tensors (BatchNorm folded here).
-    pub fn from_weights(weights: &Weights, device: &Device) -> Result<Self> {
+    pub fn from_weights(weights: &NamedTensors, device: &Device) -> Result<Self> {
         let config = Config::from_weights(weights)?;
         let stem = ConvBn::load(weights, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3, 2, BN_EPS)?;
         let blocks = config.blocks.iter().enumerate().map(|(i, b)| MbConv::load(weights, i, b)).collect::<Result<Vec<_>>>()?;
         let last = config.blocks.last().map_or(STEM_CHANNELS, |b| b.out_channels);
         let head = ConvBn::load(weights, "_conv_head", "_bn1", last, FEATURE_DIM, 1, 1, BN_EPS)?;
         let classifier = if config.classifier {
-            let w = take(weights, "_fc.weight", &[1000, FEATURE_DIM])?;
-            let b = take(weights, "_fc.bias", &[1000])?;
+            let w = weights.get("_fc.weight", &[1000, FEATURE_DIM])?;
+            let b = weights.get("_fc.bias", &[1000])?;
             Some((w.to_device(device)?, b.to_device(device)?))
         } else {
             None
@@ -183,9 +184,15 @@ impl EfficientNetLite {
         })
     }
 
-    /// Loads a safetensors file.
+    /// Whether `weights` are an EfficientNet-Lite checkpoint (named as lukemelas' port).
+    pub fn recognises(weights: &NamedTensors) -> bool {
+        weights.contains("_blocks.0._depthwise_conv.weight") && weights.contains("_conv_head.weight")
+    }
+
+    /// Loads a safetensors file, onto the CPU first: BatchNorm is folded there, then the
+    /// network moves to `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let weights = load_safetensors(path)?;
+        let weights = NamedTensors::read(path, &Device::Cpu)?;
         Self::from_weights(&weights, device)
     }
 
@@ -200,7 +207,7 @@ impl EfficientNetLite {
     /// The head's feature map after BatchNorm and ReLU6: `[n, 3, h, w]` normalised input →
     /// `[n, 1280, h/32, w/32]`.
     pub fn feature_map(&self, x: &Tensor) -> Result<Tensor> {
-        super::on_pool(|| {
+        crate::models::on_pool(|| {
             let mut x = self.stem.forward_with(x, true, None)?;
             for block in &self.blocks {
                 x = block.forward(&x)?;
@@ -225,7 +232,7 @@ impl EfficientNetLite {
     /// `[n, 320, 10, 10]`), finest first. The 1×1 head convolution is not applied: its
     /// 1280 channels would cost more than the blocks' own outputs give a detector.
     pub fn pyramid(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        super::on_pool(|| {
+        crate::models::on_pool(|| {
             let taps = self.pyramid_taps();
             let mut x = self.stem.forward_with(x, true, None)?;
             let mut levels = Vec::new();
@@ -275,13 +282,4 @@ impl EfficientNetLite {
         let (w, b) = self.classifier.as_ref().ok_or_else(|| Error::InvalidWeights { reason: "these weights have no ImageNet classifier (_fc)".into() })?;
         Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
     }
-}
-
-/// Reads every tensor of a safetensors file onto the CPU (BatchNorm is folded there, then
-/// the network moves to its device).
-pub fn load_safetensors(path: &Path) -> Result<Weights> {
-    if !path.is_file() {
-        return Err(Error::InvalidWeights { reason: format!("{} does not exist", path.display()) });
-    }
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::InvalidWeights { reason: format!("{}: {e}", path.display()) })
 }

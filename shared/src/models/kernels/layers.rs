@@ -1,27 +1,14 @@
 //! Inference layers shared by our networks: convolutions with BatchNorm folded in at load
 //! time, TensorFlow "SAME" padding, ReLU6.
 
-use std::collections::HashMap;
-
-use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, D, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
 use super::planes::PlaneGeometry;
 use super::pointwise::Pointwise;
-use crate::{Error, Result};
-
-/// Named tensors of a weights file.
-pub type Weights = HashMap<String, Tensor>;
-
-/// Takes a tensor out of `weights`, checking its shape.
-pub fn take(weights: &Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let t = weights.get(name).ok_or_else(|| Error::InvalidWeights { reason: format!("tensor {name} is missing") })?;
-    if t.dims() != shape {
-        return Err(Error::InvalidWeights { reason: format!("tensor {name} has shape {:?}, expected {shape:?}", t.dims()) });
-    }
-    Ok(t.to_dtype(DType::F32)?)
-}
+use crate::Result;
+use crate::models::formats::tensors::NamedTensors;
 
 /// TensorFlow "SAME" padding for input `n`, kernel `k`, stride `s`: `(before, after)`, the
 /// odd pixel after (bottom/right).
@@ -33,11 +20,11 @@ pub fn same_padding(n: usize, k: usize, s: usize) -> (usize, usize) {
 
 /// BatchNorm statistics folded into a scale and shift per channel:
 /// `bn(x) = x * scale + shift`.
-pub fn fold_batchnorm(weights: &Weights, prefix: &str, channels: usize, eps: f64) -> Result<(Tensor, Tensor)> {
-    let gamma = take(weights, &format!("{prefix}.weight"), &[channels])?;
-    let beta = take(weights, &format!("{prefix}.bias"), &[channels])?;
-    let mean = take(weights, &format!("{prefix}.running_mean"), &[channels])?;
-    let var = take(weights, &format!("{prefix}.running_var"), &[channels])?;
+pub fn fold_batchnorm(weights: &NamedTensors, prefix: &str, channels: usize, eps: f64) -> Result<(Tensor, Tensor)> {
+    let gamma = weights.get(&format!("{prefix}.weight"), &[channels])?;
+    let beta = weights.get(&format!("{prefix}.bias"), &[channels])?;
+    let mean = weights.get(&format!("{prefix}.running_mean"), &[channels])?;
+    let var = weights.get(&format!("{prefix}.running_var"), &[channels])?;
     let scale = (gamma / (var + eps)?.sqrt()?)?;
     let shift = (beta - (mean * &scale)?)?;
     Ok((scale, shift))
@@ -68,8 +55,8 @@ impl ConvBn {
     /// Loads `{conv}.weight` `[out,in,k,k]` and folds `{bn}.*` into it. The arguments are
     /// the layer's shape as the backbone's config gives it, one value each.
     #[allow(clippy::too_many_arguments)]
-    pub fn load(weights: &Weights, conv: &str, bn: &str, in_channels: usize, out_channels: usize, kernel: usize, stride: usize, eps: f64) -> Result<Self> {
-        let weight = take(weights, &format!("{conv}.weight"), &[out_channels, in_channels, kernel, kernel])?;
+    pub fn load(weights: &NamedTensors, conv: &str, bn: &str, in_channels: usize, out_channels: usize, kernel: usize, stride: usize, eps: f64) -> Result<Self> {
+        let weight = weights.get(&format!("{conv}.weight"), &[out_channels, in_channels, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, out_channels, eps)?;
         let weight = weight.broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?;
         let pointwise = (kernel == 1 && stride == 1)
@@ -183,6 +170,8 @@ impl CustomOp1 for Unfold {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -200,13 +189,13 @@ mod tests {
         let dev = Device::Cpu;
         for (k, s) in [(3, 1), (3, 2), (5, 2)] {
             for (n, h, w) in [(1usize, 7usize, 7usize), (2, 9, 6), (1, 1, 5), (2, 16, 15)] {
-                let mut wts = Weights::new();
+                let mut wts = HashMap::<String, Tensor>::new();
                 wts.insert("c.weight".into(), Tensor::randn(0f32, 1., (4, 3, k, k), &dev).unwrap());
                 wts.insert("b.weight".into(), Tensor::rand(0.5f32, 1.5, 4, &dev).unwrap());
                 wts.insert("b.bias".into(), Tensor::randn(0f32, 1., 4, &dev).unwrap());
                 wts.insert("b.running_mean".into(), Tensor::randn(0f32, 1., 4, &dev).unwrap());
                 wts.insert("b.running_var".into(), Tensor::rand(0.5f32, 2., 4, &dev).unwrap());
-                let conv = ConvBn::load(&wts, "c", "b", 3, 4, k, s, 1e-3).unwrap();
+                let conv = ConvBn::load(&NamedTensors::new(wts, &dev, "test"), "c", "b", 3, 4, k, s, 1e-3).unwrap();
                 let x = Tensor::randn(0f32, 1., (n, 3, h, w), &dev).unwrap();
                 let fast = conv.forward_with(&x, true, None).unwrap();
                 let plain = conv.forward_reference(&x).unwrap().clamp(0f32, 6f32).unwrap();
@@ -221,13 +210,13 @@ mod tests {
     fn pointwise_blocks_with_residual_and_relu6_equal_candles_ops() {
         // 70 outputs and 33×40 positions: several blocks in both directions, ragged edges.
         let dev = Device::Cpu;
-        let mut w = Weights::new();
+        let mut w = HashMap::<String, Tensor>::new();
         w.insert("c.weight".into(), Tensor::randn(0f32, 1., (70, 5, 1, 1), &dev).unwrap());
         w.insert("b.weight".into(), Tensor::rand(0.5f32, 1.5, 70, &dev).unwrap());
         w.insert("b.bias".into(), Tensor::randn(0f32, 1., 70, &dev).unwrap());
         w.insert("b.running_mean".into(), Tensor::randn(0f32, 1., 70, &dev).unwrap());
         w.insert("b.running_var".into(), Tensor::rand(0.5f32, 2., 70, &dev).unwrap());
-        let conv = ConvBn::load(&w, "c", "b", 5, 70, 1, 1, 1e-3).unwrap();
+        let conv = ConvBn::load(&NamedTensors::new(w, &dev, "test"), "c", "b", 5, 70, 1, 1, 1e-3).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 5, 33, 40), &dev).unwrap();
         let r = Tensor::randn(0f32, 2., (2, 70, 33, 40), &dev).unwrap();
         let fast = conv.forward_with(&x, true, Some(&r)).unwrap();
@@ -240,13 +229,13 @@ mod tests {
     #[test]
     fn pointwise_path_equals_the_general_convolution() {
         let dev = Device::Cpu;
-        let mut w = Weights::new();
+        let mut w = HashMap::<String, Tensor>::new();
         w.insert("c.weight".into(), Tensor::randn(0f32, 1., (6, 4, 1, 1), &dev).unwrap());
         w.insert("b.weight".into(), Tensor::new(&[1f32, 2., 3., 4., 5., 6.], &dev).unwrap());
         w.insert("b.bias".into(), Tensor::new(&[0.5f32; 6], &dev).unwrap());
         w.insert("b.running_mean".into(), Tensor::new(&[0.1f32; 6], &dev).unwrap());
         w.insert("b.running_var".into(), Tensor::new(&[2f32; 6], &dev).unwrap());
-        let conv = ConvBn::load(&w, "c", "b", 4, 6, 1, 1, 1e-3).unwrap();
+        let conv = ConvBn::load(&NamedTensors::new(w, &dev, "test"), "c", "b", 4, 6, 1, 1, 1e-3).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 4, 5, 3), &dev).unwrap();
         let fast = conv.forward(&x).unwrap();
         let slow = x.conv2d(&conv.weight, 0, 1, 1, 1).unwrap().broadcast_add(&conv.bias.reshape((1, 6, 1, 1)).unwrap()).unwrap();

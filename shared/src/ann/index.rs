@@ -1,10 +1,10 @@
-//! Search over one generation's garments, choosing between the graph and exact scans.
+//! Search over one generation's garments: what every backend shares (query checks, the
+//! category table, hits), the rows from the backend behind the seam ([`super::backend`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::exact::top_k;
-use super::frozen::FrozenGraph;
+use super::backend::{ExactScan, GraphSearch, NeighbourSearch, Request};
 use super::graph;
 use super::vectors::normalise;
 use super::{AnnParams, GarmentVectors, SearchHit, check_k};
@@ -42,7 +42,7 @@ pub struct GarmentIndex {
     params: AnnParams,
     vectors: GarmentVectors,
     categories: BTreeMap<String, Vec<u32>>,
-    graph: Option<FrozenGraph>,
+    backend: Box<dyn NeighbourSearch>,
 }
 
 impl std::fmt::Debug for GarmentIndex {
@@ -51,7 +51,7 @@ impl std::fmt::Debug for GarmentIndex {
             .field("generation", &self.generation)
             .field("garments", &self.vectors.len())
             .field("dim", &self.vectors.dim())
-            .field("graph", &self.graph.is_some())
+            .field("approximate", &self.backend.approximate())
             .finish()
     }
 }
@@ -60,12 +60,20 @@ impl GarmentIndex {
     /// Builds the index in memory (a graph only from [`AnnParams::exact_below`] garments up).
     pub fn build(generation: u64, vectors: GarmentVectors, params: AnnParams) -> Result<Self> {
         params.validate()?;
-        let graph = (vectors.len() >= params.exact_below).then(|| graph::build(&vectors, &params));
-        Ok(Self::assemble(generation, vectors, params, graph))
+        let backend: Box<dyn NeighbourSearch> =
+            if vectors.len() >= params.exact_below { Box::new(GraphSearch::new(graph::build(&vectors, &params), &params)) } else { Box::new(ExactScan) };
+        Ok(Self::assemble(generation, vectors, params, backend))
     }
 
-    fn assemble(generation: u64, vectors: GarmentVectors, params: AnnParams, graph: Option<FrozenGraph>) -> Self {
-        Self { generation, categories: vectors.rows_by_category(), params, vectors, graph }
+    /// An index searched through `backend`: the one place another way of searching (an
+    /// external vector database) plugs in.
+    pub fn with_backend(generation: u64, vectors: GarmentVectors, params: AnnParams, backend: Box<dyn NeighbourSearch>) -> Result<Self> {
+        params.validate()?;
+        Ok(Self::assemble(generation, vectors, params, backend))
+    }
+
+    fn assemble(generation: u64, vectors: GarmentVectors, params: AnnParams, backend: Box<dyn NeighbourSearch>) -> Self {
+        Self { generation, categories: vectors.rows_by_category(), params, vectors, backend }
     }
 
     /// Loads the generation's graph from `dump_dir` when its dump is valid for these vectors
@@ -83,12 +91,15 @@ impl GarmentIndex {
     pub fn open_read_only(dump_dir: Option<&Path>, generation: u64, vectors: GarmentVectors, params: AnnParams) -> Result<(Self, LoadOutcome)> {
         params.validate()?;
         if vectors.len() < params.exact_below {
-            return Ok((Self::assemble(generation, vectors, params, None), LoadOutcome::ExactOnly));
+            return Ok((Self::assemble(generation, vectors, params, Box::new(ExactScan)), LoadOutcome::ExactOnly));
         }
         let reason = match dump_dir {
             None => "no dump directory".to_string(),
             Some(dir) => match graph::load(dir, generation, &vectors, &params) {
-                Ok(graph) => return Ok((Self::assemble(generation, vectors, params, Some(graph)), LoadOutcome::Loaded)),
+                Ok(graph) => {
+                    let backend = Box::new(GraphSearch::new(graph, &params));
+                    return Ok((Self::assemble(generation, vectors, params, backend), LoadOutcome::Loaded));
+                }
                 Err(reason) => reason,
             },
         };
@@ -96,12 +107,9 @@ impl GarmentIndex {
         Ok((Self::build(generation, vectors, params)?, LoadOutcome::Built { reason }))
     }
 
-    /// Dumps the graph (if any) under its generation's name in `dir`.
+    /// Dumps what the backend derived (the graph, if any) under its generation's name in `dir`.
     pub fn dump(&self, dir: &Path) -> Result<()> {
-        if let Some(graph) = &self.graph {
-            graph::dump(graph, dir, self.generation, &self.vectors, &self.params)?;
-        }
-        Ok(())
+        self.backend.dump(dir, self.generation, &self.vectors, &self.params)
     }
 
     pub fn generation(&self) -> u64 {
@@ -124,8 +132,9 @@ impl GarmentIndex {
         &self.params
     }
 
+    /// Whether an approximate backend (the graph) answers, rather than exact scans.
     pub fn has_graph(&self) -> bool {
-        self.graph.is_some()
+        self.backend.approximate()
     }
 
     pub fn vectors(&self) -> &GarmentVectors {
@@ -146,36 +155,16 @@ impl GarmentIndex {
     pub fn search_with(&self, query: &[f32], k: usize, category: Option<&str>, ef: Option<usize>) -> Result<(Vec<SearchHit>, SearchPath)> {
         let query = self.prepare(query, k)?;
         let ef = ef.unwrap_or(self.params.ef_search).max(k);
-        let rows = category.map(|c| self.category_rows(c)).transpose()?;
-        let Some(graph) = &self.graph else {
-            let path = if rows.is_some() { SearchPath::ExactCategory } else { SearchPath::Exact };
-            return Ok((self.exact(&query, k, rows), path));
-        };
-        let Some(rows) = rows else {
-            return Ok((self.hits(graph.search(&self.vectors, &query, k, ef, None), k), SearchPath::Graph));
-        };
-        if rows.len() <= self.params.filter_exact_max {
-            return Ok((self.exact(&query, k, Some(rows)), SearchPath::ExactCategory));
-        }
-        // A large category: an enlarged result list filtered afterwards holds its nearest
-        // garments. Fetching 4×k/selectivity keeps recall@10 ≥ 0.99 at 10% selectivity on
-        // clustered data (1.5× gave 0.92; see benches/NOTES.md).
-        let wanted_category = self.vectors.category(rows[0] as usize);
-        let selectivity = rows.len() as f64 / self.vectors.len() as f64;
-        let fetch = ((k as f64 / selectivity * 4.0).ceil() as usize + 10).min(self.vectors.len());
-        let of_category = |row: u32| self.vectors.category(row as usize) == wanted_category;
-        let found: Vec<(u32, f32)> = graph.search(&self.vectors, &query, fetch, ef.max(fetch), None).into_iter().filter(|&(row, _)| of_category(row)).collect();
-        if found.len() >= k.min(rows.len()) {
-            return Ok((self.hits(found, k), SearchPath::GraphOverFetch));
-        }
-        Ok((self.hits(graph.search(&self.vectors, &query, k, ef, Some(&of_category)), k), SearchPath::GraphFiltered))
+        let category = category.map(|c| self.category_rows(c)).transpose()?;
+        let (found, path) = self.backend.search(&self.vectors, &Request { query: &query, k, ef, category });
+        Ok((self.hits(found), path))
     }
 
     /// Exact top-k over all garments (or one category): ground truth for recall.
     pub fn search_exact(&self, query: &[f32], k: usize, category: Option<&str>) -> Result<Vec<SearchHit>> {
         let query = self.prepare(query, k)?;
-        let rows = category.map(|c| self.category_rows(c)).transpose()?;
-        Ok(self.exact(&query, k, rows))
+        let category = category.map(|c| self.category_rows(c)).transpose()?;
+        Ok(self.hits(ExactScan.search(&self.vectors, &Request { query: &query, k, ef: k, category }).0))
     }
 
     fn prepare(&self, query: &[f32], k: usize) -> Result<Vec<f32>> {
@@ -192,17 +181,44 @@ impl GarmentIndex {
         self.categories.get(category).map(Vec::as_slice).ok_or_else(|| Error::UnknownCategory(category.to_string()))
     }
 
-    fn exact(&self, query: &[f32], k: usize, rows: Option<&[u32]>) -> Vec<SearchHit> {
-        top_k(self.vectors.as_slice(), self.vectors.dim(), query, k, rows).into_iter().map(|(row, score)| self.hit(row, score)).collect()
+    fn hits(&self, found: Vec<(u32, f32)>) -> Vec<SearchHit> {
+        found.into_iter().map(|(row, score)| SearchHit { garment: self.vectors.id(row as usize), row, score }).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ann::SearchPath;
+    use crate::ann::synthetic::{clustered, queries_near};
+
+    /// A backend that answers every search with the last row, whatever the query.
+    struct LastRow;
+
+    impl NeighbourSearch for LastRow {
+        fn search(&self, vectors: &GarmentVectors, _request: &Request<'_>) -> (Vec<(u32, f32)>, SearchPath) {
+            (vec![(vectors.len() as u32 - 1, 0.5)], SearchPath::Graph)
+        }
+
+        fn dump(&self, _dir: &Path, _generation: u64, _vectors: &GarmentVectors, _params: &AnnParams) -> Result<()> {
+            Ok(())
+        }
+
+        fn approximate(&self) -> bool {
+            true
+        }
     }
 
-    /// The first `k` of a graph search's results (best first, scored with the exact path's
-    /// dot product, so scores agree whichever path answered).
-    fn hits(&self, found: Vec<(u32, f32)>, k: usize) -> Vec<SearchHit> {
-        found.into_iter().take(k).map(|(row, score)| self.hit(row, score)).collect()
-    }
-
-    fn hit(&self, row: u32, score: f32) -> SearchHit {
-        SearchHit { garment: self.vectors.id(row as usize), row, score }
+    #[test]
+    fn searches_go_through_the_backend_and_exact_searches_do_not() {
+        let vectors = clustered(200, 16, 4, 2, 7);
+        let last = vectors.id(199);
+        let query = queries_near(&vectors, 1, 8).remove(0);
+        let index = GarmentIndex::with_backend(1, vectors, AnnParams::default(), Box::new(LastRow)).unwrap();
+        let (hits, path) = index.search_with(&query, 10, None, None).unwrap();
+        assert_eq!((hits.len(), hits[0].garment, hits[0].row, path), (1, last, 199, SearchPath::Graph));
+        assert!(index.has_graph());
+        let exact = index.search_exact(&query, 10, None).unwrap();
+        assert_eq!(exact.len(), 10, "the exact path is the ground truth, never the backend");
     }
 }

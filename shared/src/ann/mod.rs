@@ -7,10 +7,14 @@
 //! - [`graph`]: the HNSW graph, built in parallel by hnsw_rs and frozen into flat link
 //!   arrays ([`frozen`]) for serving, dumped per generation with a side file that names its
 //!   parameters and hash; on any mismatch it is rebuilt;
-//! - [`GarmentIndex`]: search with an optional category filter, choosing the path.
+//! - [`backend`]: the seam between the index and the ways of searching it
+//!   ([`backend::NeighbourSearch`]: exact scans, the frozen graph; another backend plugs in
+//!   there);
+//! - [`GarmentIndex`]: search with an optional category filter, through its backend.
 //!
 //! Scores are cosine similarities (dot products of unit vectors), higher is closer.
 
+pub mod backend;
 pub mod exact;
 pub mod frozen;
 pub mod graph;

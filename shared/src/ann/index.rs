@@ -157,14 +157,14 @@ impl GarmentIndex {
         let ef = ef.unwrap_or(self.params.ef_search).max(k);
         let category = category.map(|c| self.category_rows(c)).transpose()?;
         let (found, path) = self.backend.search(&self.vectors, &Request { query: &query, k, ef, category });
-        Ok((self.hits(found), path))
+        Ok((self.hits(found, k), path))
     }
 
     /// Exact top-k over all garments (or one category): ground truth for recall.
     pub fn search_exact(&self, query: &[f32], k: usize, category: Option<&str>) -> Result<Vec<SearchHit>> {
         let query = self.prepare(query, k)?;
         let category = category.map(|c| self.category_rows(c)).transpose()?;
-        Ok(self.hits(ExactScan.search(&self.vectors, &Request { query: &query, k, ef: k, category }).0))
+        Ok(self.hits(ExactScan.search(&self.vectors, &Request { query: &query, k, ef: k, category }).0, k))
     }
 
     fn prepare(&self, query: &[f32], k: usize) -> Result<Vec<f32>> {
@@ -181,8 +181,15 @@ impl GarmentIndex {
         self.categories.get(category).map(Vec::as_slice).ok_or_else(|| Error::UnknownCategory(category.to_string()))
     }
 
-    fn hits(&self, found: Vec<(u32, f32)>) -> Vec<SearchHit> {
-        found.into_iter().map(|(row, score)| SearchHit { garment: self.vectors.id(row as usize), row, score }).collect()
+    /// The first `k` of a backend's rows as hits. A row the vectors do not hold is dropped,
+    /// not indexed: a plugged-in backend that breaks its contract must not panic a server.
+    fn hits(&self, found: Vec<(u32, f32)>, k: usize) -> Vec<SearchHit> {
+        found
+            .into_iter()
+            .filter(|&(row, _)| (row as usize) < self.vectors.len())
+            .take(k)
+            .map(|(row, score)| SearchHit { garment: self.vectors.id(row as usize), row, score })
+            .collect()
     }
 }
 
@@ -192,12 +199,14 @@ mod tests {
     use crate::ann::SearchPath;
     use crate::ann::synthetic::{clustered, queries_near};
 
-    /// A backend that answers every search with the last row, whatever the query.
+    /// A backend that answers every search with the last rows, whatever the query.
     struct LastRow;
 
     impl NeighbourSearch for LastRow {
         fn search(&self, vectors: &GarmentVectors, _request: &Request<'_>) -> (Vec<(u32, f32)>, SearchPath) {
-            (vec![(vectors.len() as u32 - 1, 0.5)], SearchPath::Graph)
+            let last = vectors.len() as u32 - 1;
+            // Breaks the contract twice: a row past the end, and more than k rows.
+            (vec![(last + 1, 0.9), (last, 0.5), (last - 1, 0.4), (last - 2, 0.3)], SearchPath::Graph)
         }
 
         fn dump(&self, _dir: &Path, _generation: u64, _vectors: &GarmentVectors, _params: &AnnParams) -> Result<()> {
@@ -215,8 +224,8 @@ mod tests {
         let last = vectors.id(199);
         let query = queries_near(&vectors, 1, 8).remove(0);
         let index = GarmentIndex::with_backend(1, vectors, AnnParams::default(), Box::new(LastRow)).unwrap();
-        let (hits, path) = index.search_with(&query, 10, None, None).unwrap();
-        assert_eq!((hits.len(), hits[0].garment, hits[0].row, path), (1, last, 199, SearchPath::Graph));
+        let (hits, path) = index.search_with(&query, 2, None, None).unwrap();
+        assert_eq!((hits.len(), hits[0].garment, hits[0].row, path), (2, last, 199, SearchPath::Graph), "a row past the end is dropped, the rest cut at k");
         assert!(index.has_graph());
         let exact = index.search_exact(&query, 10, None).unwrap();
         assert_eq!(exact.len(), 10, "the exact path is the ground truth, never the backend");

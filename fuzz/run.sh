@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time and summarises what each found.
 #
-#   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default 600 s, all five targets)
+#   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default 600 s, all six targets)
 #
 # Needs a nightly toolchain and cargo-fuzz (installed here when missing). Seeds: the
 # committed ones in fuzz/seeds/, the server's hostile-input corpus and the CC0 fixtures.
@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(image_decode search_request df2_annotation catalog_parsers multipart)
+[ ${#targets[@]} -gt 0 ] || targets=(image_decode search_request df2_annotation catalog_parsers multipart request_framing)
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
@@ -38,6 +38,10 @@ for ct in "multipart/form-data; boundary=B" "MULTIPART/FORM-DATA; boundary=\"a b
   { printf '%s\n' "$ct"; printf -- '--B\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n'; cat ../searcher/tests/hostile/photo.jpg; printf -- '\r\n--B--\r\n'; } > "corpus/multipart/form-$i"
 done
 printf 'multipart/form-data; boundary=C\n\n--C--\r\n' > corpus/multipart/actix-multipart-panic
+mkdir -p corpus/request_framing
+printf '\001GET / HTTP/1.1\r\nHost: x\r\n\r\n' > corpus/request_framing/get
+printf '\007POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcdeGET /%070d HTTP/1.1\r\n\r\n' 0 > corpus/request_framing/length-then-long
+printf '\003POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n' > corpus/request_framing/chunked
 seed df2_annotation seeds/df2_annotation/*
 seed catalog_parsers seeds/catalog_parsers/*
 

@@ -74,8 +74,13 @@ impl ResponseError for ApiError {
         if self.close {
             resp.force_close();
         }
-        resp.json(json!({"error": {"code": self.code, "message": self.message}}))
+        resp.json(error_json(self.code, &self.message))
     }
+}
+
+/// The body of every error answer: `{"error": {"code", "message"}}`.
+pub fn error_json(code: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message}})
 }
 
 impl From<shoplens::Error> for ApiError {
@@ -169,8 +174,9 @@ fn method_not_allowed(req: &HttpRequest, allow: &'static str) -> HttpResponse {
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// Refuses request targets over [`MAX_URI_BYTES`] with 414 and the error JSON, before any
-/// route sees them. (Targets over 64 KiB never reach the app: the `http` crate cannot
-/// hold them, and actix-http answers its own empty 400.)
+/// route sees them. (Request lines a little longer never reach the app: the connection
+/// answers them the same way, see `connection.rs`, since actix-http cannot hold a target
+/// over 64 KiB.)
 async fn refuse_long_uris(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if len > MAX_URI_BYTES {

@@ -18,7 +18,7 @@ use shoplens::store::CatalogStore;
 use shoplens::vision::DecodeLimits;
 
 use shoplens_searcher::config::{Config, ServeArgs};
-use shoplens_searcher::{app, pool, state};
+use shoplens_searcher::{pool, state};
 
 /// Serves a Shoplens index: a page for shoppers and a JSON API under /v1.
 #[derive(Debug, Parser)]
@@ -106,17 +106,8 @@ fn serve(config: Config) -> Result<()> {
     shoplens_searcher::memory::spawn_trimmer(state.upload_budget.clone());
     tracing::info!(bind = %config.bind, db = %config.db.display(), search_threads = config.search_threads, queue = config.queue, "searcher listening on http://{}", config.bind);
     actix_web::rt::System::new().block_on(async move {
-        actix_web::HttpServer::new({
-            let state = state.clone();
-            move || app::build(state.clone())
-        })
-        .on_connect(shoplens_searcher::client::remember_socket)
-        .max_connections(config.max_connections)
-        .workers(config.workers)
-        .bind(config.bind)
-        .with_context(|| format!("binding {}", config.bind))?
-        .run()
-        .await
-        .context("serving")
+        let listener = std::net::TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
+        let settings = shoplens_searcher::server::ServerSettings { workers: config.workers, max_connections: config.max_connections };
+        shoplens_searcher::server::http_server(listener, state, settings).context("starting the server")?.await.context("serving")
     })
 }

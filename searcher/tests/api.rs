@@ -514,7 +514,8 @@ async fn wrong_methods_are_405_with_allow_head_works_and_weak_etags_match() {
 fn serve_on_loopback(state: Arc<SearcherState>) -> (std::net::SocketAddr, actix_web::dev::ServerHandle) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = actix_web::HttpServer::new(move || app::build(state.clone())).on_connect(shoplens_searcher::client::remember_socket).workers(1).listen(listener).unwrap().run();
+    let settings = shoplens_searcher::server::ServerSettings { workers: 1, max_connections: 64 };
+    let server = shoplens_searcher::server::http_server(listener, state, settings).unwrap();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     (addr, handle)
@@ -653,4 +654,56 @@ async fn a_search_stops_between_stages_once_it_is_cancelled() {
     let stopped = engine().search_unless(&index, &photo, &request, &later).unwrap_err();
     assert!(matches!(stopped, shoplens::Error::Cancelled { stage: "detection" }), "{stopped}");
     assert!(engine().search_unless(&index, &photo, &request, &|| false).is_ok());
+}
+
+/// Writes `request` on a fresh loopback connection and reads until the server closes it.
+fn exchange(addr: std::net::SocketAddr, request: Vec<u8>) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(&request).unwrap();
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[actix_web::test]
+async fn a_request_target_too_long_for_actix_is_414_with_the_error_json_after_the_requests_before_it() {
+    let state = state_with(SearchPool::new(1, 4));
+    let (addr, server) = serve_on_loopback(state.clone());
+    let long_get = |len: usize| format!("GET /v1/items/{} HTTP/1.1\r\nHost: x\r\n\r\n", "x".repeat(len)).into_bytes();
+    // 100 KB (actix's empty 400) and 200 KB (its 431): 414, the error JSON, then the close.
+    for len in [100_000, 200_000] {
+        let answer = actix_web::rt::task::spawn_blocking(move || exchange(addr, long_get(len))).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 414"), "{len}: {answer}");
+        let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "uri_too_long");
+    }
+    eventually("the refusals are counted", || state.metrics.render().contains("route=\"unmatched\",status=\"414\"} 2")).await;
+
+    // A search whose upload holds 20 KB without a line end, sent by length and then chunked,
+    // a health check and the long target, pipelined on one connection: the requests before
+    // the long one are answered in order, then the 414.
+    let photo = jpeg_bytes(&fixture().items[0].1);
+    let mut with_comment = photo[..2].to_vec();
+    let comment = vec![b'x'; 20_000];
+    with_comment.extend([0xFF, 0xFE]);
+    with_comment.extend(((comment.len() + 2) as u16).to_be_bytes());
+    with_comment.extend(&comment);
+    with_comment.extend(&photo[2..]);
+    let mut pipelined = format!("POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", with_comment.len()).into_bytes();
+    pipelined.extend(&with_comment);
+    pipelined.extend(b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for piece in with_comment.chunks(15_000) {
+        pipelined.extend(format!("{:X}\r\n", piece.len()).into_bytes());
+        pipelined.extend(piece);
+        pipelined.extend(b"\r\n");
+    }
+    pipelined.extend(b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    pipelined.extend(long_get(100_000));
+    let answer = actix_web::rt::task::spawn_blocking(move || exchange(addr, pipelined)).await.unwrap();
+    let statuses: Vec<&str> = answer.match_indices("HTTP/1.1 ").map(|(i, _)| &answer[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["200", "200", "200", "414"], "{answer}");
+    assert_eq!(answer.matches("\"garments\"").count(), 2, "the searches ran: {answer}");
+    server.stop(false).await;
 }

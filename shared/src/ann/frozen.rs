@@ -81,6 +81,75 @@ impl PartialOrd for Near {
     }
 }
 
+/// Re-selects every row's base-layer links with HNSW's neighbour heuristic (Malkov &
+/// Yashunin, algorithm 4, with pruned candidates filling the free slots) over the links
+/// hnsw_rs gave the row and the rows that link to it.
+///
+/// Why: when a new point's link overflows an older point's full list, hnsw_rs keeps the
+/// older point's `2·M` closest (`reverse_update_neighborhood_simple`), where hnswlib
+/// applies the heuristic again. In clustered data the lists then fill with near twins and
+/// lose the links that lead out of a cluster: at 1M clustered vectors, recall@10 topped out
+/// at 0.931 at ef 384 (hnswlib 0.999, benches/NOTES.md). The rows linking to a row are where
+/// those long links survive; the heuristic keeps a candidate only if it is closer to the
+/// row than to every link already kept, i.e. a direction not yet covered.
+///
+/// Rows are independent and read only the links as hnsw_rs left them, so the result does
+/// not depend on the thread count.
+fn diversify(base: &[u32], width: usize, vectors: &GarmentVectors) -> Vec<u32> {
+    use rayon::prelude::*;
+    let n = vectors.len();
+    let links_of = |row: usize| base[row * width..(row + 1) * width].iter().copied().take_while(|&r| r != NO_LINK);
+    // Who links to each row, as CSR.
+    let mut starts = vec![0u32; n + 1];
+    for row in 0..n {
+        for to in links_of(row) {
+            starts[to as usize + 1] += 1;
+        }
+    }
+    for i in 0..n {
+        starts[i + 1] += starts[i];
+    }
+    let mut filled = starts.clone();
+    let mut incoming = vec![0u32; starts[n] as usize];
+    for row in 0..n {
+        for to in links_of(row) {
+            incoming[filled[to as usize] as usize] = row as u32;
+            filled[to as usize] += 1;
+        }
+    }
+    let mut out = vec![NO_LINK; n * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(row, slots)| {
+        let here = vectors.row(row);
+        let mut candidates: Vec<(f32, u32)> = links_of(row)
+            .chain(incoming[starts[row] as usize..starts[row + 1] as usize].iter().copied())
+            .filter(|&c| c as usize != row)
+            .map(|c| (dot(here, vectors.row(c as usize)), c))
+            .collect();
+        // Nearest first; ties by row, so the order is the same on every run.
+        candidates.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        candidates.dedup_by_key(|c| c.1);
+        let mut kept = 0;
+        let mut pruned = Vec::new();
+        for &(to_row, c) in &candidates {
+            if kept == width {
+                break;
+            }
+            let there = vectors.row(c as usize);
+            if slots[..kept].iter().all(|&s| dot(there, vectors.row(s as usize)) < to_row) {
+                slots[kept] = c;
+                kept += 1;
+            } else {
+                pruned.push(c);
+            }
+        }
+        for c in pruned.into_iter().take(width - kept) {
+            slots[kept] = c;
+            kept += 1;
+        }
+    });
+    out
+}
+
 /// Per-thread visit marks: `stamps[row] == stamp` means visited in the current search.
 struct Visits {
     stamps: Vec<u32>,
@@ -115,8 +184,14 @@ thread_local! {
 }
 
 impl FrozenGraph {
-    /// Freezes an hnsw_rs graph whose data ids are the rows `0..n`.
-    pub fn freeze(graph: &super::graph::Graph, n: usize) -> Self {
+    /// Freezes an hnsw_rs graph whose data ids are the rows of `vectors`, re-selecting the
+    /// base layer's links ([`diversify`]).
+    pub fn freeze(graph: &super::graph::Graph, vectors: &GarmentVectors) -> Self {
+        Self::freeze_with(graph, vectors, true)
+    }
+
+    fn freeze_with(graph: &super::graph::Graph, vectors: &GarmentVectors, diversified: bool) -> Self {
+        let n = vectors.len();
         let mut rows_links: Vec<Vec<Vec<u32>>> = vec![Vec::new(); n];
         let mut levels = vec![0u8; n];
         for point in graph.get_point_indexation() {
@@ -136,6 +211,7 @@ impl FrozenGraph {
                 base[row * width..row * width + links.len()].copy_from_slice(links);
             }
         }
+        let base = if diversified { diversify(&base, width, vectors) } else { base };
         let upper = (1..=top)
             .map(|layer| {
                 let mut out = UpperLayer { rows: Vec::new(), starts: vec![0], links: Vec::new() };
@@ -357,8 +433,41 @@ mod tests {
     fn frozen(n: usize) -> (GarmentVectors, FrozenGraph) {
         let vectors = clustered(n, 32, 40, 3, 21);
         let graph = graph::build_hnsw(&vectors, &AnnParams::default());
-        let frozen = FrozenGraph::freeze(&graph, vectors.len());
+        let frozen = FrozenGraph::freeze(&graph, &vectors);
         (vectors, frozen)
+    }
+
+    /// Unit vectors in the plane at these angles (degrees), one row each.
+    fn at_angles(degrees: &[f64]) -> GarmentVectors {
+        let mut vectors = GarmentVectors::new(2);
+        for (i, d) in degrees.iter().enumerate() {
+            let r = d.to_radians();
+            vectors.push(i as u64, "c", &[r.cos() as f32, r.sin() as f32]).unwrap();
+        }
+        vectors
+    }
+
+    #[test]
+    fn diversifying_keeps_a_link_from_each_direction_taken_from_the_rows_linking_in() {
+        // Row 0 has two near twins (rows 1 and 2, 1° and 2.5° away), all it was given; row 3
+        // lies the other way (-90°) and only links to row 0. Two slots per row.
+        let vectors = at_angles(&[0.0, 1.0, 2.5, -90.0]);
+        let base = [1, 2, 0, 2, 1, 0, 0, NO_LINK];
+        let out = diversify(&base, 2, &vectors);
+        // Row 0: its nearest twin, then the link that leads elsewhere (row 2 is nearer to
+        // row 1 than to row 0: a direction already covered).
+        assert_eq!(&out[0..2], &[1, 3]);
+        // Rows 1 and 2: no candidate besides each other and row 0; every slot still used.
+        assert_eq!(&out[2..4], &[0, 2]);
+        assert_eq!(&out[4..6], &[1, 0]);
+        // Row 3 had a free slot: only row 0 is a candidate.
+        assert_eq!(&out[6..8], &[0, NO_LINK]);
+        // No row links to itself or twice to one row, whatever the input held.
+        let out = diversify(&[0, 1, 0, 1, 2, 2, 3, 3], 2, &vectors);
+        for (row, links) in out.chunks(2).enumerate() {
+            assert!(!links.contains(&(row as u32)), "row {row}: {links:?}");
+            assert!(links[0] != links[1] || links[0] == NO_LINK, "row {row}: {links:?}");
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn build_hnsw(vectors: &GarmentVectors, params: &AnnParams) -> Graph {
 
 /// Builds the graph with hnsw_rs and freezes it; hnsw_rs's own structure is dropped.
 pub fn build(vectors: &GarmentVectors, params: &AnnParams) -> FrozenGraph {
-    FrozenGraph::freeze(&build_hnsw(vectors, params), vectors.len())
+    FrozenGraph::freeze(&build_hnsw(vectors, params), vectors)
 }
 
 /// File base name of a generation's dump.

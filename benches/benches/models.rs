@@ -84,14 +84,12 @@ fn bench(c: &mut Criterion) {
     let id = format!("{}x{},input={size},threads={}", image.width(), image.height(), rayon::current_num_threads());
     group.bench_function(BenchmarkId::new("detect", &id), |b| b.iter(|| detector.detect(&image).unwrap()));
     group.bench_function(BenchmarkId::new("decode_jpeg+detect", &id), |b| b.iter(|| detector.detect(&shoplens::vision::decode_image(&jpeg, Default::default()).unwrap()).unwrap()));
-    // Detection and the embedding of what it found: the engine's work for one photo
-    // before the ANN search.
+    // Detection and the embedding of what it found (with the second look): the engine's
+    // work for one photo before the ANN search.
     group.bench_function(BenchmarkId::new("detect+embed_garments", &id), |b| {
         b.iter(|| {
             let pipeline = shoplens::pipeline::GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: Default::default() };
-            let found = pipeline.detect(&image).unwrap();
-            let boxes: Vec<Option<shoplens::geometry::BBox>> = found.iter().map(|d| Some(d.bbox)).collect();
-            pipeline.embed(&image, &boxes).unwrap()
+            pipeline.find_garments(&image).unwrap()
         })
     });
     group.finish();

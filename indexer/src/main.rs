@@ -62,6 +62,10 @@ enum Command {
         images: Vec<PathBuf>,
         #[arg(long, env = "SHOPLENS_DETECTOR", default_value = "models/detector-lite0.safetensors")]
         detector: PathBuf,
+        /// The embedder whose category head names each garment again (the second look, at
+        /// the detector's configured share), as served and indexed.
+        #[arg(long, env = "SHOPLENS_EMBEDDER", default_value = "models/embedder-lite0.safetensors")]
+        embedder: PathBuf,
         /// Score threshold [default: the weights' own].
         #[arg(long)]
         min_score: Option<f32>,
@@ -92,7 +96,7 @@ fn main() -> ExitCode {
         Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Weights(cmd) => commands::weights::run(cmd),
         Command::Prune { db, retain } => commands::status::prune(&db, retain),
-        Command::Detect { images, detector, min_score, json } => commands::detect::run(&images, &detector, min_score, json),
+        Command::Detect { images, detector, embedder, min_score, json } => commands::detect::run(&images, &detector, &embedder, min_score, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

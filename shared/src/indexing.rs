@@ -30,7 +30,7 @@ use crate::catalog::{CatalogEntry, CatalogSource, LabelMap, read_catalog};
 use crate::geometry::BBox;
 use crate::models::detector::{Detection, GarmentDetector};
 use crate::models::embedder::GarmentEmbedder;
-use crate::pipeline::GarmentPipeline;
+use crate::pipeline::{FoundGarment, GarmentPipeline};
 use crate::progress::{Progress, ProgressFn};
 use crate::serving::snapshot::{self, Snapshot};
 use crate::store::{CatalogStore, ContentHash, GenerationBuilder, GenerationSpec, ItemRecord, NewGarment, PruneReport};
@@ -38,7 +38,7 @@ use crate::vision::DecodeLimits;
 
 /// Largest image file read, in bytes.
 pub const MAX_IMAGE_BYTES: u64 = 50 << 20;
-/// Items decoded together (in parallel) and then saved together: the default of
+/// Items decoded and embedded together (in parallel) and then saved together: the default of
 /// [`BuildOptions::save_every`].
 pub const SAVE_EVERY: usize = 32;
 
@@ -341,8 +341,8 @@ fn remove_dropped_members(builder: &GenerationBuilder, wanted: &HashSet<&str>) -
     Ok(())
 }
 
-/// Decodes `pending` in parallel chunks and writes each item's garments, flushing the store
-/// after each chunk; an item that cannot be decoded or embedded is a failure and leaves
+/// Decodes and embeds `pending` in parallel chunks and writes each item's garments in
+/// order, flushing the store after each chunk; an item that cannot be decoded or embedded is a failure and leaves
 /// the generation.
 fn embed_items(
     builder: &GenerationBuilder,
@@ -355,10 +355,17 @@ fn embed_items(
 ) -> Result<()> {
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
     for chunk in pending.chunks(opts.save_every.max(1)) {
-        let decoded: Vec<Result<RgbImage>> = chunk.par_iter().map(|p| pipeline.decode(&p.bytes)).collect();
-        for (p, image) in chunk.iter().zip(decoded) {
+        // The chunk's items go through the networks side by side, one per core, rather than
+        // one at a time with each operation split over the cores: small operations split
+        // two ways spend much of their time waiting for each other. An item's garments are
+        // the same bits either way (kernels block by shape, never by thread count), and
+        // they are written in catalog order, so a resumed build still equals an
+        // uninterrupted one.
+        let embedded: Vec<Result<Vec<NewGarment>>> =
+            chunk.par_iter().map(|p| pipeline.decode(&p.bytes).and_then(|image| entry_garments(pipeline, &p.entry, &image, opts.boxes))).collect();
+        for (p, garments) in chunk.iter().zip(embedded) {
             let sku = &p.entry.metadata.sku;
-            match image.and_then(|image| entry_garments(pipeline, &p.entry, &image, opts.boxes)) {
+            match garments {
                 Ok(new) => {
                     builder.put_item_with_image(p.entry.metadata.clone(), p.hash, Some(p.entry.image_path.to_string_lossy().into_owned()), new)?;
                     tally.changed(p.is_new);
@@ -377,17 +384,34 @@ fn embed_items(
 
 /// The embedded garments of one decoded catalog image.
 fn entry_garments(pipeline: &GarmentPipeline<'_>, entry: &CatalogEntry, image: &RgbImage, boxes: BoxMode) -> Result<Vec<NewGarment>> {
-    let garments = match boxes {
-        BoxMode::Gt if !entry.boxes.is_empty() => entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect(),
+    let (garments, mut embedded): (Vec<ItemGarment>, Vec<FoundGarment>) = match boxes {
+        BoxMode::Gt if !entry.boxes.is_empty() => {
+            (entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect(), Vec::new())
+        }
         // Items without annotated boxes (CSV/JSONL catalogs) are detected in both modes.
+        // With the second look every detection is embedded (the category head must read
+        // it before the catalog rule can choose); without it, only the garments kept.
+        _ if pipeline.second_look_share() > 0.0 => {
+            let found = pipeline.find_garments(image)?;
+            let detections: Vec<Detection> = found.iter().map(|g| g.detection.clone()).collect();
+            (item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), &detections, image.width(), image.height()), found)
+        }
         _ => {
             let found = pipeline.detect(image)?;
-            item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), &found, image.width(), image.height())
+            (item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), &found, image.width(), image.height()), Vec::new())
         }
     };
-    let crops: Vec<Option<BBox>> = garments.iter().map(|g| g.crop).collect();
-    let embeddings = pipeline.embed(image, &crops)?;
-    Ok(garments.into_iter().zip(embeddings).map(|(g, embedding)| NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding }).collect())
+    // What is left to embed: annotated boxes, the whole photo, garments of a detector
+    // without the second look; one batch for the photo.
+    let mut ready: Vec<Option<Vec<f32>>> =
+        garments.iter().map(|g| embedded.iter().position(|f| Some(f.detection.bbox) == g.crop).map(|i| std::mem::take(&mut embedded[i].embedding))).collect();
+    let crops: Vec<Option<BBox>> = garments.iter().zip(&ready).filter(|(_, e)| e.is_none()).map(|(g, _)| g.crop).collect();
+    let mut fresh = pipeline.embed(image, &crops)?.into_iter();
+    Ok(garments
+        .into_iter()
+        .zip(ready.iter_mut())
+        .map(|(g, e)| NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding: e.take().unwrap_or_else(|| fresh.next().unwrap_or_default()) })
+        .collect())
 }
 
 /// What publishing produced.
@@ -452,7 +476,7 @@ mod tests {
     use super::*;
 
     fn det(category: &str, x1: f32, score: f32) -> Detection {
-        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), class: 0, category: category.into(), score }
+        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), class: 0, category: category.into(), score, class_probs: Vec::new(), centreness: 1.0 }
     }
 
     #[test]

@@ -17,7 +17,22 @@ use crate::Result;
 use crate::geometry::BBox;
 use crate::models::detector::{Detection, GarmentDetector, Postprocess};
 use crate::models::embedder::GarmentEmbedder;
+use crate::models::fusion::CategoryFusion;
 use crate::vision::{DecodeLimits, decode_image};
+
+/// A garment the detector found, named again from its crop, with its embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundGarment {
+    pub detection: Detection,
+    pub embedding: Vec<f32>,
+}
+
+/// A detection of an evaluation with the embedding of its box, where it was made.
+pub type EvaluatedDetection = (Detection, Option<Vec<f32>>);
+
+/// Distinct boxes per photo an AP evaluation reads again (a served photo has at most the
+/// detector's `max_detections`).
+pub const SECOND_LOOK_BOXES: usize = 32;
 
 /// The networks and decode limits of one deployment (an indexer run, a searcher).
 #[derive(Clone, Copy)]
@@ -60,5 +75,77 @@ impl<'a> GarmentPipeline<'a> {
         let pre = &self.embedder.config().preprocess;
         let inputs = crops.iter().map(|b| pre.crop_to_tensor(image, *b, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
         self.embedder.embed_batch(&Tensor::stack(&inputs, 0)?)
+    }
+
+    /// The share of the category head in the shipped second look (0: none, or no detector).
+    pub fn second_look_share(&self) -> f32 {
+        self.detector.map_or(0.0, |d| d.config().postprocess.category_fusion)
+    }
+
+    /// The second look with the category head's share `share` (see
+    /// [`crate::models::fusion`]); `None`: the detector's classes stand.
+    pub fn fusion(&self, share: f32) -> Option<CategoryFusion> {
+        CategoryFusion::new(&self.detector?.config().categories, &self.embedder.config().categories, share)
+    }
+
+    /// The garments of a photo as shoppers and the indexer get them: the detector's boxes
+    /// under its shipped post-processing, each embedded (one batch), each named again by
+    /// the category head at the configured share, best first.
+    pub fn find_garments(&self, image: &RgbImage) -> Result<Vec<FoundGarment>> {
+        let Some(detector) = self.detector else { return Ok(Vec::new()) };
+        let post = detector.config().postprocess;
+        self.second_look(image, detector.detect(image)?, &post)
+    }
+
+    /// Embeds `detections` of `image` and relabels them by [`CategoryFusion::relabel`]
+    /// under `post` (its `category_fusion` share).
+    pub fn second_look(&self, image: &RgbImage, detections: Vec<Detection>, post: &Postprocess) -> Result<Vec<FoundGarment>> {
+        let crops: Vec<Option<BBox>> = detections.iter().map(|d| Some(d.bbox)).collect();
+        let mut embeddings: Vec<Option<Vec<f32>>> = self.embed(image, &crops)?.into_iter().map(Some).collect();
+        let kept = match self.fusion(post.category_fusion) {
+            Some(fusion) => {
+                let head: Vec<Option<Vec<f32>>> = embeddings.iter().map(|e| e.as_deref().and_then(|e| self.embedder.category_probabilities(e))).collect();
+                fusion.relabel(detections, &head, post)
+            }
+            None => detections.into_iter().enumerate().map(|(i, d)| (d, i)).collect(),
+        };
+        Ok(kept.into_iter().map(|(detection, i)| FoundGarment { detection, embedding: embeddings[i].take().expect("each detection kept once") }).collect())
+    }
+
+    /// What an AP evaluation ranks at each of `shares`: the detector's detections at its
+    /// evaluation floor, the [`SECOND_LOOK_BOXES`] best distinct boxes embedded once each,
+    /// their detections rescored for their class by [`CategoryFusion::rescore`] (the rest,
+    /// and everything at share 0, as the detector scored them); returns, per share, the
+    /// detections with the embedding of each one's box where it was made.
+    pub fn detections_for_evaluation(&self, image: &RgbImage, shares: &[f32]) -> Result<Vec<Vec<EvaluatedDetection>>> {
+        let Some(detector) = self.detector else { return Ok(vec![Vec::new(); shares.len()]) };
+        let detections = detector.detect_with(image, &Postprocess::EVALUATION)?;
+        // A location found for several classes gives one box: embed it once.
+        let mut boxes: Vec<BBox> = Vec::new();
+        let box_of: Vec<usize> = detections
+            .iter()
+            .map(|d| {
+                boxes.iter().position(|b| *b == d.bbox).unwrap_or_else(|| {
+                    boxes.push(d.bbox);
+                    boxes.len() - 1
+                })
+            })
+            .collect();
+        // The best boxes only: past them the detections score too low to move AP, and each
+        // box read costs an embedding.
+        boxes.truncate(SECOND_LOOK_BOXES);
+        let embeddings = self.embed(image, &boxes.iter().map(|b| Some(*b)).collect::<Vec<_>>())?;
+        let head: Vec<Option<Vec<f32>>> = box_of.iter().map(|&b| embeddings.get(b).and_then(|e| self.embedder.category_probabilities(e))).collect();
+        let embedding_of = |d: &Detection| boxes.iter().position(|b| *b == d.bbox).map(|i| embeddings[i].clone());
+        Ok(shares
+            .iter()
+            .map(|&share| {
+                let scored = match self.fusion(share) {
+                    Some(fusion) => fusion.rescore(&detections, &head, &Postprocess::EVALUATION),
+                    None => detections.clone(),
+                };
+                scored.into_iter().map(|d| (d.clone(), embedding_of(&d))).collect()
+            })
+            .collect())
     }
 }

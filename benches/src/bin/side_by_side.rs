@@ -155,10 +155,7 @@ fn photo_case(models: &Path, photo: &Path, runs: usize) -> Result<String> {
     let pipeline = shoplens::pipeline::GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: Default::default() };
     let (median, min) = time_it(runs, || {
         let image = pipeline.decode(&bytes)?;
-        let found = pipeline.detect(&image)?;
-        garments = found.len();
-        let boxes: Vec<_> = found.iter().map(|d| Some(d.bbox)).collect();
-        pipeline.embed(&image, &boxes)?;
+        garments = pipeline.find_garments(&image)?.len();
         Ok(())
     })?;
     let image = shoplens::vision::decode_image(&bytes, Default::default())?;

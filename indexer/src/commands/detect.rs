@@ -1,15 +1,21 @@
-//! `indexer detect`: the garments of photos, for a quick look at what the detector sees.
+//! `indexer detect`: the garments of photos as served and indexed (the detector's boxes
+//! after the second look of the embedder's category head), for a quick look.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use shoplens::device::{DevicePreference, select_device};
-use shoplens::models::detector::GarmentDetector;
+use shoplens::models::detector::{Detection, GarmentDetector};
+use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::pipeline::GarmentPipeline;
 use shoplens::vision::{DecodeLimits, decode_image};
 
-pub fn run(images: &[PathBuf], weights: &Path, min_score: Option<f32>, json: bool) -> Result<()> {
-    let detector = GarmentDetector::load(weights, &select_device(DevicePreference::Auto)?).with_context(|| format!("loading the detector {}", weights.display()))?;
+pub fn run(images: &[PathBuf], weights: &Path, embedder: &Path, min_score: Option<f32>, json: bool) -> Result<()> {
+    let device = select_device(DevicePreference::Auto)?;
+    let detector = GarmentDetector::load(weights, &device).with_context(|| format!("loading the detector {}", weights.display()))?;
+    let embedder = GarmentEmbedder::load(embedder, &device).with_context(|| format!("loading the embedder {}", embedder.display()))?;
+    let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
     let mut post = detector.config().postprocess;
     post.min_score = min_score.unwrap_or(post.min_score);
     let mut failed = 0;
@@ -25,7 +31,7 @@ pub fn run(images: &[PathBuf], weights: &Path, min_score: Option<f32>, json: boo
             }
         };
         let started = Instant::now();
-        let found = detector.detect_with(&image, &post)?;
+        let found: Vec<Detection> = pipeline.second_look(&image, detector.detect_with(&image, &post)?, &post)?.into_iter().map(|g| g.detection).collect();
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         if json {
             println!("{}", serde_json::json!({"image": path, "width": image.width(), "height": image.height(), "ms": ms, "garments": found}));

@@ -11,6 +11,7 @@ use shoplens::evaluation::relevance::{RelevanceBoxes, RelevanceInputs, evaluate_
 use shoplens::evaluation::retrieval::{QueryBoxes, RetrievalInputs, TOP_K, evaluate};
 use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::pipeline::GarmentPipeline;
 use shoplens::serving::engine::{Ranking, SearchEngine, ServingIndex};
 use shoplens::vision::DecodeLimits;
 
@@ -71,6 +72,13 @@ pub enum EvalCommand {
         data: PathBuf,
         #[arg(long, default_value = "models/detector-lite0.safetensors")]
         weights: PathBuf,
+        /// The embedder whose category head gives detected garments their second look.
+        #[arg(long, default_value = "models/embedder-lite0.safetensors")]
+        embedder: PathBuf,
+        /// Also measure the second look at these shares of the category head (e.g.
+        /// `0,0.3,0.5`), to choose the shipped one on validation.
+        #[arg(long, value_delimiter = ',')]
+        second_look: Vec<f32>,
         #[arg(long, value_enum, default_value = "all")]
         split: Split,
         #[arg(long, default_value = "report.json")]
@@ -114,7 +122,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Retrieval { db, queries, query_gt, gallery_gt, boxes, split, embedder, detector, out, submission } => {
             retrieval(db, queries, query_gt, gallery_gt, boxes, split, embedder, detector, out, submission)
         }
-        EvalCommand::Detection { data, weights, split, out } => detection(data, weights, split, out),
+        EvalCommand::Detection { data, weights, embedder, second_look, split, out } => detection(data, weights, embedder, &second_look, split, out),
         EvalCommand::Relevance { db, queries, boxes, split, k, similarity_only, embedder, detector, out } => {
             relevance(RelevanceArgs { db, queries, boxes, split, k, similarity_only, embedder, detector, out })
         }
@@ -133,13 +141,19 @@ fn prepare_out(out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Result<()> {
+fn detection(data: PathBuf, weights: PathBuf, embedder: PathBuf, shares: &[f32], split: Split, out: PathBuf) -> Result<()> {
     prepare_out(&out)?;
-    let detector = GarmentDetector::load(&weights, &select_device(DevicePreference::Auto)?).context("loading the detector")?;
+    if let Some(bad) = shares.iter().find(|s| !(0.0..=1.0).contains(*s)) {
+        bail!("--second-look shares lie in [0, 1], got {bad}");
+    }
+    let device = select_device(DevicePreference::Auto)?;
+    let detector = GarmentDetector::load(&weights, &device).context("loading the detector")?;
+    let embedder = GarmentEmbedder::load(&embedder, &device).context("loading the embedder")?;
+    let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
     let folder = Df2Folder::open(&data)?;
     let keep = |pair_id: u64| matches!(split, Split::All) || pair_id % 5 == 1;
     let mut reporter = Reporter::default();
-    let report = evaluate_detector(&detector, &folder, &keep, &mut |e| reporter.handle(e))?;
+    let report = evaluate_detector(&pipeline, &folder, &keep, shares, &mut |e| reporter.handle(e))?;
     reporter.finish();
     std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
     let written = report::detection(&out, &report, &command_line())?;
@@ -157,8 +171,21 @@ fn detection(data: PathBuf, weights: PathBuf, split: Split, out: PathBuf) -> Res
             p.min_score, p.precision, p.recall, p.f1, p.garments_per_image, p.annotated_per_image
         );
     }
+    for p in &report.second_look {
+        println!(
+            "second look, category head share {:.2}{}: headline AP50 {}, class-agnostic AP50 {:.3}, served precision {:.3}, recall {:.3}, F1 {:.3}, {:.2} garments per image",
+            p.share,
+            if p.configured { " (shipped)" } else { "" },
+            p.headline_ap50.map_or("-".to_string(), |a| format!("{a:.3}")),
+            p.class_agnostic_ap50,
+            p.served.precision,
+            p.served.recall,
+            p.served.f1,
+            p.served.garments_per_image
+        );
+    }
     println!(
-        "{:.1} ms per image (decode + detect); report: {}; also {}",
+        "{:.1} ms per image (decode, detect, second-look embeddings); report: {}; also {}",
         report.ms_per_image,
         out.display(),
         written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")

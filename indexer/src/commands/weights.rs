@@ -71,6 +71,10 @@ pub enum WeightsCommand {
         cross_class_containment: Option<f32>,
         #[arg(long)]
         max_detections: Option<usize>,
+        /// The category head's share in a detected garment's class, the second look (0: the
+        /// detector's class alone).
+        #[arg(long)]
+        second_look: Option<f32>,
     },
 }
 
@@ -86,7 +90,10 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             println!("{}: {}-d, version {}", out.display(), config.dim, config.version);
             return Ok(());
         }
-        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, containment, cross_class_containment, max_detections } => {
+        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, containment, cross_class_containment, max_detections, second_look } => {
+            if let Some(bad) = second_look.filter(|s| !(0.0..=1.0).contains(s)) {
+                bail!("--second-look lies in [0, 1], got {bad}");
+            }
             let detector = GarmentDetector::load(&weights, &candle_core::Device::Cpu).with_context(|| format!("loading {}", weights.display()))?;
             let mut config = detector.config().clone();
             let p = &mut config.postprocess;
@@ -96,6 +103,7 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             p.containment = containment.unwrap_or(p.containment);
             p.cross_class_containment = cross_class_containment.unwrap_or(p.cross_class_containment);
             p.max_detections = max_detections.unwrap_or(p.max_detections);
+            p.category_fusion = second_look.unwrap_or(p.category_fusion);
             let config = config.versioned(detector.head())?;
             GarmentDetector::save_head(&weights, &config, detector.head())?;
             println!("{}: post-processing {:?}, version {}", weights.display(), config.postprocess, config.version);

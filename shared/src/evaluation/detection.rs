@@ -12,12 +12,15 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use image::RgbImage;
+
 use crate::datasets::{Df2Annotation, Df2Folder};
 use crate::geometry::BBox;
-use crate::models::detector::{GarmentDetector, Postprocess};
+use crate::models::detector::{Detection, GarmentDetector, Postprocess};
+use crate::pipeline::GarmentPipeline;
 use crate::progress::{Progress, ProgressFn};
 use crate::vision::{DecodeLimits, decode_image};
+use crate::{Error, Result};
 
 /// Categories whose mean AP50 the detector issue sets its target on.
 pub const HEADLINE: [&str; 8] = ["top", "outer", "dress", "pants", "skirt", "shorts", "footwear", "bag"];
@@ -177,9 +180,12 @@ pub struct DetectionReport {
     /// numbers, per domain.
     #[serde(default)]
     pub served: Vec<ServedPoint>,
+    /// The detector with its second look at each share measured (the shipped one marked).
+    #[serde(default)]
+    pub second_look: Vec<SecondLookPoint>,
     pub detector: String,
     pub input_size: u32,
-    /// Wall time per image: decode, detect.
+    /// Wall time per image: decode, detect, and the embeddings of the second look.
     pub ms_per_image: f64,
     pub seconds: f64,
 }
@@ -209,33 +215,36 @@ pub struct ServedPoint {
 /// Score thresholds of the served sweep.
 const SERVED_THRESHOLDS: [f32; 11] = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7];
 
-/// The served sweep from one decode per image at the lowest threshold: greedy suppression
-/// only lets a higher-scoring box remove a lower one, so the boxes kept at threshold `t`
-/// are exactly those of the lowest threshold scoring ≥ `t`.
-fn served_points(gts: &[GroundTruth], served: &[Detected], images: usize, configured: f32) -> Vec<ServedPoint> {
+/// The sweep's thresholds with the configured one among them, ascending.
+fn sweep_thresholds(configured: f32) -> Vec<f32> {
     let mut thresholds: Vec<f32> = SERVED_THRESHOLDS.to_vec();
     if !thresholds.iter().any(|t| (t - configured).abs() < 1e-6) {
         thresholds.push(configured);
         thresholds.sort_by(f32::total_cmp);
     }
-    let mut by_image: HashMap<u64, (Vec<&GroundTruth>, Vec<&Detected>)> = HashMap::new();
-    for g in gts {
-        by_image.entry(g.image).or_default().0.push(g);
-    }
-    for d in served {
-        by_image.entry(d.image).or_default().1.push(d);
-    }
-    for (_, dets) in by_image.values_mut() {
-        dets.sort_by(|a, b| b.score.total_cmp(&a.score));
-    }
     thresholds
-        .into_iter()
-        .map(|t| {
-            let (mut right, mut found) = (0usize, 0usize);
-            for (g, dets) in by_image.values() {
+}
+
+/// The served sweep: `served_at` holds, per threshold (ascending), what the serving
+/// post-processing keeps at it over all images.
+fn served_points(gts: &[GroundTruth], served_at: &[(f32, Vec<Detected>)], images: usize, configured: f32) -> Vec<ServedPoint> {
+    let mut truth: HashMap<u64, Vec<&GroundTruth>> = HashMap::new();
+    for g in gts {
+        truth.entry(g.image).or_default().push(g);
+    }
+    served_at
+        .iter()
+        .map(|(t, served)| {
+            let mut by_image: HashMap<u64, Vec<&Detected>> = HashMap::new();
+            for d in served {
+                by_image.entry(d.image).or_default().push(d);
+            }
+            let (mut right, found) = (0usize, served.len());
+            for (image, dets) in by_image.iter_mut() {
+                dets.sort_by(|a, b| b.score.total_cmp(&a.score));
+                let g = truth.get(image).map(Vec::as_slice).unwrap_or(&[]);
                 let mut taken = vec![false; g.len()];
-                for d in dets.iter().filter(|d| d.score >= t) {
-                    found += 1;
+                for d in dets.iter() {
                     let best = g
                         .iter()
                         .enumerate()
@@ -254,7 +263,7 @@ fn served_points(gts: &[GroundTruth], served: &[Detected], images: usize, config
             let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
             let n = images.max(1) as f64;
             ServedPoint {
-                min_score: t,
+                min_score: *t,
                 configured: (t - configured).abs() < 1e-6,
                 precision,
                 recall,
@@ -266,12 +275,71 @@ fn served_points(gts: &[GroundTruth], served: &[Detected], images: usize, config
         .collect()
 }
 
-/// Runs `detector` on every image of `folder` whose `pair_id` `keep` accepts (the split
-/// key: a street photo and its shop images fall on the same side) and measures COCO box AP
-/// against the annotations, and the served sweep. Ground truth and detections meet by
-/// category id.
-pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &dyn Fn(u64) -> bool, progress: ProgressFn) -> Result<DetectionReport> {
+/// The detector's numbers with the second look at one share of the category head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecondLookPoint {
+    /// The category head's share (0: the detector's classes).
+    pub share: f32,
+    /// Mean AP50 over the headline categories of the second look's output (the detector's
+    /// detections at its evaluation floor, each rescored for its class).
+    pub headline_ap50: Option<f64>,
+    pub class_agnostic_ap50: f64,
+    /// What is served at the configured score threshold.
+    pub served: ServedPoint,
+    /// The shipped configuration's share.
+    pub configured: bool,
+}
+
+/// One image's detections at every operating point an evaluation reads.
+struct ImageDetections {
+    /// The detector alone, at the evaluation floor.
+    ranked: Vec<Detected>,
+    /// Per share: the second look's detections.
+    by_share: Vec<Vec<Detected>>,
+    /// Per share, per sweep threshold: the served detections.
+    served: Vec<Vec<Vec<Detected>>>,
+}
+
+/// Detections of one photo for every share and threshold, from one forward pass of each
+/// network: the evaluation proposals and the sweep's boxes are embedded once.
+fn detect_image(pipeline: &GarmentPipeline<'_>, detector: &GarmentDetector, image: &RgbImage, id: u64, shares: &[f32], thresholds: &[f32]) -> Result<ImageDetections> {
+    let configured = detector.config().postprocess;
+    let sweep = Postprocess { min_score: thresholds[0], ..configured };
+    let [ranked, swept] = <[_; 2]>::try_from(detector.detect_each(image, &[&Postprocess::EVALUATION, &sweep])?).expect("one list per post-processing");
+    let detected = |d: &Detection| Detected { image: id, class: d.class, bbox: d.bbox, score: d.score };
+    let by_share = pipeline.detections_for_evaluation(image, shares)?.into_iter().map(|found| found.iter().map(|(d, _)| detected(d)).collect()).collect();
+    let crops: Vec<Option<BBox>> = swept.iter().map(|d| Some(d.bbox)).collect();
+    let head: Vec<Option<Vec<f32>>> = pipeline.embed(image, &crops)?.iter().map(|e| pipeline.embedder.category_probabilities(e)).collect();
+    let served = shares
+        .iter()
+        .map(|&share| {
+            thresholds
+                .iter()
+                .map(|&t| {
+                    // Exactly what serving at threshold `t` keeps: greedy suppression lets a
+                    // box go only for a better one, so the detector's boxes at `t` are the
+                    // sweep's scoring ≥ `t`; the second look then reads those.
+                    let post = Postprocess { min_score: t, category_fusion: share, ..configured };
+                    let (at, heads): (Vec<Detection>, Vec<Option<Vec<f32>>>) = swept.iter().zip(&head).filter(|(d, _)| d.score >= t).map(|(d, h)| (d.clone(), h.clone())).unzip();
+                    match pipeline.fusion(share) {
+                        Some(fusion) => fusion.relabel(at, &heads, &post).iter().map(|(d, _)| detected(d)).collect(),
+                        None => at.iter().map(detected).collect(),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Ok(ImageDetections { ranked: ranked.iter().map(detected).collect(), by_share, served })
+}
+
+/// Runs the pipeline's detector on every image of `folder` whose `pair_id` `keep` accepts
+/// (the split key: a street photo and its shop images fall on the same side) and measures
+/// COCO box AP against the annotations, and the served sweep, as shipped (the detector's
+/// second-look share); `shares` adds a row per share of the category head to choose it
+/// by. Ground truth and detections meet by category id.
+pub fn evaluate_detector(pipeline: &GarmentPipeline<'_>, folder: &Df2Folder, keep: &dyn Fn(u64) -> bool, shares: &[f32], progress: ProgressFn) -> Result<DetectionReport> {
     let started = Instant::now();
+    let detector = pipeline.detector.ok_or_else(|| Error::InvalidSetting { name: "detector", reason: "a detection evaluation needs a detector".into() })?;
     let known = &detector.config().categories;
     // Classes: the detector's, then any category only the data has.
     let mut names: Vec<String> = known.iter().map(|c| c.name.clone()).collect();
@@ -285,8 +353,13 @@ pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &
     }
     progress(Progress::Stage { name: "detecting".into(), total: images.len() as u64 });
     let configured = detector.config().postprocess;
-    let sweep = Postprocess { min_score: configured.min_score.min(SERVED_THRESHOLDS[0]), ..configured };
-    let (mut gts, mut dets, mut served) = (Vec::new(), Vec::new(), Vec::new());
+    let mut all_shares: Vec<f32> = vec![configured.category_fusion];
+    all_shares.extend(shares.iter().filter(|s| !all_shares.contains(s)).copied().collect::<Vec<_>>());
+    let thresholds = sweep_thresholds(configured.min_score);
+    let mut gts = Vec::new();
+    let mut ranked = Vec::new();
+    let mut by_share: Vec<Vec<Detected>> = vec![Vec::new(); all_shares.len()];
+    let mut served: Vec<Vec<Vec<Detected>>> = vec![vec![Vec::new(); thresholds.len()]; all_shares.len()];
     let mut detect_seconds = 0.0;
     for (entry, anno) in &images {
         for item in &anno.items {
@@ -299,16 +372,40 @@ pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &
         let bytes = std::fs::read(&entry.image).map_err(|e| crate::Error::io(&entry.image, e))?;
         let timer = Instant::now();
         let image = decode_image(&bytes, DecodeLimits::default())?;
-        let [ranked, kept] = <[_; 2]>::try_from(detector.detect_each(&image, &[&Postprocess::EVALUATION, &sweep])?).expect("one list per post-processing");
+        let found = detect_image(pipeline, detector, &image, entry.id, &all_shares, &thresholds)?;
         detect_seconds += timer.elapsed().as_secs_f64();
-        let detected = |d: crate::models::detector::Detection| Detected { image: entry.id, class: d.class, bbox: d.bbox, score: d.score };
-        dets.extend(ranked.into_iter().map(&detected));
-        served.extend(kept.into_iter().map(&detected));
+        ranked.extend(found.ranked);
+        for (s, dets) in found.by_share.into_iter().enumerate() {
+            by_share[s].extend(dets);
+        }
+        for (s, per_threshold) in found.served.into_iter().enumerate() {
+            for (t, dets) in per_threshold.into_iter().enumerate() {
+                served[s][t].extend(dets);
+            }
+        }
         progress(Progress::Advance(1));
     }
     let seconds = started.elapsed().as_secs_f64();
-    let summary = evaluate(&gts, &dets, names.len());
     let headline: Vec<usize> = names.iter().enumerate().filter(|(_, n)| HEADLINE.contains(&n.as_str())).map(|(i, _)| i).collect();
+    let sweeps: Vec<Vec<ServedPoint>> = served
+        .into_iter()
+        .map(|per_threshold| served_points(&gts, &thresholds.iter().copied().zip(per_threshold).collect::<Vec<_>>(), images.len(), configured.min_score))
+        .collect();
+    let second_look = all_shares
+        .iter()
+        .zip(&by_share)
+        .zip(&sweeps)
+        .map(|((&share, dets), sweep)| SecondLookPoint {
+            share,
+            headline_ap50: evaluate(&gts, dets, names.len()).mean_ap50_over(&headline),
+            class_agnostic_ap50: class_agnostic_ap50(&gts, dets),
+            served: sweep.iter().find(|p| p.configured).cloned().expect("the configured threshold is in the sweep"),
+            configured: share == configured.category_fusion,
+        })
+        .collect();
+    // The headline numbers are what ships: the detector alone, or its second look.
+    let shipped = if configured.category_fusion > 0.0 { &by_share[0] } else { &ranked };
+    let summary = evaluate(&gts, shipped, names.len());
     Ok(DetectionReport {
         protocol: "coco-box".into(),
         images: images.len(),
@@ -316,11 +413,12 @@ pub fn evaluate_detector(detector: &GarmentDetector, folder: &Df2Folder, keep: &
         ap50: summary.ap50,
         ap75: summary.ap75,
         headline_ap50: summary.mean_ap50_over(&headline),
-        class_agnostic_ap50: class_agnostic_ap50(&gts, &dets),
+        class_agnostic_ap50: class_agnostic_ap50(&gts, shipped),
         per_category: summary.per_class.into_iter().map(|(c, ap)| (names[c].clone(), ap)).collect(),
         detector: detector.version().to_string(),
         input_size: detector.config().preprocess.size,
-        served: served_points(&gts, &served, images.len(), configured.min_score),
+        served: sweeps.into_iter().next().unwrap_or_default(),
+        second_look,
         ms_per_image: 1000.0 * detect_seconds / images.len().max(1) as f64,
         seconds,
     })
@@ -344,7 +442,8 @@ mod tests {
         // fragment (0.4); image 2: its top found with the wrong class (0.6), its bag missed.
         let gts = [gt(1, 0, [0.0, 0.0, 10.0, 20.0]), gt(2, 1, [0.0, 0.0, 10.0, 10.0]), gt(2, 2, [20.0, 20.0, 30.0, 30.0])];
         let served = [det(1, 0, [0.0, 0.0, 10.0, 19.0], 0.9), det(1, 0, [0.0, 0.0, 10.0, 8.0], 0.4), det(2, 3, [0.0, 0.0, 10.0, 10.0], 0.6)];
-        let points = served_points(&gts, &served, 2, 0.42);
+        let at_threshold: Vec<(f32, Vec<Detected>)> = sweep_thresholds(0.42).into_iter().map(|t| (t, served.iter().filter(|d| d.score >= t).cloned().collect())).collect();
+        let points = served_points(&gts, &at_threshold, 2, 0.42);
         let at = |t: f32| points.iter().find(|p| (p.min_score - t).abs() < 1e-6).unwrap();
         let low = at(0.3);
         assert_eq!((low.garments_per_image, low.annotated_per_image), (1.5, 1.5));

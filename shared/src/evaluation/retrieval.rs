@@ -45,6 +45,8 @@ pub struct Detection {
     pub bbox: BBox,
     pub category_id: u32,
     pub score: f32,
+    /// The garment's embedding when the pipeline made it with the detection.
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// Accuracy of one group of queries.
@@ -180,15 +182,27 @@ pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn
 /// A query image's detections: the annotated items, or the detector's garments.
 fn query_detections(engine: &SearchEngine, image: &RgbImage, anno: &Df2Annotation, boxes: QueryBoxes) -> Result<Vec<Detection>> {
     match boxes {
-        QueryBoxes::GroundTruth => Ok(anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0 }).collect()),
+        QueryBoxes::GroundTruth => Ok(anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0, embedding: None }).collect()),
         QueryBoxes::Detected => {
             let detector = engine.detector.as_ref().ok_or_else(|| Error::InvalidSetting { name: "boxes", reason: "detected query boxes need a detector".into() })?;
             let categories = &detector.config().categories;
+            let share = detector.config().postprocess.category_fusion;
+            if share <= 0.0 {
+                // The detector alone: its evaluation floor, each query embedded when searched.
+                return Ok(engine
+                    .pipeline()
+                    .detect_with(image, &Postprocess::EVALUATION)?
+                    .into_iter()
+                    .map(|d| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score, embedding: None })
+                    .collect());
+            }
+            // The detector's proposals named again by the category head at the shipped share.
             Ok(engine
                 .pipeline()
-                .detect_with(image, &Postprocess::EVALUATION)?
+                .detections_for_evaluation(image, &[share])?
                 .into_iter()
-                .map(|d| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score })
+                .flatten()
+                .map(|(d, embedding)| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score, embedding })
                 .collect())
         }
     }
@@ -245,8 +259,11 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes, progress: Progr
                 }
             })
             .collect();
-        let garments: Vec<QueryGarment> =
-            todo.iter().filter_map(|q| q.detection).map(|d| QueryGarment { bbox: detections[d].bbox, known: None, score: detections[d].score, source: "detected" }).collect();
+        let garments: Vec<QueryGarment> = todo
+            .iter()
+            .filter_map(|q| q.detection)
+            .map(|d| QueryGarment { bbox: detections[d].bbox, known: None, score: detections[d].score, source: "detected", embedding: detections[d].embedding.clone() })
+            .collect();
         let (results, _) = inputs.engine.search_garments(inputs.index, &image, garments, &request)?;
         let mut results = results.into_iter();
         for q in todo {
@@ -327,7 +344,7 @@ mod tests {
     use super::*;
 
     fn det(x1: f32, class: u32, score: f32) -> Detection {
-        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), category_id: class, score }
+        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), category_id: class, score, embedding: None }
     }
 
     #[test]

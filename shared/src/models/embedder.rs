@@ -117,16 +117,24 @@ impl Classifier {
         Ok(Self { names: names.to_vec(), weight: head.weight.flatten_all()?.to_vec1()?, bias: head.bias.to_vec1()? })
     }
 
-    fn guess(&self, embedding: &[f32]) -> Option<CategoryGuess> {
+    /// Softmax probability of every category, in `names` order; `None` when the embedding
+    /// does not fit the head.
+    fn probabilities(&self, embedding: &[f32]) -> Option<Vec<f32>> {
         let dim = embedding.len();
         if self.names.is_empty() || self.weight.len() != self.names.len() * dim {
             return None;
         }
         let logits: Vec<f32> = self.weight.chunks_exact(dim).zip(&self.bias).map(|(row, b)| b + row.iter().zip(embedding).map(|(w, x)| w * x).sum::<f32>()).collect();
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-        let (best, logit) = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))?;
-        Some(CategoryGuess { category: self.names[best].clone(), probability: (logit - max).exp() / total })
+        let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+        let total: f32 = exps.iter().sum();
+        Some(exps.into_iter().map(|e| e / total).collect())
+    }
+
+    fn guess(&self, embedding: &[f32]) -> Option<CategoryGuess> {
+        let probabilities = self.probabilities(embedding)?;
+        let (best, p) = probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))?;
+        Some(CategoryGuess { category: self.names[best].clone(), probability: *p })
     }
 }
 
@@ -221,6 +229,12 @@ impl GarmentEmbedder {
     /// weights file has no category head.
     pub fn guess_category(&self, embedding: &[f32]) -> Option<CategoryGuess> {
         self.classifier.as_ref()?.guess(embedding)
+    }
+
+    /// The category head's probability of each of `config().categories` for a unit
+    /// embedding of this embedder; `None` without a category head.
+    pub fn category_probabilities(&self, embedding: &[f32]) -> Option<Vec<f32>> {
+        self.classifier.as_ref()?.probabilities(embedding)
     }
 
     /// Where the backbone named by `config` lives for the weights file `path`.

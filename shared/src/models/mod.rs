@@ -9,6 +9,7 @@ pub mod backbone;
 pub mod detector;
 pub mod embedder;
 pub mod formats;
+pub mod fusion;
 pub mod kernels;
 
 pub use self::backbone::{Backbone, backbone_tag};

@@ -15,9 +15,9 @@ use super::snapshot::{self, ServedGarment, ServedItem, Snapshot};
 use crate::ann::{GarmentIndex, LoadOutcome, SearchHit};
 use crate::catalog::related::{preferred_category, substitutes};
 use crate::geometry::BBox;
-use crate::models::detector::GarmentDetector;
+use crate::models::detector::{Detection, GarmentDetector};
 use crate::models::embedder::GarmentEmbedder;
-use crate::pipeline::GarmentPipeline;
+use crate::pipeline::{FoundGarment, GarmentPipeline};
 use crate::store::ItemMetadata;
 use crate::store::StoreDir;
 use crate::vision::DecodeLimits;
@@ -283,6 +283,9 @@ pub struct QueryGarment {
     pub score: f32,
     /// `detected`, `region` or `whole_image`.
     pub source: &'static str,
+    /// Its embedding when the pipeline already made it (the second look at a detected
+    /// garment); `None`: embedded with the request's other garments.
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// The networks of a searcher.
@@ -354,20 +357,25 @@ impl SearchEngine {
             return Err(Error::Cancelled { stage: done });
         }
         let t = Instant::now();
-        let garments = self.query_garments(image, req)?;
+        let detections = if req.region.is_some() { Vec::new() } else { self.pipeline().detect(image)? };
         let detect = ms(t);
         if cancelled() {
             return Err(Error::Cancelled { stage: "detection" });
         }
+        let t = Instant::now();
+        let garments = self.query_garments(image, req, detections)?;
+        let second_look = ms(t);
         let (garments, mut timings) = self.search_garments(index, image, garments, req)?;
         timings.detect = detect;
+        timings.embed += second_look;
         let (width, height) = image.dimensions();
         Ok(SearchOutcome { width, height, generation: index.generation(), garments, timings_ms: timings })
     }
 
-    /// The garments a request searches for: the shopper's box, or the detector's (of the
-    /// request's category only, when it names one), or the whole photo when there are none.
-    fn query_garments(&self, image: &RgbImage, req: &SearchRequest) -> Result<Vec<QueryGarment>> {
+    /// The garments a request searches for: the shopper's box, or the detector's
+    /// `detections` after the pipeline's second look (of the request's category only, when
+    /// it names one), or the whole photo when there are none.
+    fn query_garments(&self, image: &RgbImage, req: &SearchRequest, detections: Vec<Detection>) -> Result<Vec<QueryGarment>> {
         let (w, h) = image.dimensions();
         let requested = req.category.as_ref().map(|c| (c.clone(), CategorySource::Request));
         let mut garments: Vec<QueryGarment> = match req.region {
@@ -376,20 +384,34 @@ impl SearchEngine {
                 if !clipped.is_valid() {
                     return Err(Error::InvalidBox { reason: format!("{:?} lies outside the {w}×{h} photo", region.to_array()) });
                 }
-                vec![QueryGarment { bbox: clipped, known: requested.clone(), score: 1.0, source: "region" }]
+                vec![QueryGarment { bbox: clipped, known: requested.clone(), score: 1.0, source: "region", embedding: None }]
             }
             None => self
-                .pipeline()
-                .detect(image)?
+                .second_look(image, detections)?
                 .into_iter()
-                .filter(|d| req.category.as_ref().is_none_or(|c| &d.category == c))
-                .map(|d| QueryGarment { bbox: d.bbox, known: Some((d.category, CategorySource::Detector)), score: d.score, source: "detected" })
+                .filter(|g| req.category.as_ref().is_none_or(|c| &g.detection.category == c))
+                .map(|g| QueryGarment {
+                    bbox: g.detection.bbox,
+                    known: Some((g.detection.category, CategorySource::Detector)),
+                    score: g.detection.score,
+                    source: "detected",
+                    embedding: Some(g.embedding),
+                })
                 .collect(),
         };
         if garments.is_empty() {
-            garments.push(QueryGarment { bbox: BBox::new(0.0, 0.0, w as f32, h as f32), known: requested, score: 1.0, source: "whole_image" });
+            garments.push(QueryGarment { bbox: BBox::new(0.0, 0.0, w as f32, h as f32), known: requested, score: 1.0, source: "whole_image", embedding: None });
         }
         Ok(garments)
+    }
+
+    /// The pipeline's second look at the detector's garments under its shipped
+    /// post-processing (none without a detector).
+    fn second_look(&self, image: &RgbImage, detections: Vec<Detection>) -> Result<Vec<FoundGarment>> {
+        match &self.detector {
+            Some(d) => self.pipeline().second_look(image, detections, &d.config().postprocess),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Embeds `garments` of `image` (one batch, by the one pipeline) and ranks the shop
@@ -399,11 +421,16 @@ impl SearchEngine {
     pub fn search_garments(&self, index: &ServingIndex, image: &RgbImage, garments: Vec<QueryGarment>, req: &SearchRequest) -> Result<(Vec<GarmentResult>, Timings)> {
         let mut timings = Timings::default();
         let t = Instant::now();
-        let crops: Vec<Option<BBox>> = garments.iter().map(|g| Some(g.bbox)).collect();
-        let embeddings = self.pipeline().embed(image, &crops)?;
+        // Garments found by the detector were embedded by the second look; the rest (a
+        // drawn box, the whole photo, an evaluator's boxes) in one batch here.
+        let crops: Vec<Option<BBox>> = garments.iter().filter(|g| g.embedding.is_none()).map(|g| Some(g.bbox)).collect();
+        let mut fresh = self.pipeline().embed(image, &crops)?.into_iter();
         timings.embed = ms(t);
         let mut results = Vec::with_capacity(garments.len());
-        for (garment, embedding) in garments.into_iter().zip(embeddings) {
+        for mut garment in garments {
+            // `embed` gives one vector per crop; were one missing, the index would refuse the
+            // empty vector (a dimension error), not answer wrongly.
+            let embedding = garment.embedding.take().unwrap_or_else(|| fresh.next().unwrap_or_default());
             let (category, category_source, category_probability) = match garment.known {
                 Some((c, s)) => (c, s, None),
                 None => match self.embedder.guess_category(&embedding) {

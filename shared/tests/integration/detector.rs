@@ -12,6 +12,8 @@ use candle_core::Device;
 use shoplens::geometry::BBox;
 use shoplens::indexing::item_garments;
 use shoplens::models::detector::GarmentDetector;
+use shoplens::models::embedder::GarmentEmbedder;
+use shoplens::pipeline::GarmentPipeline;
 use shoplens::vision::{DecodeLimits, decode_image};
 
 fn repo() -> PathBuf {
@@ -48,4 +50,38 @@ fn a_cut_out_on_white_is_indexed_as_one_garment_that_frames_it() {
     let bytes = std::fs::read(repo().join("shared/tests/fixtures/cutouts/pants.jpg")).unwrap();
     let found = detector.detect(&decode_image(&bytes, DecodeLimits::default()).unwrap()).unwrap();
     assert!(found.iter().any(|d| d.category == "pants"), "{found:?}");
+}
+
+/// The pipeline's second look (the embedder's category head weighed into each detected
+/// garment's class): the garments a cut-out is served and indexed with are the detector's
+/// boxes, renamed only where the two networks together say so, each with its embedding.
+#[test]
+fn the_second_look_keeps_the_detectors_boxes_and_names_the_cut_outs() {
+    let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    assert!(detector.config().postprocess.category_fusion > 0.0, "the shipped detector has a second look");
+    let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
+    let mut named = Vec::new();
+    for (file, category, _) in CUTOUTS {
+        let bytes = std::fs::read(repo().join("shared/tests/fixtures/cutouts").join(file)).unwrap();
+        let image = decode_image(&bytes, DecodeLimits::default()).unwrap();
+        let plain = detector.detect(&image).unwrap();
+        let found = pipeline.find_garments(&image).unwrap();
+        // Same boxes with the same confidence (suppression may merge two that now share a
+        // class), each embedded as the index stores it. (The white top is one the detector
+        // misses: nothing to look at twice; the catalog rule gives it the whole photo.)
+        assert!(found.len() <= plain.len() && found.is_empty() == plain.is_empty(), "{file}: {found:?} from {plain:?}");
+        if found.is_empty() {
+            continue;
+        }
+        for g in &found {
+            let original = plain.iter().find(|d| d.bbox == g.detection.bbox).unwrap_or_else(|| panic!("{file}: {:?} is no box of the detector", g.detection));
+            assert!((original.score - g.detection.score).abs() < 1e-6, "{file}: {g:?} vs {original:?}");
+            assert_eq!(g.embedding.len(), embedder.dim());
+        }
+        // Its best garment is of the catalog category.
+        assert_eq!(found[0].detection.category, category, "{file}: {found:?}");
+        named.push(file);
+    }
+    assert!(named.contains(&"pants.jpg"), "the pants are found and named: {named:?}");
 }

@@ -10,6 +10,7 @@ use shoplens::ann::{AnnParams, LoadOutcome};
 use shoplens::catalog::{CatalogSource, LabelMap};
 use shoplens::datasets::synth::{self, SynthConfig};
 use shoplens::indexing::{BoxMode, BuildOptions, BuildReport, Models, build_generation, write_serving_snapshot};
+use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::progress::Progress;
 use shoplens::serving::engine::ServingIndex;
@@ -159,6 +160,37 @@ fn an_interrupted_build_resumes_where_it_stopped_to_the_same_index() {
     assert!(resumed.resumed);
     assert_eq!((resumed.embedded_items, resumed.added, resumed.items), (2, 5, 5));
     assert_eq!(contents(&crashed), contents(&clean));
+}
+
+/// Items go through the networks side by side (a chunk at a time): with the detector and its
+/// second look on real CC0 photos, the index equals one built an item at a time, bit for bit.
+#[test]
+fn items_embedded_side_by_side_equal_items_embedded_one_by_one_with_the_detector() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("shop/images")).unwrap();
+    let demo = std::fs::read_to_string(repo.join("demo/catalog/catalog.csv")).unwrap();
+    // Six photos of different kinds: every 50th row of the label-sorted demo catalog.
+    let mut csv: Vec<&str> = vec![demo.lines().next().unwrap()];
+    csv.extend(demo.lines().skip(1).step_by(50).take(6));
+    for row in &csv[1..] {
+        let image = row.split(',').nth(1).unwrap();
+        std::fs::copy(repo.join("demo/catalog").join(image), dir.path().join("shop").join(image)).unwrap();
+    }
+    std::fs::write(dir.path().join("shop/catalog.csv"), csv.join("\n") + "\n").unwrap();
+    let sources = [CatalogSource::from_path(&dir.path().join("shop/catalog.csv")).unwrap()];
+    let embedder = embedder();
+    let detector = GarmentDetector::load(&repo.join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    assert!(detector.config().postprocess.category_fusion > 0.0);
+    let models = Models { embedder: &embedder, detector: Some(&detector) };
+    let build_with = |name: &str, save_every: usize| {
+        let store = CatalogStore::open(dir.path().join(name)).unwrap();
+        let report = build_generation(&store, &sources, &LabelMap::default(), models, &BuildOptions { save_every, ..BuildOptions::default() }, &mut |_| {}).unwrap();
+        assert_eq!((report.items, report.failures.len()), (6, 0));
+        contents(&store)
+    };
+    let one_by_one = build_with("one-by-one", 1);
+    assert_eq!(build_with("side-by-side", 6), one_by_one);
 }
 
 #[test]

@@ -28,6 +28,10 @@ pub struct Postprocess {
     /// inside others (a top under an open jacket), so this stays near 1. 1 turns it off.
     #[serde(default = "off")]
     pub cross_class_containment: f32,
+    /// The second look: the share the match network's category head gets in a detected
+    /// garment's class (see [`crate::models::fusion`]); 0 leaves the detector's class.
+    #[serde(default)]
+    pub category_fusion: f32,
 }
 
 /// The value that turns an overlap rule off: nothing overlaps more than all of itself.
@@ -38,9 +42,11 @@ fn off() -> f32 {
 impl Postprocess {
     /// For measuring AP: everything down to a low score, class by class, as COCO
     /// evaluations do.
-    pub const EVALUATION: Postprocess = Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0, containment: 1.0, cross_class_containment: 1.0 };
+    pub const EVALUATION: Postprocess =
+        Postprocess { min_score: 0.05, nms_iou: 0.6, max_detections: 100, cross_class_iou: 1.0, containment: 1.0, cross_class_containment: 1.0, category_fusion: 0.0 };
     /// For shoppers and indexing: confident garments, each once.
-    pub const SERVING: Postprocess = Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7, containment: 0.8, cross_class_containment: 1.0 };
+    pub const SERVING: Postprocess =
+        Postprocess { min_score: 0.45, nms_iou: 0.5, max_detections: 8, cross_class_iou: 0.7, containment: 0.8, cross_class_containment: 1.0, category_fusion: 0.0 };
 }
 
 /// Centre of every location, in input pixels, levels finest first (the order of
@@ -58,12 +64,26 @@ pub fn location_grid(size: usize, strides: &[usize]) -> Vec<(f32, f32, f32)> {
     out
 }
 
+/// A decoded box in input coordinates: its class, score and the location that produced it
+/// (where the class probabilities of its second look are read).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Located {
+    pub bbox: BBox,
+    pub class: usize,
+    pub score: f32,
+    pub location: usize,
+}
+
 /// Decodes one image's head output `[num_classes + 5, locations]` into boxes in input
 /// coordinates, then suppresses overlaps class by class.
 pub fn decode(output: &[f32], num_classes: usize, grid: &[(f32, f32, f32)], post: &Postprocess) -> Vec<(BBox, usize, f32)> {
+    decode_located(output, num_classes, grid, post).into_iter().map(|d| (d.bbox, d.class, d.score)).collect()
+}
+
+/// [`decode`] keeping each box's location.
+pub fn decode_located(output: &[f32], num_classes: usize, grid: &[(f32, f32, f32)], post: &Postprocess) -> Vec<Located> {
     let n = grid.len();
     debug_assert_eq!(output.len(), (num_classes + 5) * n);
-    let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
     let mut candidates = Vec::new();
     for (loc, &(cx, cy, s)) in grid.iter().enumerate() {
         let centreness = sigmoid(output[(num_classes + 4) * n + loc]);
@@ -71,29 +91,48 @@ pub fn decode(output: &[f32], num_classes: usize, grid: &[(f32, f32, f32)], post
             let score = (sigmoid(output[class * n + loc]) * centreness).sqrt();
             if score >= post.min_score {
                 let d = |i: usize| output[(num_classes + i) * n + loc] * s;
-                candidates.push((BBox::new(cx - d(0), cy - d(1), cx + d(2), cy + d(3)), class, score));
+                candidates.push(Located { bbox: BBox::new(cx - d(0), cy - d(1), cx + d(2), cy + d(3)), class, score, location: loc });
             }
         }
     }
     // Before suppression keep the 1,000 best, as FCOS does: bounds the quadratic NMS.
-    candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
+    candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
     candidates.truncate(1000);
-    let mut kept: Vec<(BBox, usize, f32)> = Vec::new();
-    for c in candidates {
-        if kept.len() >= post.max_detections {
-            break;
+    post.suppress(candidates, |c| (c.bbox, c.class))
+}
+
+/// The class probabilities (sigmoid of each class logit) and the centre-ness at one
+/// location of a head output.
+pub fn location_probabilities(output: &[f32], num_classes: usize, locations: usize, loc: usize) -> (Vec<f32>, f32) {
+    ((0..num_classes).map(|c| sigmoid(output[c * locations + loc])).collect(), sigmoid(output[(num_classes + 4) * locations + loc]))
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Postprocess {
+    /// Greedy suppression of `sorted` (best first) by the overlap rules, at most
+    /// `max_detections` kept; `key` gives an entry's box and class.
+    pub fn suppress<T>(&self, sorted: Vec<T>, key: impl Fn(&T) -> (BBox, usize)) -> Vec<T> {
+        let mut kept: Vec<T> = Vec::new();
+        for c in sorted {
+            if kept.len() >= self.max_detections {
+                break;
+            }
+            let candidate = key(&c);
+            if kept.iter().all(|k| !self.suppresses(&key(k), &candidate)) {
+                kept.push(c);
+            }
         }
-        if kept.iter().all(|k| !post.suppresses(k, &c)) {
-            kept.push(c);
-        }
+        kept
     }
-    kept
 }
 
 impl Postprocess {
     /// Whether `kept` (scoring higher) suppresses `candidate`: the same garment seen twice,
     /// or a part of it.
-    fn suppresses(&self, kept: &(BBox, usize, f32), candidate: &(BBox, usize, f32)) -> bool {
+    fn suppresses(&self, kept: &(BBox, usize), candidate: &(BBox, usize)) -> bool {
         let iou = kept.0.iou(&candidate.0);
         if kept.1 != candidate.1 {
             return iou > self.cross_class_iou || kept.0.containment(&candidate.0) > self.cross_class_containment;
@@ -135,7 +174,7 @@ mod tests {
             [big, big, big],  // centre-ness
         ]
         .concat();
-        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 1.0, cross_class_containment: 1.0 };
+        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 1.0, cross_class_containment: 1.0, category_fusion: 0.0 };
         let mut d = decode(&out, 2, &grid, &post);
         d.sort_by_key(|a| (a.1, a.0.x1 as i32));
         // Class 0: locations 0 and 1 decode to the same box [0,0,16,16]: one survives.
@@ -166,7 +205,7 @@ mod tests {
             [9.0, 9.0, 9.0], // centre-ness
         ]
         .concat();
-        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 0.8, cross_class_containment: 1.0 };
+        let post = Postprocess { min_score: 0.5, nms_iou: 0.5, max_detections: 10, cross_class_iou: 1.0, containment: 0.8, cross_class_containment: 1.0, category_fusion: 0.0 };
         let d = decode(&out, 1, &grid, &post);
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![BBox::new(8.0, 8.0, 72.0, 72.0), BBox::new(112.0, 32.0, 128.0, 48.0)], "{d:?}");
         // Off, the part (IoU 1/16 with the whole) stays.

@@ -26,7 +26,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-pub use self::decode::{Postprocess, decode, location_grid};
+pub use self::decode::{Located, Postprocess, decode, decode_located, location_grid, location_probabilities};
 pub use self::head::{Conv, DetectorHead, ParamInit, ParamSource, head_inputs, input_channels};
 use super::Backbone;
 use super::formats::tensors::NamedTensors;
@@ -128,6 +128,14 @@ pub struct Detection {
     pub class: usize,
     pub category: String,
     pub score: f32,
+    /// The detector's probability of every category at the location that found the box
+    /// (sigmoid of each class logit): what the second look weighs against the category
+    /// head's reading (see [`crate::models::fusion`]).
+    #[serde(default, skip_serializing)]
+    pub class_probs: Vec<f32>,
+    /// The location's centre-ness (the score is `sqrt(probability × centre-ness)`).
+    #[serde(default, skip_serializing)]
+    pub centreness: f32,
 }
 
 /// Backbone + head, ready to detect.
@@ -195,12 +203,16 @@ impl GarmentDetector {
         let raw = self.forward(&input)?;
         let raw = raw.squeeze(0)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let geometry = LetterboxGeometry::new(image.width(), image.height(), pre.size);
-        let in_photo = |(b, class, score): (BBox, usize, f32)| {
-            let bbox = geometry.to_source(b);
+        let (classes, locations) = (self.config.num_classes(), self.grid.len());
+        let in_photo = |d: Located| {
+            let bbox = geometry.to_source(d.bbox);
             let big_enough = bbox.x2 - bbox.x1 >= MIN_GARMENT_SIDE && bbox.y2 - bbox.y1 >= MIN_GARMENT_SIDE;
-            (bbox.is_valid() && big_enough).then(|| Detection { bbox, class, category: self.config.categories[class].name.clone(), score })
+            (bbox.is_valid() && big_enough).then(|| {
+                let (class_probs, centreness) = location_probabilities(&raw, classes, locations, d.location);
+                Detection { bbox, class: d.class, category: self.config.categories[d.class].name.clone(), score: d.score, class_probs, centreness }
+            })
         };
-        Ok(posts.iter().map(|post| decode(&raw, self.config.num_classes(), &self.grid, post).into_iter().filter_map(in_photo).collect()).collect())
+        Ok(posts.iter().map(|post| decode_located(&raw, classes, &self.grid, post).into_iter().filter_map(in_photo).collect()).collect())
     }
 
     /// The network alone: preprocessed inputs `[n, 3, size, size]` → raw outputs

@@ -122,6 +122,14 @@ pub struct DetectorArgs {
     /// of the random street views.
     #[arg(long)]
     copy_paste: bool,
+    /// Tagged street photos without boxes (ccp-unlabelled: image/ + tags.json): the --init
+    /// detector's boxes that each photo's tags confirm make it a training photo, when every
+    /// tagged headline class was found (self-training).
+    #[arg(long)]
+    unlabelled: Option<PathBuf>,
+    /// Score a pseudo-box needs.
+    #[arg(long, default_value_t = 0.5)]
+    pseudo_min_score: f32,
     #[arg(long, default_value = "models/efficientnet-lite0.safetensors")]
     backbone: PathBuf,
     #[arg(long, default_value = "models/detector-lite0.safetensors")]
@@ -208,6 +216,8 @@ impl DetectorArgs {
             shop_views: self.shop_views,
             shop_per_epoch: self.shop_per_epoch,
             copy_paste: self.copy_paste,
+            unlabelled: self.unlabelled,
+            pseudo_min_score: self.pseudo_min_score,
             backbone: self.backbone,
             out: self.out,
             cache: self.cache,

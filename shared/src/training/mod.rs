@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod detector;
 pub mod embedder;
 pub mod retrieval;
+pub(crate) mod tagged;
 
 use std::path::{Path, PathBuf};
 

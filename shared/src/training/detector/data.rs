@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use super::DetectorTraining;
 use super::views::{self, Targets};
 use crate::datasets::{Df2Annotation, Df2Folder, Df2Image};
+use crate::evaluation::detection::HEADLINE;
 use crate::geometry::BBox;
 use crate::models::Backbone;
-use crate::models::detector::Category;
+use crate::models::detector::{Category, Detection, GarmentDetector, Postprocess};
+use crate::training::tagged::read_tagged;
 use crate::training::{Progress, ProgressFn, catalog_photos, is_validation_sender};
 use crate::vision::{DecodeLimits, Preprocess, decode_image};
 use crate::{Error, Result};
@@ -135,6 +137,58 @@ fn read_samples(folder: &Annotated<'_>, categories: &[Category]) -> Vec<Sample> 
         })
         .collect()
 }
+
+/// What the pseudo-labelling of tagged photos kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PseudoLabels {
+    pub photos: usize,
+    /// Photos kept: every headline class their tags name was found.
+    pub kept: usize,
+    pub boxes: usize,
+    /// Boxes of a class the photo's tags do not name, dropped.
+    pub untagged_boxes: usize,
+}
+
+/// Photos of a tagged folder (see [`crate::training::tagged`]) as training street samples,
+/// with the boxes `labeller` serves at `min_score` or above whose class the photo's tags
+/// name. A photo is kept only when every headline class its tags name has a box: a
+/// garment the labeller missed would otherwise be taught as background.
+pub(super) fn pseudo_samples(folder: &Path, labeller: &GarmentDetector, categories: &[Category], min_score: f32, progress: ProgressFn) -> Result<(Vec<Sample>, PseudoLabels)> {
+    let (_, photos) = read_tagged(folder)?;
+    let index: HashMap<&str, usize> = categories.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    let post = Postprocess { min_score, ..labeller.config().postprocess };
+    let mut stats = PseudoLabels { photos: photos.len(), ..Default::default() };
+    let mut samples = Vec::new();
+    progress(Progress::Stage { name: "pseudo-labels: detecting garments in tagged photos".into(), total: photos.len() as u64 });
+    for (n, photo) in photos.iter().enumerate() {
+        progress(Progress::Advance(1));
+        // A missing or unreadable photo only means fewer pseudo-labels.
+        let Ok(image) = std::fs::read(&photo.image).map_err(|e| Error::io(&photo.image, e)).and_then(|b| decode_image(&b, DecodeLimits::default())) else { continue };
+        let found = labeller.detect_with(&image, &post)?;
+        stats.untagged_boxes += found.iter().filter(|d| !photo.classes.contains(&d.category)).count();
+        let Some(boxes) = confirmed_boxes(&photo.classes, &found, &index) else { continue };
+        stats.kept += 1;
+        stats.boxes += boxes.len();
+        // Outside every split key of the annotated data (pair ids are CCP ids below 10⁶),
+        // and distinct per photo for the views' seeds.
+        let pair_id = PSEUDO_PAIR_IDS + n as u64;
+        samples.push(Sample { pair_id, image: photo.image.clone(), items: (1..=boxes.len() as u32).collect(), boxes, mask: None });
+    }
+    Ok((samples, stats))
+}
+
+/// The boxes of `found` whose class the photo's `tags` name, as class indices of `index`;
+/// `None` when a headline class the tags name has no box (the photo would teach a missed
+/// garment as background) or nothing is left.
+fn confirmed_boxes(tags: &[String], found: &[Detection], index: &HashMap<&str, usize>) -> Option<Vec<(usize, BBox)>> {
+    let tagged: Vec<&Detection> = found.iter().filter(|d| tags.contains(&d.category)).collect();
+    let complete = tags.iter().filter(|c| HEADLINE.contains(&c.as_str())).all(|c| tagged.iter().any(|d| &d.category == c));
+    let boxes: Vec<(usize, BBox)> = tagged.iter().filter_map(|d| Some((*index.get(d.category.as_str())?, d.bbox))).collect();
+    (complete && !boxes.is_empty()).then_some(boxes)
+}
+
+/// Where the pair ids of pseudo-labelled photos start.
+const PSEUDO_PAIR_IDS: u64 = 1 << 40;
 
 /// Training photos of the CC0 catalog's training senders, as shop-view backgrounds.
 fn backdrops(catalog: &Path) -> Result<Vec<PathBuf>> {
@@ -304,10 +358,13 @@ pub(super) struct Domains {
     pub categories: Vec<Category>,
     street: Vec<Sample>,
     shop: Vec<Sample>,
+    /// Pseudo-labelled street photos: training only.
+    pseudo: Vec<Sample>,
+    pub pseudo_labels: Option<PseudoLabels>,
 }
 
 impl Domains {
-    pub(super) fn read(cfg: &DetectorTraining) -> Result<Self> {
+    pub(super) fn read(cfg: &DetectorTraining, progress: ProgressFn) -> Result<Self> {
         let street_folder = Df2Folder::open(&cfg.data)?;
         let shop_folder = cfg.shop.as_ref().map(Df2Folder::open).transpose()?;
         let street_annos = Annotated::read(&street_folder)?;
@@ -315,12 +372,23 @@ impl Domains {
         let categories = taxonomy(&std::iter::once(&street_annos).chain(shop_annos.as_ref()).collect::<Vec<_>>())?;
         let street = read_samples(&street_annos, &categories);
         let shop = shop_annos.as_ref().map(|a| read_samples(a, &categories)).unwrap_or_default();
-        Ok(Self { categories, street, shop })
+        let (pseudo, pseudo_labels) = match &cfg.unlabelled {
+            Some(folder) => {
+                let labeller =
+                    cfg.init.as_ref().ok_or_else(|| Error::InvalidSetting { name: "unlabelled", reason: "pseudo-labels come from the --init detector: pass one".into() })?;
+                let labeller = GarmentDetector::load(labeller, &cfg.device)?;
+                let (samples, stats) = pseudo_samples(folder, &labeller, &categories, cfg.pseudo_min_score, progress)?;
+                (samples, Some(stats))
+            }
+            None => (Vec::new(), None),
+        };
+        Ok(Self { categories, street, shop, pseudo, pseudo_labels })
     }
 
     /// The street and shop splits; each side of each domain the run uses must hold images.
     pub(super) fn split(&self, with_shop: bool) -> Result<(Split<'_>, Split<'_>)> {
-        let (street, shop) = (Split::of(&self.street), Split::of(&self.shop));
+        let (mut street, shop) = (Split::of(&self.street), Split::of(&self.shop));
+        street.train.extend(self.pseudo.iter());
         if street.train.is_empty() || street.val.is_empty() || (with_shop && (shop.train.is_empty() || shop.val.is_empty())) {
             return Err(Error::InvalidSetting {
                 name: "data",
@@ -359,7 +427,7 @@ impl CachedViews {
         pre: &Preprocess,
         progress: ProgressFn,
     ) -> Result<Self> {
-        let samples: HashMap<&Path, &Sample> = domains.street.iter().chain(&domains.shop).map(|s| (s.image.as_path(), s)).collect();
+        let samples: HashMap<&Path, &Sample> = domains.street.iter().chain(&domains.shop).chain(&domains.pseudo).map(|s| (s.image.as_path(), s)).collect();
         let mut train_specs = street_specs(&street.train, cfg.views, cfg.copy_paste, cfg.seed);
         let shop_offset = train_specs.len();
         let backdrops = cfg.catalog.as_deref().map(backdrops).transpose()?.unwrap_or_default();
@@ -373,5 +441,28 @@ impl CachedViews {
         let (val_levels, val_targets) = features(&val_specs, "val", progress)?;
         let shop_val = if shop_val_specs.is_empty() { None } else { Some(features(&shop_val_specs, "shop-val", progress)?) };
         Ok(Self { train_levels, train_targets, val_levels, val_targets, shop_val, shop_offset })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det(category: &str, x1: f32) -> Detection {
+        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), class: 0, category: category.into(), score: 0.9, class_probs: Vec::new(), centreness: 1.0 }
+    }
+
+    #[test]
+    fn pseudo_boxes_need_their_tags_and_every_tagged_headline_class() {
+        let index: HashMap<&str, usize> = HashMap::from([("top", 0), ("skirt", 1), ("belt", 2), ("bag", 3)]);
+        let tags: Vec<String> = ["top", "skirt", "belt"].iter().map(|s| s.to_string()).collect();
+        // A bag the tags do not name goes; a belt they name but nobody found is no headline
+        // class, so the photo stays.
+        let found = [det("top", 0.0), det("bag", 20.0), det("skirt", 40.0)];
+        assert_eq!(confirmed_boxes(&tags, &found, &index), Some(vec![(0, BBox::new(0.0, 0.0, 10.0, 10.0)), (1, BBox::new(40.0, 0.0, 50.0, 10.0))]));
+        // The skirt missed: its pixels would be taught as background, so the photo goes.
+        assert_eq!(confirmed_boxes(&tags, &found[..2], &index), None);
+        // Nothing confirmed, nothing to learn.
+        assert_eq!(confirmed_boxes(&["belt".to_string()], &found, &index), None);
     }
 }

@@ -39,6 +39,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use self::data::PseudoLabels;
 use self::data::{CachedViews, Domains, Split};
 use self::fit::Run;
 pub use self::targets::{LocationTarget, assign};
@@ -79,6 +80,11 @@ pub struct DetectorTraining {
     /// Half of the random street views get garments of another training photo pasted in
     /// through its mask (the folder's `masks/`).
     pub copy_paste: bool,
+    /// Tagged street photos without boxes (`ccp-unlabelled`): the `init` detector's boxes
+    /// that their tags confirm become training street photos (self-training).
+    pub unlabelled: Option<PathBuf>,
+    /// Score a pseudo-box needs.
+    pub pseudo_min_score: f32,
     pub batch: usize,
     pub lr: f64,
     pub size: u32,
@@ -219,9 +225,15 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     }
     let started = Instant::now();
     let backbone = Backbone::load(&cfg.backbone, &cfg.device)?;
-    let domains = Domains::read(cfg)?;
+    let domains = Domains::read(cfg, progress)?;
     let (street, shop) = domains.split(cfg.shop.is_some())?;
     progress(Progress::Message(data_message(&domains.categories, &street, &shop)));
+    if let Some(p) = &domains.pseudo_labels {
+        progress(Progress::Message(format!(
+            "pseudo-labels: {} of {} tagged photos kept (every tagged headline class found), {} boxes, {} boxes of untagged classes dropped",
+            p.kept, p.photos, p.boxes, p.untagged_boxes
+        )));
+    }
     let config = detector_config(cfg, &backbone, domains.categories.clone())?;
     let in_channels = input_channels(&backbone, &config);
     if in_channels.len() != config.strides.len() {
@@ -261,6 +273,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     let mut config = config.versioned(&final_head)?;
     config.training = serde_json::json!({
         "data": cfg.data, "shop": cfg.shop, "catalog_backdrops": cfg.catalog, "init": cfg.init,
+        "unlabelled": cfg.unlabelled, "pseudo_min_score": cfg.pseudo_min_score, "pseudo_labels": domains.pseudo_labels,
         "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "shop_views": cfg.shop_views, "shop_per_epoch": cfg.shop_per_epoch, "copy_paste": cfg.copy_paste,
         "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "split": "validation = pair_id % 5 == 1", "report": &report,
     });

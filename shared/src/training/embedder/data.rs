@@ -2,7 +2,7 @@
 //! into training and validation, laid out as row ranges of one pooled-feature matrix, and
 //! pooled through the frozen backbone (cached on disk).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, Device, Tensor};
@@ -17,6 +17,7 @@ use crate::datasets::{Df2Annotation, Df2Folder, read_gallery_gt};
 use crate::geometry::BBox;
 use crate::models::Backbone;
 use crate::models::embedder::gem;
+use crate::training::tagged::read_tagged;
 use crate::training::{CatalogPhoto, Progress, ProgressFn, augment, catalog_photos, is_validation_sender};
 use crate::vision::{DecodeLimits, decode_image};
 use crate::{Error, Result};
@@ -110,8 +111,7 @@ pub(super) struct PseudoBox {
 /// Detects garments in the tagged photos of `folder` and keeps those whose class is tagged;
 /// cached under a key of the detector's bytes, the tags and the threshold.
 fn pseudo_boxes(folder: &Path, detector: &Path, min_score: f32, cache: &Path, device: &Device, progress: ProgressFn) -> Result<Vec<PseudoBox>> {
-    let tags_path = folder.join("tags.json");
-    let tags_bytes = std::fs::read(&tags_path).map_err(|e| Error::io(&tags_path, e))?;
+    let (tags_bytes, photos) = read_tagged(folder)?;
     let mut hasher = blake3::Hasher::new();
     hasher.update(&std::fs::read(detector).map_err(|e| Error::io(detector, e))?);
     hasher.update(&tags_bytes);
@@ -123,23 +123,16 @@ fn pseudo_boxes(folder: &Path, detector: &Path, min_score: f32, cache: &Path, de
         progress(Progress::Message(format!("{} cached pseudo-labelled crops from {}", boxes.len(), file.display())));
         return Ok(boxes);
     }
-    #[derive(Deserialize)]
-    struct Tags {
-        classes: Vec<String>,
-    }
-    let tags: BTreeMap<String, Tags> =
-        serde_json::from_slice(&tags_bytes).map_err(|e| Error::MalformedDataset { file: tags_path.clone(), field: "(document)".into(), reason: e.to_string() })?;
     let detector = crate::models::detector::GarmentDetector::load(detector, device)?;
-    progress(Progress::Stage { name: "pseudo-labels: detecting garments in tagged photos".into(), total: tags.len() as u64 });
+    progress(Progress::Stage { name: "pseudo-labels: detecting garments in tagged photos".into(), total: photos.len() as u64 });
     let mut boxes = Vec::new();
-    for (id, tags) in &tags {
-        let image_path = folder.join("image").join(format!("{id}.jpg"));
+    for photo in &photos {
         progress(Progress::Advance(1));
         // A missing or unreadable photo only means fewer pseudo-labels.
-        let Ok(image) = read_image(&image_path) else { continue };
+        let Ok(image) = read_image(&photo.image) else { continue };
         for d in detector.detect(&image)? {
-            if d.score >= min_score && tags.classes.contains(&d.category) {
-                boxes.push(PseudoBox { image: image_path.clone(), bbox: d.bbox.to_array(), category: d.category });
+            if d.score >= min_score && photo.classes.contains(&d.category) {
+                boxes.push(PseudoBox { image: photo.image.clone(), bbox: d.bbox.to_array(), category: d.category });
             }
         }
     }

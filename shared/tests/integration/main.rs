@@ -7,6 +7,7 @@ mod datasets;
 mod detector;
 mod embedder;
 mod evaluation;
+mod gpu;
 mod indexing;
 mod ranking;
 mod torch_import;

@@ -4,13 +4,17 @@
 //! the same photo searched for produce the same vectors, and the evaluator measures what a
 //! shopper gets.
 //!
-//! The batching rule: all garments of one photo go through the embedder in one forward
-//! pass, and photos never share one. Matrix kernels block differently by batch size, which
-//! moves the last bits of a result; with one batch per photo a garment's embedding depends
-//! only on its photo, so a build resumed after a crash equals an uninterrupted one and an
-//! evaluation equals the served search.
+//! The batching rule: every garment goes through the embedder alone (batch 1), a photo's
+//! garments side by side on the cores. Matrix kernels block differently by batch size,
+//! which moves the last bits of a result; at batch 1 a garment's embedding depends only on
+//! its crop (never on the photo's other garments or the thread count), so a build resumed
+//! after a crash equals an uninterrupted one and an evaluation equals the served search.
+//! Side by side rather than in one batch because a batch of a photo's few crops, split
+//! over two cores operation by operation, spends its time waiting: served photos with 4.1
+//! garments embed in 52 ms against 62 (`benches/NOTES.md`, 2026-12-05).
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use rayon::prelude::*;
 use image::RgbImage;
 
 use crate::Result;
@@ -67,14 +71,20 @@ impl<'a> GarmentPipeline<'a> {
     }
 
     /// Embeds garments of one photo, each box (the whole photo for `None`) by the one
-    /// preprocessing path, all in one forward pass (see the module notes).
+    /// preprocessing path, each in its own forward pass, side by side (see the module
+    /// notes); in the order of `crops`.
     pub fn embed(&self, image: &RgbImage, crops: &[Option<BBox>]) -> Result<Vec<Vec<f32>>> {
         if crops.is_empty() {
             return Ok(Vec::new());
         }
         let pre = &self.embedder.config().preprocess;
-        let inputs = crops.iter().map(|b| pre.crop_to_tensor(image, *b, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
-        self.embedder.embed_batch(&Tensor::stack(&inputs, 0)?)
+        crops
+            .par_iter()
+            .map(|b| {
+                let input = pre.crop_to_tensor(image, *b, &Device::Cpu)?.unsqueeze(0)?;
+                Ok(self.embedder.embed_batch(&input)?.remove(0))
+            })
+            .collect()
     }
 
     /// The share of the category head in the shipped second look (0: none, or no detector).

@@ -14,8 +14,8 @@
 //! garments embed in 52 ms against 62 (`benches/NOTES.md`, 2026-12-05).
 
 use candle_core::Device;
-use rayon::prelude::*;
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::Result;
 use crate::geometry::BBox;

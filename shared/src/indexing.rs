@@ -342,8 +342,8 @@ fn remove_dropped_members(builder: &GenerationBuilder, wanted: &HashSet<&str>) -
 }
 
 /// Decodes and embeds `pending` in parallel chunks and writes each item's garments in
-/// order, flushing the store after each chunk; an item that cannot be decoded or embedded is a failure and leaves
-/// the generation.
+/// order, flushing the store after each chunk; an item that cannot be decoded or embedded
+/// is a failure and leaves the generation.
 fn embed_items(
     builder: &GenerationBuilder,
     pending: &[Pending],
@@ -402,7 +402,7 @@ fn entry_garments(pipeline: &GarmentPipeline<'_>, entry: &CatalogEntry, image: &
         }
     };
     // What is left to embed: annotated boxes, the whole photo, garments of a detector
-    // without the second look; one batch for the photo.
+    // without the second look (the second look's embeddings are reused, not recomputed).
     let mut ready: Vec<Option<Vec<f32>>> =
         garments.iter().map(|g| embedded.iter().position(|f| Some(f.detection.bbox) == g.crop).map(|i| std::mem::take(&mut embedded[i].embedding))).collect();
     let crops: Vec<Option<BBox>> = garments.iter().zip(&ready).filter(|(_, e)| e.is_none()).map(|(g, _)| g.crop).collect();

@@ -99,7 +99,7 @@ impl<'a> GarmentPipeline<'a> {
     }
 
     /// The garments of a photo as shoppers and the indexer get them: the detector's boxes
-    /// under its shipped post-processing, each embedded (one batch), each named again by
+    /// under its shipped post-processing, each embedded (see [`Self::embed`]), each named again by
     /// the category head at the configured share, best first.
     pub fn find_garments(&self, image: &RgbImage) -> Result<Vec<FoundGarment>> {
         let Some(detector) = self.detector else { return Ok(Vec::new()) };

@@ -1,5 +1,5 @@
 //! The search a shopper's photo goes through: decode with limits → detect garments (or
-//! take the shopper's own box) → crop and embed them in one batch → nearest shop garments
+//! take the shopper's own box) → crop and embed each (the pipeline's second look renames detected ones) → nearest shop garments
 //! of each → their items. Decoding, detection and embedding are the indexer's own
 //! ([`GarmentPipeline`]), so a shop photo searched for finds itself; the evaluators rank
 //! through [`SearchEngine::search_garments`], so they measure this search.
@@ -414,7 +414,7 @@ impl SearchEngine {
         }
     }
 
-    /// Embeds `garments` of `image` (one batch, by the one pipeline) and ranks the shop
+    /// Embeds `garments` of `image` (by the one pipeline; those already embedded are reused) and ranks the shop
     /// items of each as the request asks: the second half of every search, and what the
     /// evaluators call with the garments their protocol chooses. A garment whose category
     /// is not known gets the category head's guess.
@@ -422,7 +422,7 @@ impl SearchEngine {
         let mut timings = Timings::default();
         let t = Instant::now();
         // Garments found by the detector were embedded by the second look; the rest (a
-        // drawn box, the whole photo, an evaluator's boxes) in one batch here.
+        // drawn box, the whole photo, an evaluator's boxes) here.
         let crops: Vec<Option<BBox>> = garments.iter().filter(|g| g.embedding.is_none()).map(|g| Some(g.bbox)).collect();
         let mut fresh = self.pipeline().embed(image, &crops)?.into_iter();
         timings.embed = ms(t);

@@ -64,13 +64,25 @@ pub struct BuildOptions {
     /// stage resumes after the last flush. Progress advances at each flush, so what the
     /// progress shows is what a rerun keeps.
     pub save_every: usize,
+    /// Items per forward pass. 1 (the CPU's way): each item goes through the networks
+    /// alone, items side by side on the cores, and an item's embeddings are the same bits
+    /// whatever else is built. N > 1 (the GPU's way, which idles at batch 1): the items to
+    /// embed form fixed batches of N in catalog order, each detected in one pass and its
+    /// garments embedded in passes of N crops, the store saved after each batch (so
+    /// `save_every` does not apply); a resumed build forms the same batches and re-does the
+    /// unfinished one whole, so it equals an uninterrupted build bit for bit. Embeddings of
+    /// batched and unbatched builds differ in the last bits (kernels block by batch size).
+    pub batch: usize,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        Self { boxes: BoxMode::Detected, retain: crate::store::DEFAULT_RETAIN, ann: AnnParams::default(), limits: DecodeLimits::default(), save_every: SAVE_EVERY }
+        Self { boxes: BoxMode::Detected, retain: crate::store::DEFAULT_RETAIN, ann: AnnParams::default(), limits: DecodeLimits::default(), save_every: SAVE_EVERY, batch: 1 }
     }
 }
+
+/// Items per forward pass on a GPU by default ([`BuildOptions::batch`]).
+pub const GPU_BATCH: usize = 64;
 
 /// An item (or row) that could not be indexed as asked.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -96,6 +108,8 @@ pub struct BuildReport {
     pub failures: Vec<BuildFailure>,
     /// Items embedded in this run and the rate of that stage.
     pub embedded_items: u64,
+    /// Items per forward pass ([`BuildOptions::batch`]).
+    pub batch: usize,
     pub embed_items_per_second: f64,
     pub seconds: f64,
     /// How the ANN graph was obtained.
@@ -109,6 +123,9 @@ struct Pending {
     bytes: Vec<u8>,
     hash: ContentHash,
     is_new: bool,
+    /// Already written by the interrupted run this build resumes (batched builds keep such
+    /// items in their batch; see [`BuildOptions::batch`]).
+    written: bool,
 }
 
 fn spec_for(embedder: &GarmentEmbedder, detector: Option<&GarmentDetector>, boxes: BoxMode) -> GenerationSpec {
@@ -195,13 +212,17 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
         entries.len(),
         previous.map_or("none".to_string(), |p| p.to_string())
     )));
-    let (pending, mut tally) = plan_items(store, &builder, previous, &entries, &mut failures, progress)?;
+    let (pending, mut tally) = plan_items(store, &builder, previous, &entries, opts.batch > 1, &mut failures, progress)?;
     let wanted: HashSet<&str> = entries.iter().map(|e| e.metadata.sku.as_str()).collect();
     remove_dropped_members(&builder, &wanted)?;
 
     let pipeline = GarmentPipeline { detector: models.detector, embedder: models.embedder, limits: opts.limits };
     let embed_started = Instant::now();
-    embed_items(&builder, &pending, &pipeline, opts, &mut tally, &mut failures, progress)?;
+    if opts.batch > 1 {
+        embed_in_batches(&builder, &pending, &pipeline, opts, &mut tally, &mut failures, progress)?;
+    } else {
+        embed_items(&builder, &pending, &pipeline, opts, &mut tally, &mut failures, progress)?;
+    }
     let embed_seconds = embed_started.elapsed().as_secs_f64();
     for f in &failures {
         progress(Progress::Message(format!("skipped {} ({}): {}", f.sku.as_deref().unwrap_or("?"), f.origin, f.reason)));
@@ -216,7 +237,7 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
         None => 0,
     };
     let pruned = prune(store, opts.retain)?;
-    let embedded_items = pending.len() as u64;
+    let embedded_items = pending.iter().filter(|p| !p.written).count() as u64;
     Ok(BuildReport {
         generation: published.manifest.id,
         resumed,
@@ -228,6 +249,7 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
         garments: published.manifest.garments,
         failures,
         embedded_items,
+        batch: opts.batch,
         embed_items_per_second: if embed_seconds > 0.0 { embedded_items as f64 / embed_seconds } else { 0.0 },
         seconds: started.elapsed().as_secs_f64(),
         ann: match published.ann {
@@ -263,12 +285,13 @@ fn read_entries(sources: &[CatalogSource], labels: &LabelMap) -> Result<(Vec<Cat
 /// Compares each entry with the previous generation and settles what needs no network:
 /// unchanged items are carried, items whose metadata alone changed get a new revision with
 /// the same embeddings, unreadable files keep the last good version. Returns the items to
-/// embed.
+/// embed; `batched`: with those the interrupted run embedded and wrote, marked so.
 fn plan_items(
     store: &CatalogStore,
     builder: &GenerationBuilder,
     previous: Option<u64>,
     entries: &[CatalogEntry],
+    batched: bool,
     failures: &mut Vec<BuildFailure>,
     progress: ProgressFn,
 ) -> Result<(Vec<Pending>, Tally)> {
@@ -308,6 +331,12 @@ fn plan_items(
             && same_item(&done)
         {
             // Written by the interrupted run this build resumes.
+            let was_embedded = !matches!(&old, Some((_, o)) if same_pixels(o));
+            if batched && was_embedded {
+                // Its batch must be formed again as that run formed it.
+                pending.push(Pending { entry: entry.clone(), bytes, hash, is_new: old.is_none(), written: true });
+                continue;
+            }
             match &old {
                 Some((_, o)) if same_item(o) => tally.unchanged += 1,
                 _ => tally.changed(old.is_none()),
@@ -325,7 +354,7 @@ fn plan_items(
                 builder.put_item_with_image(entry.metadata.clone(), hash, Some(path.to_string()), copied_garments(store, item)?)?;
                 tally.updated += 1;
             }
-            _ => pending.push(Pending { entry: entry.clone(), bytes, hash, is_new: old.is_none() }),
+            _ => pending.push(Pending { entry: entry.clone(), bytes, hash, is_new: old.is_none(), written: false }),
         }
     }
     Ok((pending, tally))
@@ -363,55 +392,175 @@ fn embed_items(
         // uninterrupted one.
         let embedded: Vec<Result<Vec<NewGarment>>> =
             chunk.par_iter().map(|p| pipeline.decode(&p.bytes).and_then(|image| entry_garments(pipeline, &p.entry, &image, opts.boxes))).collect();
-        for (p, garments) in chunk.iter().zip(embedded) {
-            let sku = &p.entry.metadata.sku;
-            match garments {
-                Ok(new) => {
-                    builder.put_item_with_image(p.entry.metadata.clone(), p.hash, Some(p.entry.image_path.to_string_lossy().into_owned()), new)?;
-                    tally.changed(p.is_new);
-                }
-                Err(e) => {
-                    builder.remove_item(sku)?;
-                    failures.push(BuildFailure { sku: Some(sku.clone()), origin: p.entry.origin.clone(), reason: e.to_string() });
-                }
-            }
-        }
-        builder.flush()?;
+        write_items(builder, chunk, embedded, tally, failures)?;
         progress(Progress::Advance(chunk.len() as u64));
     }
     Ok(())
 }
 
-/// The embedded garments of one decoded catalog image.
-fn entry_garments(pipeline: &GarmentPipeline<'_>, entry: &CatalogEntry, image: &RgbImage, boxes: BoxMode) -> Result<Vec<NewGarment>> {
-    let (garments, mut embedded): (Vec<ItemGarment>, Vec<FoundGarment>) = match boxes {
-        BoxMode::Gt if !entry.boxes.is_empty() => {
-            (entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect(), Vec::new())
+/// Writes each item's garments (or its failure) in order and saves the store.
+fn write_items(builder: &GenerationBuilder, items: &[Pending], embedded: Vec<Result<Vec<NewGarment>>>, tally: &mut Tally, failures: &mut Vec<BuildFailure>) -> Result<()> {
+    for (p, garments) in items.iter().zip(embedded) {
+        let sku = &p.entry.metadata.sku;
+        match garments {
+            Ok(new) => {
+                builder.put_item_with_image(p.entry.metadata.clone(), p.hash, Some(p.entry.image_path.to_string_lossy().into_owned()), new)?;
+                tally.changed(p.is_new);
+            }
+            Err(e) => {
+                builder.remove_item(sku)?;
+                failures.push(BuildFailure { sku: Some(sku.clone()), origin: p.entry.origin.clone(), reason: e.to_string() });
+            }
         }
-        // Items without annotated boxes (CSV/JSONL catalogs) are detected in both modes.
-        // With the second look every detection is embedded (the category head must read
-        // it before the catalog rule can choose); without it, only the garments kept.
-        _ if pipeline.second_look_share() > 0.0 => {
-            let found = pipeline.find_garments(image)?;
-            let detections: Vec<Detection> = found.iter().map(|g| g.detection.clone()).collect();
-            (item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), &detections, image.width(), image.height()), found)
+    }
+    builder.flush()
+}
+
+/// The batched way ([`BuildOptions::batch`]): `pending` in fixed batches, each decoded on
+/// the CPU cores while the networks run the batch before it, then detected and embedded in
+/// passes of `batch`, written and saved. A batch the interrupted run wrote whole is kept;
+/// one it left unfinished is re-done whole, so that its passes see the same items.
+fn embed_in_batches(
+    builder: &GenerationBuilder,
+    pending: &[Pending],
+    pipeline: &GarmentPipeline<'_>,
+    opts: &BuildOptions,
+    tally: &mut Tally,
+    failures: &mut Vec<BuildFailure>,
+    progress: ProgressFn,
+) -> Result<()> {
+    progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
+    let decode =
+        |batch: &[Pending]| -> Vec<Result<RgbImage>> { if batch.iter().all(|p| p.written) { Vec::new() } else { batch.par_iter().map(|p| pipeline.decode(&p.bytes)).collect() } };
+    let batches: Vec<&[Pending]> = pending.chunks(opts.batch).collect();
+    let mut decoded = batches.first().map(|b| decode(b)).unwrap_or_default();
+    for (k, batch) in batches.iter().enumerate() {
+        let (embedded, next) = std::thread::scope(|s| {
+            let next = batches.get(k + 1).map(|b| s.spawn(|| decode(b)));
+            let embedded = if decoded.is_empty() { None } else { Some(batch_garments(pipeline, batch, std::mem::take(&mut decoded), opts, progress)) };
+            (embedded, next.map(|n| n.join().expect("decoding threads do not panic")))
+        });
+        decoded = next.unwrap_or_default();
+        match embedded {
+            // Written whole by the interrupted run.
+            None => batch.iter().for_each(|p| tally.changed(p.is_new)),
+            Some(embedded) => write_items(builder, batch, embedded, tally, failures)?,
         }
-        _ => {
-            let found = pipeline.detect(image)?;
-            (item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), &found, image.width(), image.height()), Vec::new())
+        progress(Progress::Advance(batch.len() as u64));
+    }
+    Ok(())
+}
+
+/// The garments of one batch of items, each item's result in order: the batched passes
+/// over the decoded ones; if those fail (a GPU out of memory), each item alone, so that
+/// one bad item costs only itself.
+fn batch_garments(pipeline: &GarmentPipeline<'_>, batch: &[Pending], decoded: Vec<Result<RgbImage>>, opts: &BuildOptions, progress: ProgressFn) -> Vec<Result<Vec<NewGarment>>> {
+    let images: Vec<(&CatalogEntry, &RgbImage)> = batch.iter().zip(&decoded).filter_map(|(p, d)| d.as_ref().ok().map(|image| (&p.entry, image))).collect();
+    let mut batched = match entries_garments(pipeline, &images, opts) {
+        Ok(garments) => garments.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
+        Err(e) => {
+            progress(Progress::Message(format!("a batch of {} items failed in the networks ({e}); embedding them one at a time", images.len())));
+            images.iter().map(|(entry, image)| entry_garments(pipeline, entry, image, opts.boxes)).collect::<Vec<_>>().into_iter()
         }
     };
-    // What is left to embed: annotated boxes, the whole photo, garments of a detector
-    // without the second look (the second look's embeddings are reused, not recomputed).
-    let mut ready: Vec<Option<Vec<f32>>> =
-        garments.iter().map(|g| embedded.iter().position(|f| Some(f.detection.bbox) == g.crop).map(|i| std::mem::take(&mut embedded[i].embedding))).collect();
-    let crops: Vec<Option<BBox>> = garments.iter().zip(&ready).filter(|(_, e)| e.is_none()).map(|(g, _)| g.crop).collect();
-    let mut fresh = pipeline.embed(image, &crops)?.into_iter();
-    Ok(garments
-        .into_iter()
-        .zip(ready.iter_mut())
-        .map(|(g, e)| NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding: e.take().unwrap_or_else(|| fresh.next().unwrap_or_default()) })
-        .collect())
+    decoded.into_iter().map(|d| d.and_then(|_| batched.next().expect("one result per decoded item"))).collect()
+}
+
+/// Where an item's garments come from, before the last embeddings.
+enum Sighting {
+    /// Its annotated boxes (`BoxMode::Gt` on a DeepFashion2 folder).
+    Annotated,
+    /// The detector's garments through the second look, embedded already.
+    Found(Vec<FoundGarment>),
+    /// The detector's garments without the second look.
+    Detected(Vec<Detection>),
+}
+
+/// Whether an item's garments come from the detector: items without annotated boxes
+/// (CSV/JSONL catalogs) are detected in both modes.
+fn is_detected(entry: &CatalogEntry, boxes: BoxMode) -> bool {
+    boxes == BoxMode::Detected || entry.boxes.is_empty()
+}
+
+/// An item's garments to index, with the embeddings the second look made already (`None`:
+/// still to embed: annotated boxes, the whole photo, garments of a detector without the
+/// second look).
+struct PlannedItem {
+    garments: Vec<ItemGarment>,
+    ready: Vec<Option<Vec<f32>>>,
+}
+
+impl PlannedItem {
+    fn new(entry: &CatalogEntry, image: &RgbImage, sighting: Sighting) -> Self {
+        let rule = |detections: &[Detection]| item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), detections, image.width(), image.height());
+        match sighting {
+            Sighting::Annotated => {
+                let garments: Vec<ItemGarment> = entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect();
+                Self { ready: vec![None; garments.len()], garments }
+            }
+            // With the second look every detection was embedded (the category head must
+            // read it before the catalog rule can choose): its embeddings are reused.
+            Sighting::Found(mut found) => {
+                let detections: Vec<Detection> = found.iter().map(|g| g.detection.clone()).collect();
+                let garments = rule(&detections);
+                let ready = garments.iter().map(|g| found.iter().position(|f| Some(f.detection.bbox) == g.crop).map(|i| std::mem::take(&mut found[i].embedding))).collect();
+                Self { garments, ready }
+            }
+            Sighting::Detected(detections) => {
+                let garments = rule(&detections);
+                Self { ready: vec![None; garments.len()], garments }
+            }
+        }
+    }
+
+    /// The crops still to embed, in garment order.
+    fn missing(&self) -> Vec<Option<BBox>> {
+        self.garments.iter().zip(&self.ready).filter(|(_, e)| e.is_none()).map(|(g, _)| g.crop).collect()
+    }
+
+    /// The garments, given the embeddings of [`Self::missing`] in its order.
+    fn finish(self, fresh: &mut impl Iterator<Item = Vec<f32>>) -> Vec<NewGarment> {
+        self.garments
+            .into_iter()
+            .zip(self.ready)
+            .map(|(g, e)| NewGarment { bbox: g.bbox, category: g.category, score: g.score, embedding: e.unwrap_or_else(|| fresh.next().unwrap_or_default()) })
+            .collect()
+    }
+}
+
+/// The embedded garments of one decoded catalog image, its networks run for it alone.
+fn entry_garments(pipeline: &GarmentPipeline<'_>, entry: &CatalogEntry, image: &RgbImage, boxes: BoxMode) -> Result<Vec<NewGarment>> {
+    let sighting = if !is_detected(entry, boxes) {
+        Sighting::Annotated
+    } else if pipeline.second_look_share() > 0.0 {
+        Sighting::Found(pipeline.find_garments(image)?)
+    } else {
+        Sighting::Detected(pipeline.detect(image)?)
+    };
+    let planned = PlannedItem::new(entry, image, sighting);
+    let fresh = pipeline.embed(image, &planned.missing())?;
+    Ok(planned.finish(&mut fresh.into_iter()))
+}
+
+/// The embedded garments of many decoded catalog images through the batched passes
+/// ([`BuildOptions::batch`]), in order.
+fn entries_garments(pipeline: &GarmentPipeline<'_>, items: &[(&CatalogEntry, &RgbImage)], opts: &BuildOptions) -> Result<Vec<Vec<NewGarment>>> {
+    let detected: Vec<&RgbImage> = items.iter().filter(|(entry, _)| is_detected(entry, opts.boxes)).map(|(_, image)| *image).collect();
+    let mut sightings: Box<dyn Iterator<Item = Sighting>> = if pipeline.second_look_share() > 0.0 {
+        Box::new(pipeline.find_garments_batched(&detected, opts.batch)?.into_iter().map(Sighting::Found))
+    } else {
+        Box::new(pipeline.detect_batched(&detected, opts.batch)?.into_iter().map(Sighting::Detected))
+    };
+    let planned: Vec<PlannedItem> = items
+        .iter()
+        .map(|(entry, image)| {
+            let sighting = if is_detected(entry, opts.boxes) { sightings.next().expect("one sighting per detected item") } else { Sighting::Annotated };
+            PlannedItem::new(entry, image, sighting)
+        })
+        .collect();
+    let crops: Vec<(&RgbImage, Option<BBox>)> = items.iter().zip(&planned).flat_map(|((_, image), p)| p.missing().into_iter().map(move |b| (*image, b))).collect();
+    let mut fresh = pipeline.embed_batched(&crops, opts.batch)?.into_iter();
+    Ok(planned.into_iter().map(|p| p.finish(&mut fresh)).collect())
 }
 
 /// What publishing produced.

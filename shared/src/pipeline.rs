@@ -13,7 +13,7 @@
 //! over two cores operation by operation, spends its time waiting: served photos with 4.1
 //! garments embed in 52 ms against 62 (`benches/NOTES.md`, 2026-12-05).
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 
@@ -111,7 +111,58 @@ impl<'a> GarmentPipeline<'a> {
     /// under `post` (its `category_fusion` share).
     pub fn second_look(&self, image: &RgbImage, detections: Vec<Detection>, post: &Postprocess) -> Result<Vec<FoundGarment>> {
         let crops: Vec<Option<BBox>> = detections.iter().map(|d| Some(d.bbox)).collect();
-        let mut embeddings: Vec<Option<Vec<f32>>> = self.embed(image, &crops)?.into_iter().map(Some).collect();
+        let embeddings = self.embed(image, &crops)?;
+        Ok(self.relabel(detections, embeddings, post))
+    }
+
+    /// The detector's garments of each of `images` with its shipped post-processing, the
+    /// images in fixed batches of `batch` (one forward pass each); empty without a detector.
+    pub fn detect_batched(&self, images: &[&RgbImage], batch: usize) -> Result<Vec<Vec<Detection>>> {
+        let Some(detector) = self.detector else { return Ok(vec![Vec::new(); images.len()]) };
+        let mut out = Vec::with_capacity(images.len());
+        for group in images.chunks(batch.max(1)) {
+            out.extend(detector.detect_batch(group)?);
+        }
+        Ok(out)
+    }
+
+    /// Garments of many photos (`(photo, box)`, `None`: the whole photo) embedded in fixed
+    /// batches of `batch` crops, each one forward pass: the GPU's way (see
+    /// [`crate::indexing`]); crops are preprocessed side by side on the CPU cores. A crop's
+    /// embedding depends on its batch's other crops in the last bits (kernels block by batch
+    /// size), so the same crops in the same batches give the same bits; in input order.
+    pub fn embed_batched(&self, crops: &[(&RgbImage, Option<BBox>)], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let pre = &self.embedder.config().preprocess;
+        let mut out = Vec::with_capacity(crops.len());
+        for group in crops.chunks(batch.max(1)) {
+            let inputs = group.par_iter().map(|(image, b)| pre.crop_to_tensor(image, *b, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
+            out.extend(self.embedder.embed_batch(&Tensor::stack(&inputs, 0)?)?);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::find_garments`] of many photos through the batched passes
+    /// ([`Self::detect_batched`], [`Self::embed_batched`] over all their detections), each
+    /// photo's garments then named again as one photo's are.
+    pub fn find_garments_batched(&self, images: &[&RgbImage], batch: usize) -> Result<Vec<Vec<FoundGarment>>> {
+        let Some(detector) = self.detector else { return Ok(vec![Vec::new(); images.len()]) };
+        let post = detector.config().postprocess;
+        let detections = self.detect_batched(images, batch)?;
+        let crops: Vec<(&RgbImage, Option<BBox>)> = images.iter().zip(&detections).flat_map(|(image, ds)| ds.iter().map(move |d| (*image, Some(d.bbox)))).collect();
+        let mut embeddings = self.embed_batched(&crops, batch)?.into_iter();
+        Ok(detections
+            .into_iter()
+            .map(|ds| {
+                let mine: Vec<Vec<f32>> = embeddings.by_ref().take(ds.len()).collect();
+                self.relabel(ds, mine, &post)
+            })
+            .collect())
+    }
+
+    /// Detections of one photo with the embedding of each, named again by
+    /// [`CategoryFusion::relabel`] under `post`.
+    fn relabel(&self, detections: Vec<Detection>, embeddings: Vec<Vec<f32>>, post: &Postprocess) -> Vec<FoundGarment> {
+        let mut embeddings: Vec<Option<Vec<f32>>> = embeddings.into_iter().map(Some).collect();
         let kept = match self.fusion(post.category_fusion) {
             Some(fusion) => {
                 let head: Vec<Option<Vec<f32>>> = embeddings.iter().map(|e| e.as_deref().and_then(|e| self.embedder.category_probabilities(e))).collect();
@@ -119,7 +170,7 @@ impl<'a> GarmentPipeline<'a> {
             }
             None => detections.into_iter().enumerate().map(|(i, d)| (d, i)).collect(),
         };
-        Ok(kept.into_iter().map(|(detection, i)| FoundGarment { detection, embedding: embeddings[i].take().expect("each detection kept once") }).collect())
+        kept.into_iter().map(|(detection, i)| FoundGarment { detection, embedding: embeddings[i].take().expect("each detection kept once") }).collect()
     }
 
     /// What an AP evaluation ranks at each of `shares`: the detector's detections at its

@@ -61,6 +61,11 @@ pub struct BuildArgs {
     /// last save. Smaller saves more often, at the cost of a flush each.
     #[arg(long, default_value_t = shoplens::indexing::SAVE_EVERY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     save_every: usize,
+    /// Items per forward pass: 1 runs each item alone, items side by side on the cores;
+    /// N > 1 forms fixed batches of N items in catalog order (a resumed build re-does at
+    /// most its unfinished batch). Default: 1 on the CPU, 64 on a GPU.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    batch: Option<usize>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -91,6 +96,7 @@ pub fn run(args: BuildArgs) -> Result<()> {
         retain: args.retain,
         ann: AnnParams { m: args.m, ef_construction: args.ef_construction, ..AnnParams::default() },
         save_every: args.save_every,
+        batch: args.batch.unwrap_or(if device.is_cpu() { 1 } else { shoplens::indexing::GPU_BATCH }),
         ..BuildOptions::default()
     };
     let mut reporter = Reporter::default();

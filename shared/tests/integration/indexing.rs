@@ -162,25 +162,30 @@ fn an_interrupted_build_resumes_where_it_stopped_to_the_same_index() {
     assert_eq!(contents(&crashed), contents(&clean));
 }
 
-/// Items go through the networks side by side (a chunk at a time): with the detector and its
-/// second look on real CC0 photos, the index equals one built an item at a time, bit for bit.
-#[test]
-fn items_embedded_side_by_side_equal_items_embedded_one_by_one_with_the_detector() {
+/// A CSV catalog of six CC0 photos of different kinds (every 50th row of the label-sorted
+/// demo catalog) in `dir`, and the shipped detector.
+fn cc0_catalog(dir: &Path) -> ([CatalogSource; 1], GarmentDetector) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("shop/images")).unwrap();
+    std::fs::create_dir_all(dir.join("shop/images")).unwrap();
     let demo = std::fs::read_to_string(repo.join("demo/catalog/catalog.csv")).unwrap();
-    // Six photos of different kinds: every 50th row of the label-sorted demo catalog.
     let mut csv: Vec<&str> = vec![demo.lines().next().unwrap()];
     csv.extend(demo.lines().skip(1).step_by(50).take(6));
     for row in &csv[1..] {
         let image = row.split(',').nth(1).unwrap();
-        std::fs::copy(repo.join("demo/catalog").join(image), dir.path().join("shop").join(image)).unwrap();
+        std::fs::copy(repo.join("demo/catalog").join(image), dir.join("shop").join(image)).unwrap();
     }
-    std::fs::write(dir.path().join("shop/catalog.csv"), csv.join("\n") + "\n").unwrap();
-    let sources = [CatalogSource::from_path(&dir.path().join("shop/catalog.csv")).unwrap()];
-    let embedder = embedder();
+    std::fs::write(dir.join("shop/catalog.csv"), csv.join("\n") + "\n").unwrap();
     let detector = GarmentDetector::load(&repo.join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    ([CatalogSource::from_path(&dir.join("shop/catalog.csv")).unwrap()], detector)
+}
+
+/// Items go through the networks side by side (a chunk at a time): with the detector and its
+/// second look on real CC0 photos, the index equals one built an item at a time, bit for bit.
+#[test]
+fn items_embedded_side_by_side_equal_items_embedded_one_by_one_with_the_detector() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sources, detector) = cc0_catalog(dir.path());
+    let embedder = embedder();
     assert!(detector.config().postprocess.category_fusion > 0.0);
     let models = Models { embedder: &embedder, detector: Some(&detector) };
     let build_with = |name: &str, save_every: usize| {
@@ -191,6 +196,88 @@ fn items_embedded_side_by_side_equal_items_embedded_one_by_one_with_the_detector
     };
     let one_by_one = build_with("one-by-one", 1);
     assert_eq!(build_with("side-by-side", 6), one_by_one);
+}
+
+/// Every garment of a published generation, independent of ids: sku → (box, category,
+/// embedding) of each.
+fn garments(store: &CatalogStore) -> BTreeMap<String, Vec<([f32; 4], String, Vec<f32>)>> {
+    let generation = store.published_id().unwrap().unwrap();
+    let members = store.generation_members(generation).unwrap();
+    let garment = |id| {
+        let g = store.garment(id).unwrap();
+        ([g.bbox.x1, g.bbox.y1, g.bbox.x2, g.bbox.y2], g.category, g.embedding)
+    };
+    members.into_iter().map(|(sku, rev)| (sku, store.item(rev).unwrap().garments.into_iter().map(garment).collect())).collect()
+}
+
+/// Batched builds (the GPU's way, run here on the CPU with the detector and its second look):
+/// a build killed after a batch, or one whose dead run wrote part of a batch at another
+/// batch size, resumes to the uninterrupted build bit for bit (the unfinished batch is
+/// re-done whole); and its garments are the unbatched build's, embeddings to 1e-5.
+#[test]
+fn a_batched_build_resumes_to_the_same_index_and_matches_the_unbatched_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sources, detector) = cc0_catalog(dir.path());
+    let embedder = embedder();
+    let models = Models { embedder: &embedder, detector: Some(&detector) };
+    let opts = |batch: usize| BuildOptions { batch, save_every: 1, ..BuildOptions::default() };
+    // Builds in `name`, killed after `kill_after` progress steps of the embedding stage.
+    let build_killed = |name: &str, batch: usize, kill_after: u64| {
+        let store = CatalogStore::open(dir.path().join(name)).unwrap();
+        let (mut embedding, mut steps) = (false, 0);
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            build_generation(&store, &sources, &LabelMap::default(), models, &opts(batch), &mut |p| match p {
+                Progress::Stage { name, .. } => embedding = name == "embedding",
+                Progress::Advance(_) if embedding => {
+                    steps += 1;
+                    if steps == kill_after {
+                        panic!("killed while embedding");
+                    }
+                }
+                _ => {}
+            })
+        }));
+        assert!(died.is_err() && steps == kill_after, "the build died in the embedding stage");
+        store
+    };
+    let build = |store: &CatalogStore, batch: usize| {
+        let report = build_generation(store, &sources, &LabelMap::default(), models, &opts(batch), &mut |_| {}).unwrap();
+        assert_eq!((report.items, report.failures.len(), report.batch), (6, 0, batch));
+        report
+    };
+    let clean = CatalogStore::open(dir.path().join("clean")).unwrap();
+    build(&clean, 4);
+    let unbatched = CatalogStore::open(dir.path().join("unbatched")).unwrap();
+    build(&unbatched, 1);
+
+    // Killed after its first batch of four: the rerun embeds the last two.
+    let crashed = build_killed("after-a-batch", 4, 1);
+    let resumed = build(&crashed, 4);
+    assert!(resumed.resumed);
+    assert_eq!(resumed.embedded_items, 2);
+    assert_eq!(contents(&crashed), contents(&clean));
+
+    // The dead run wrote two items of the first batch, at batch 1: the batch of four is
+    // formed again and re-done whole, so those two get the batched bits too.
+    let partial = build_killed("inside-a-batch", 1, 2);
+    let resumed = build(&partial, 4);
+    assert_eq!(resumed.embedded_items, 4);
+    assert_eq!(contents(&partial), contents(&clean));
+    assert_ne!(contents(&unbatched), contents(&clean), "batch sizes move the last bits here, or this test could not see a batch re-done in part");
+
+    // Batched or not, the same garments, embeddings equal to float rounding.
+    let (a, b) = (garments(&clean), garments(&unbatched));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (sku, batched) in &a {
+        let single = &b[sku];
+        assert_eq!(batched.len(), single.len(), "{sku}");
+        for ((box_a, cat_a, e_a), (box_b, cat_b, e_b)) in batched.iter().zip(single) {
+            assert_eq!(cat_a, cat_b, "{sku}");
+            assert!(box_a.iter().zip(box_b).all(|(x, y)| (x - y).abs() < 0.01), "{sku}: {box_a:?} against {box_b:?}");
+            let cosine: f32 = e_a.iter().zip(e_b).map(|(x, y)| x * y).sum();
+            assert!(cosine > 1.0 - 1e-5, "{sku}: cosine {cosine}");
+        }
+    }
 }
 
 #[test]

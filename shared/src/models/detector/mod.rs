@@ -24,6 +24,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use self::decode::{Located, Postprocess, decode, decode_located, location_grid, location_probabilities};
@@ -202,17 +203,46 @@ impl GarmentDetector {
         let input = pre.crop_to_tensor(image, None, &self.device)?.unsqueeze(0)?;
         let raw = self.forward(&input)?;
         let raw = raw.squeeze(0)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self.decode_output(&raw, image, posts))
+    }
+
+    /// The garments of each of `images` with the default post-processing, from one forward
+    /// pass of them all: the GPU's way (see `indexing`). Kernels block by batch size, so a
+    /// photo's detections may differ in the last bits from [`Self::detect`]'s; the same
+    /// batch gives the same bits.
+    pub fn detect_batch(&self, images: &[&RgbImage]) -> Result<Vec<Vec<Detection>>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pre = &self.config.preprocess;
+        let inputs = images.par_iter().map(|image| pre.crop_to_tensor(image, None, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
+        let raw = self.forward(&Tensor::stack(&inputs, 0)?.to_device(&self.device)?)?.to_device(&Device::Cpu)?;
+        let post = &self.config.postprocess;
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| {
+                let raw = raw.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(self.decode_output(&raw, image, &[post]).pop().unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// One photo's raw network output `[num_classes + 5, locations]`, flattened, as
+    /// detections in its pixel coordinates under each of `posts`.
+    fn decode_output(&self, raw: &[f32], image: &RgbImage, posts: &[&Postprocess]) -> Vec<Vec<Detection>> {
+        let pre = &self.config.preprocess;
         let geometry = LetterboxGeometry::new(image.width(), image.height(), pre.size);
         let (classes, locations) = (self.config.num_classes(), self.grid.len());
         let in_photo = |d: Located| {
             let bbox = geometry.to_source(d.bbox);
             let big_enough = bbox.x2 - bbox.x1 >= MIN_GARMENT_SIDE && bbox.y2 - bbox.y1 >= MIN_GARMENT_SIDE;
             (bbox.is_valid() && big_enough).then(|| {
-                let (class_probs, centreness) = location_probabilities(&raw, classes, locations, d.location);
+                let (class_probs, centreness) = location_probabilities(raw, classes, locations, d.location);
                 Detection { bbox, class: d.class, category: self.config.categories[d.class].name.clone(), score: d.score, class_probs, centreness }
             })
         };
-        Ok(posts.iter().map(|post| decode_located(&raw, classes, &self.grid, post).into_iter().filter_map(in_photo).collect()).collect())
+        posts.iter().map(|post| decode_located(raw, classes, &self.grid, post).into_iter().filter_map(in_photo).collect()).collect()
     }
 
     /// The network alone: preprocessed inputs `[n, 3, size, size]` → raw outputs

@@ -2,11 +2,13 @@
 # The device check of issue 20, to run on a machine with a CUDA GPU and its toolkit:
 #   bash benches/gpu-check.sh [CATALOG.csv]
 # 1. builds what it needs with `--features cuda` (release, its own target/gpu);
-# 2. runs the GPU parity tests (shared/tests/integration/gpu.rs: backbone, detection and
-#    embedding on the GPU against the CPU), which fail the script if they fail;
+# 2. runs the GPU parity tests (shared/tests/integration/gpu.rs: our depthwise kernel
+#    against the CPU's bit for bit, the epilogue, backbone, detection and embedding on the
+#    GPU against the CPU, two batched GPU builds bit for bit), which fail the script if
+#    they fail;
 # 3. times the backbone, detector and embedder forward passes at batch 1, 32 and 128;
-# 4. indexes a catalog on the GPU (default demo/catalog; ../shared/data/clothing-catalog
-#    when present) and reads the embedding stage's items/s;
+# 4. indexes a catalog on the GPU in batches (default demo/catalog;
+#    ../shared/data/clothing-catalog when present) and reads the embedding stage's items/s;
 # 5. appends everything to benches/RESULTS.md (and prints it).
 # Needs nvcc (PATH, $CUDA_HOME/bin or /usr/local/cuda/bin) and a driver; the build is about
 # two thirds of the run. Nothing here has run on a GPU yet (no GPU machine so far).
@@ -43,14 +45,15 @@ db=$(mktemp -d)/gpu-db
 "$T/release/indexer" build --catalog "$catalog" --db "$db" --json > "$T/build.json"
 rate=$(grep -o '"embed_items_per_second":[0-9.]*' "$T/build.json" | cut -d: -f2)
 items=$(grep -o '"items":[0-9]*' "$T/build.json" | head -1 | cut -d: -f2)
-echo "indexed $items items of $catalog: $rate items/s in the embedding stage"
+batch=$(grep -o '"batch":[0-9]*' "$T/build.json" | head -1 | cut -d: -f2)
+echo "indexed $items items of $catalog in batches of $batch: $rate items/s in the embedding stage"
 
 {
     echo
     echo "## $(date -u +%Y-%m-%d) — GPU check (\`benches/gpu-check.sh\`, issue 20): $gpu"
     echo
     echo "Build $((built - started)) s; parity tests: $(grep -o 'test result: [a-z]*\. [0-9]* passed' "$T/parity.log" | tail -1)."
-    echo "Indexing \`$catalog\` ($items items, detection on, one item per forward pass): **$rate items/s**."
+    echo "Indexing \`$catalog\` ($items items, detection on, batches of $batch items): **$rate items/s**."
     echo
     cat "$T/forward.md"
 } | tee -a benches/RESULTS.md

@@ -198,9 +198,11 @@ fn items_embedded_side_by_side_equal_items_embedded_one_by_one_with_the_detector
     assert_eq!(build_with("side-by-side", 6), one_by_one);
 }
 
-/// Every garment of a published generation, independent of ids: sku → (box, category,
-/// embedding) of each.
-fn garments(store: &CatalogStore) -> BTreeMap<String, Vec<([f32; 4], String, Vec<f32>)>> {
+/// A stored garment's box, category and embedding.
+type Garment = ([f32; 4], String, Vec<f32>);
+
+/// Every garment of a published generation, independent of ids, by sku.
+fn garments(store: &CatalogStore) -> BTreeMap<String, Vec<Garment>> {
     let generation = store.published_id().unwrap().unwrap();
     let members = store.generation_members(generation).unwrap();
     let garment = |id| {

@@ -7,8 +7,8 @@
 //! rearranged once so that every filter tap is one contiguous multiply-add (see
 //! [`PlaneGeometry`]), and that loop is compiled for AVX-512 and AVX2 as well as the
 //! baseline, chosen at run time. Multiplies and adds stay separate (no FMA contraction), so
-//! every instruction set gives the same bits. On other devices the op falls back to candle's
-//! grouped convolution.
+//! every instruction set gives the same bits. On a CUDA GPU our GPU kernel runs instead
+//! (`gpu.rs`, the same bits); on other devices candle's grouped convolution.
 
 use std::sync::Arc;
 
@@ -66,6 +66,11 @@ impl DepthwiseConvBn {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() {
             return Ok(x.apply_op1_no_bwd(&self.op)?);
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let op = super::gpu::DepthwiseGpu { weight: self.weight.clone(), bias: self.bias.clone(), kernel: self.op.kernel, stride: self.op.stride, relu6: self.op.relu6 };
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
         }
         self.forward_reference(x)
     }

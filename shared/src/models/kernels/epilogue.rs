@@ -46,7 +46,8 @@ impl Epilogue {
     /// storage is overwritten. Outside the CPU, candle's ops do the same out of place.
     pub(crate) fn apply(&self, y: Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let c = self.bias.len();
-        if y.device().is_cpu() && y.is_contiguous() && residual.is_none_or(|r| r.is_contiguous() && r.dims() == y.dims()) {
+        // In place on the CPU and, with our GPU kernel, on a CUDA GPU.
+        if (y.device().is_cpu() || y.device().is_cuda()) && y.is_contiguous() && residual.is_none_or(|r| r.is_contiguous() && r.dims() == y.dims()) {
             match residual {
                 None => y.inplace_op1(self)?,
                 Some(r) => y.inplace_op2(r, self)?,
@@ -112,6 +113,11 @@ impl InplaceOp1 for Epilogue {
         };
         self.run(data, layout, None)
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<()> {
+        super::gpu::epilogue(storage, layout, &self.bias_tensor, None, self.relu6)
+    }
 }
 
 impl InplaceOp2 for Epilogue {
@@ -130,6 +136,14 @@ impl InplaceOp2 for Epilogue {
             candle_core::bail!("residual shape {:?} differs from {:?}", residual_layout.shape(), layout.shape());
         }
         self.run(data, layout, Some(&r[rs..re]))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, layout: &Layout, residual: &candle_core::CudaStorage, residual_layout: &Layout) -> candle_core::Result<()> {
+        if residual_layout.shape() != layout.shape() {
+            candle_core::bail!("residual shape {:?} differs from {:?}", residual_layout.shape(), layout.shape());
+        }
+        super::gpu::epilogue(storage, layout, &self.bias_tensor, Some((residual, residual_layout)), self.relu6)
     }
 }
 

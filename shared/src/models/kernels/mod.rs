@@ -1,9 +1,12 @@
-//! The CPU side of our networks' layers: convolutions with BatchNorm folded in, and the
-//! custom ops behind them (depthwise, 1×1, the fused epilogue, the phase planes of strided
-//! convolutions). Every op falls back to candle's own on other devices.
+//! Our networks' layers: convolutions with BatchNorm folded in, and the custom ops behind
+//! them (depthwise, 1×1, the fused epilogue, the phase planes of strided convolutions). On
+//! the CPU our own kernels; on a CUDA GPU (`--features cuda`) our GPU kernels for the
+//! depthwise convolution and the epilogue ([`gpu`]) and candle's ops for the rest.
 
 pub mod depthwise;
 pub mod epilogue;
+#[cfg(feature = "cuda")]
+mod gpu;
 pub mod layers;
 mod planes;
 mod pointwise;

@@ -161,6 +161,10 @@ pub struct DetectorArgs {
     /// level instead of the last block's output.
     #[arg(long)]
     semantic_top: bool,
+    /// Give the class logits a tower of their own (the shared tower keeps boxes and
+    /// centre-ness); from an `--init` without one, it starts as a copy of the shared tower.
+    #[arg(long)]
+    class_tower: bool,
     /// Validate every this many epochs.
     #[arg(long, default_value_t = 4)]
     eval_every: usize,
@@ -230,6 +234,7 @@ impl DetectorArgs {
             channels: self.channels,
             tower: self.tower,
             semantic_top: self.semantic_top,
+            class_tower: self.class_tower,
             eval_every: self.eval_every,
             resume: self.resume,
             device: device(self.cpu)?,

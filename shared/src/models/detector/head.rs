@@ -56,6 +56,8 @@ pub struct DetectorHead {
     pub lateral: Vec<Conv>,
     /// Tower convolutions with their GroupNorm `(gamma, beta)`.
     pub tower: Vec<(Conv, Tensor, Tensor)>,
+    /// The class logits' own tower (`DetectorConfig::class_tower`); empty: they read `tower`.
+    pub class_tower: Vec<(Conv, Tensor, Tensor)>,
     /// `num_classes + 4 + 1` outputs: class logits, box distances, centre-ness.
     pub output: Conv,
     /// Per-level scale of the box distances, `[levels]`.
@@ -95,13 +97,18 @@ impl DetectorHead {
             .enumerate()
             .map(|(i, &ch)| conv(&mut *param, &format!("fpn.lateral.{i}"), c, ch, 1, he(ch, 1), ParamInit::Const(0.0)))
             .collect::<Result<Vec<_>>>()?;
-        let mut tower = Vec::new();
-        for i in 0..config.tower {
-            let t = conv(&mut *param, &format!("tower.{i}"), c, c, 3, he(c, 3), ParamInit::Const(0.0))?;
-            let gamma = param(&format!("tower.{i}.gn.weight"), &[c], ParamInit::Const(1.0))?;
-            let beta = param(&format!("tower.{i}.gn.bias"), &[c], ParamInit::Const(0.0))?;
-            tower.push((t, gamma, beta));
-        }
+        let mut tower_of = |prefix: &str| -> Result<Vec<(Conv, Tensor, Tensor)>> {
+            (0..config.tower)
+                .map(|i| {
+                    let t = conv(&mut *param, &format!("{prefix}.{i}"), c, c, 3, he(c, 3), ParamInit::Const(0.0))?;
+                    let gamma = param(&format!("{prefix}.{i}.gn.weight"), &[c], ParamInit::Const(1.0))?;
+                    let beta = param(&format!("{prefix}.{i}.gn.bias"), &[c], ParamInit::Const(0.0))?;
+                    Ok((t, gamma, beta))
+                })
+                .collect()
+        };
+        let tower = tower_of("tower")?;
+        let class_tower = if config.class_tower { tower_of("class_tower")? } else { Vec::new() };
         // Focal-loss prior: every class starts at probability 0.01 (FCOS, RetinaNet), so
         // the thousands of background locations do not swamp the first steps.
         let k = config.num_classes();
@@ -110,7 +117,7 @@ impl DetectorHead {
         bias.extend([0.0; 5]);
         let output = conv(&mut *param, "output", k + 5, c, 3, 0.01, ParamInit::Values(bias))?;
         let scales = param("scales", &[config.strides.len()], ParamInit::Const(1.0))?;
-        Ok(Self { lateral, tower, output, scales, groups: config.groups })
+        Ok(Self { lateral, tower, class_tower, output, scales, groups: config.groups })
     }
 
     /// Pyramid features (finest first) → `[n, num_classes + 5, locations]`, levels
@@ -124,11 +131,18 @@ impl DetectorHead {
         }
         let mut outputs = Vec::with_capacity(laterals.len());
         for (level, p) in laterals.iter().enumerate() {
-            let mut x = p.clone();
-            for (conv, gamma, beta) in &self.tower {
-                x = group_norm(&conv.forward(&x)?, self.groups, gamma, beta)?.relu()?;
-            }
-            let y = self.output.forward(&x)?;
+            let x = self.run_tower(&self.tower, p)?;
+            let y = if self.class_tower.is_empty() {
+                self.output.forward(&x)?
+            } else {
+                // The output convolution's class rows read the class tower, its box and
+                // centre-ness rows the shared one.
+                let k = self.output.weight.dim(0)? - 5;
+                let rows =
+                    |start: usize, len: usize| -> Result<Conv> { Ok(Conv { weight: self.output.weight.narrow(0, start, len)?, bias: self.output.bias.narrow(0, start, len)? }) };
+                let classes = rows(0, k)?.forward(&self.run_tower(&self.class_tower, p)?)?;
+                Tensor::cat(&[&classes, &rows(k, 5)?.forward(&x)?], 1)?
+            };
             let (n, ch, h, w) = y.dims4()?;
             let y = y.reshape((n, ch, h * w))?;
             // Distances: exp(scale_level · raw), clamped so a wild logit cannot overflow.
@@ -140,6 +154,14 @@ impl DetectorHead {
         Ok(Tensor::cat(&outputs, 2)?)
     }
 
+    fn run_tower(&self, tower: &[(Conv, Tensor, Tensor)], p: &Tensor) -> Result<Tensor> {
+        let mut x = p.clone();
+        for (conv, gamma, beta) in tower {
+            x = group_norm(&conv.forward(&x)?, self.groups, gamma, beta)?.relu()?;
+        }
+        Ok(x)
+    }
+
     /// Named tensors as saved.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
@@ -147,11 +169,13 @@ impl DetectorHead {
             out.insert(format!("fpn.lateral.{i}.weight"), l.weight.clone());
             out.insert(format!("fpn.lateral.{i}.bias"), l.bias.clone());
         }
-        for (i, (c, g, b)) in self.tower.iter().enumerate() {
-            out.insert(format!("tower.{i}.weight"), c.weight.clone());
-            out.insert(format!("tower.{i}.bias"), c.bias.clone());
-            out.insert(format!("tower.{i}.gn.weight"), g.clone());
-            out.insert(format!("tower.{i}.gn.bias"), b.clone());
+        for (prefix, tower) in [("tower", &self.tower), ("class_tower", &self.class_tower)] {
+            for (i, (c, g, b)) in tower.iter().enumerate() {
+                out.insert(format!("{prefix}.{i}.weight"), c.weight.clone());
+                out.insert(format!("{prefix}.{i}.bias"), c.bias.clone());
+                out.insert(format!("{prefix}.{i}.gn.weight"), g.clone());
+                out.insert(format!("{prefix}.{i}.gn.bias"), b.clone());
+            }
         }
         out.insert("output.weight".into(), self.output.weight.clone());
         out.insert("output.bias".into(), self.output.bias.clone());
@@ -165,6 +189,7 @@ impl DetectorHead {
         Ok(Self {
             lateral: self.lateral.iter().map(c).collect::<Result<_>>()?,
             tower: self.tower.iter().map(|(x, g, b)| Ok((c(x)?, g.detach().copy()?, b.detach().copy()?))).collect::<Result<_>>()?,
+            class_tower: self.class_tower.iter().map(|(x, g, b)| Ok((c(x)?, g.detach().copy()?, b.detach().copy()?))).collect::<Result<_>>()?,
             output: c(&self.output)?,
             scales: self.scales.detach().copy()?,
             groups: self.groups,
@@ -223,6 +248,45 @@ mod tests {
             let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "k={k}: {diff}");
         }
+    }
+
+    /// A head of the shipped detector's shape, every parameter drawn from its name (the
+    /// class tower's from its shared twin's, unless `nudge`d), on 3 pyramid levels.
+    fn head(class_tower: bool, nudge: f32) -> (DetectorHead, Vec<Tensor>) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/detector-lite0.safetensors");
+        let mut config: DetectorConfig = crate::models::formats::weights_file::read_config(&path).unwrap();
+        config.class_tower = class_tower;
+        let in_channels = [40usize, 112, 320];
+        let mut param = |name: &str, shape: &[usize], _: ParamInit| -> Result<Tensor> {
+            let twin = name.strip_prefix("class_").filter(|_| name.starts_with("class_tower.")).unwrap_or(name);
+            let seed = twin.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| (((seed.wrapping_add(i as u64 * 2654435761)) % 1000) as f32 / 1000.0 - 0.5) * 0.2).collect();
+            let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
+            Ok(if name.starts_with("class_tower.") { (t + nudge as f64)? } else { t })
+        };
+        let head = DetectorHead::build(&config, &in_channels, &mut param).unwrap();
+        let features = in_channels.iter().zip([8usize, 4, 2]).map(|(&c, s)| Tensor::randn(0f32, 1., (1, c, s, s), &Device::Cpu).unwrap()).collect();
+        (head, features)
+    }
+
+    #[test]
+    fn a_class_tower_copied_from_the_shared_one_gives_its_outputs_and_then_moves_only_the_classes() {
+        let (shared, features) = head(false, 0.0);
+        let (copied, _) = head(true, 0.0);
+        assert_eq!(copied.class_tower.len(), shared.tower.len());
+        let a = shared.forward(&features).unwrap();
+        let b = copied.forward(&features).unwrap();
+        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        // A class tower of its own changes the class logits, never the boxes or centre-ness.
+        let (moved, _) = head(true, 0.05);
+        let c = moved.forward(&features).unwrap();
+        let k = a.dim(1).unwrap() - 5;
+        let max_diff = |x: &Tensor, y: &Tensor| (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(max_diff(&c.narrow(1, 0, k).unwrap(), &b.narrow(1, 0, k).unwrap()) > 1e-3);
+        assert_eq!(max_diff(&c.narrow(1, k, 5).unwrap(), &b.narrow(1, k, 5).unwrap()), 0.0);
+        assert!(moved.tensors().contains_key("class_tower.1.gn.bias"));
     }
 
     #[test]

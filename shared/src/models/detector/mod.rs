@@ -65,6 +65,11 @@ pub struct DetectorConfig {
     /// semantics) instead of the last block's output.
     #[serde(default)]
     pub semantic_top: bool,
+    /// The class logits get a tower of their own (`class_tower.*`, as deep as `tower`),
+    /// the shared one keeping boxes and centre-ness: naming a garment and framing it stop
+    /// competing for the same 64 channels. Files from before the field share one tower.
+    #[serde(default)]
+    pub class_tower: bool,
     /// Default post-processing for serving and indexing.
     pub postprocess: Postprocess,
     /// Recorded with every garment it finds; a change means re-detecting. A hash of the

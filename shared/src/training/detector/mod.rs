@@ -92,6 +92,8 @@ pub struct DetectorTraining {
     pub tower: usize,
     /// Coarsest level from the backbone's semantic head features.
     pub semantic_top: bool,
+    /// A tower of its own for the class logits (see `DetectorConfig::class_tower`).
+    pub class_tower: bool,
     /// Validate every this many epochs (and after the last).
     pub eval_every: usize,
     pub resume: bool,
@@ -193,7 +195,9 @@ fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result
         && earlier.channels == config.channels
         && earlier.tower == config.tower
         && earlier.strides == config.strides
-        && earlier.semantic_top == config.semantic_top;
+        && earlier.semantic_top == config.semantic_top
+        // A shared tower may seed a run with a class tower (see `build_head`), not the reverse.
+        && (earlier.class_tower == config.class_tower || !earlier.class_tower);
     if !same {
         return Err(Error::InvalidSetting { name: "init", reason: format!("{} has another taxonomy or head shape than this run", path.display()) });
     }
@@ -275,7 +279,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         "data": cfg.data, "shop": cfg.shop, "catalog_backdrops": cfg.catalog, "init": cfg.init,
         "unlabelled": cfg.unlabelled, "pseudo_min_score": cfg.pseudo_min_score, "pseudo_labels": domains.pseudo_labels,
         "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "shop_views": cfg.shop_views, "shop_per_epoch": cfg.shop_per_epoch, "copy_paste": cfg.copy_paste,
-        "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "split": "validation = pair_id % 5 == 1", "report": &report,
+        "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "class_tower": cfg.class_tower, "split": "validation = pair_id % 5 == 1", "report": &report,
     });
     crate::models::detector::GarmentDetector::save_head(&cfg.out, &config, &final_head)?;
     Ok(report)
@@ -305,6 +309,7 @@ fn detector_config(cfg: &DetectorTraining, backbone: &Backbone, categories: Vec<
         groups: 16.min(cfg.channels).max(1),
         strides: vec![8, 16, 32],
         semantic_top: cfg.semantic_top,
+        class_tower: cfg.class_tower,
         postprocess: Postprocess::SERVING,
         version: String::new(),
         training: serde_json::Value::Null,
@@ -324,9 +329,13 @@ fn build_head(cfg: &DetectorTraining, config: &DetectorConfig, in_channels: &[us
     let head = {
         let data = varmap.data();
         DetectorHead::build(config, in_channels, &mut |name, shape, param_init| {
-            let value = match init.filter(|t| t.contains(name)) {
-                Some(t) => t.get(name, shape)?,
-                None => init_tensor(shape, &param_init, &mut init_rng, &cfg.device)?,
+            // A class tower missing from `--init` starts as a copy of its shared tower, so
+            // the run begins from the earlier head's very outputs.
+            let copied = name.strip_prefix("class_").filter(|_| name.starts_with("class_tower."));
+            let value = match init {
+                Some(t) if t.contains(name) => t.get(name, shape)?,
+                Some(t) if copied.is_some_and(|n| t.contains(n)) => t.get(copied.expect("checked"), shape)?,
+                _ => init_tensor(shape, &param_init, &mut init_rng, &cfg.device)?,
             };
             let var = Var::from_tensor(&value)?;
             let t = var.as_tensor().clone();

@@ -218,10 +218,11 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
 
     let pipeline = GarmentPipeline { detector: models.detector, embedder: models.embedder, limits: opts.limits };
     let embed_started = Instant::now();
+    let mut sink = Sink { builder: &builder, tally: &mut tally, failures: &mut failures };
     if opts.batch > 1 {
-        embed_in_batches(&builder, &pending, &pipeline, opts, &mut tally, &mut failures, progress)?;
+        embed_in_batches(&mut sink, &pending, &pipeline, opts, progress)?;
     } else {
-        embed_items(&builder, &pending, &pipeline, opts, &mut tally, &mut failures, progress)?;
+        embed_items(&mut sink, &pending, &pipeline, opts, progress)?;
     }
     let embed_seconds = embed_started.elapsed().as_secs_f64();
     for f in &failures {
@@ -373,15 +374,7 @@ fn remove_dropped_members(builder: &GenerationBuilder, wanted: &HashSet<&str>) -
 /// Decodes and embeds `pending` in parallel chunks and writes each item's garments in
 /// order, flushing the store after each chunk; an item that cannot be decoded or embedded
 /// is a failure and leaves the generation.
-fn embed_items(
-    builder: &GenerationBuilder,
-    pending: &[Pending],
-    pipeline: &GarmentPipeline<'_>,
-    opts: &BuildOptions,
-    tally: &mut Tally,
-    failures: &mut Vec<BuildFailure>,
-    progress: ProgressFn,
-) -> Result<()> {
+fn embed_items(sink: &mut Sink<'_>, pending: &[Pending], pipeline: &GarmentPipeline<'_>, opts: &BuildOptions, progress: ProgressFn) -> Result<()> {
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
     for chunk in pending.chunks(opts.save_every.max(1)) {
         // The chunk's items go through the networks side by side, one per core, rather than
@@ -392,43 +385,45 @@ fn embed_items(
         // uninterrupted one.
         let embedded: Vec<Result<Vec<NewGarment>>> =
             chunk.par_iter().map(|p| pipeline.decode(&p.bytes).and_then(|image| entry_garments(pipeline, &p.entry, &image, opts.boxes))).collect();
-        write_items(builder, chunk, embedded, tally, failures)?;
+        sink.write(chunk, embedded)?;
         progress(Progress::Advance(chunk.len() as u64));
     }
     Ok(())
 }
 
-/// Writes each item's garments (or its failure) in order and saves the store.
-fn write_items(builder: &GenerationBuilder, items: &[Pending], embedded: Vec<Result<Vec<NewGarment>>>, tally: &mut Tally, failures: &mut Vec<BuildFailure>) -> Result<()> {
-    for (p, garments) in items.iter().zip(embedded) {
-        let sku = &p.entry.metadata.sku;
-        match garments {
-            Ok(new) => {
-                builder.put_item_with_image(p.entry.metadata.clone(), p.hash, Some(p.entry.image_path.to_string_lossy().into_owned()), new)?;
-                tally.changed(p.is_new);
-            }
-            Err(e) => {
-                builder.remove_item(sku)?;
-                failures.push(BuildFailure { sku: Some(sku.clone()), origin: p.entry.origin.clone(), reason: e.to_string() });
+/// Where the embedding stage puts what it made: the generation being built, and the
+/// build's tally and failures.
+struct Sink<'a> {
+    builder: &'a GenerationBuilder,
+    tally: &'a mut Tally,
+    failures: &'a mut Vec<BuildFailure>,
+}
+
+impl Sink<'_> {
+    /// Writes each item's garments (or its failure) in order and saves the store.
+    fn write(&mut self, items: &[Pending], embedded: Vec<Result<Vec<NewGarment>>>) -> Result<()> {
+        for (p, garments) in items.iter().zip(embedded) {
+            let sku = &p.entry.metadata.sku;
+            match garments {
+                Ok(new) => {
+                    self.builder.put_item_with_image(p.entry.metadata.clone(), p.hash, Some(p.entry.image_path.to_string_lossy().into_owned()), new)?;
+                    self.tally.changed(p.is_new);
+                }
+                Err(e) => {
+                    self.builder.remove_item(sku)?;
+                    self.failures.push(BuildFailure { sku: Some(sku.clone()), origin: p.entry.origin.clone(), reason: e.to_string() });
+                }
             }
         }
+        self.builder.flush()
     }
-    builder.flush()
 }
 
 /// The batched way ([`BuildOptions::batch`]): `pending` in fixed batches, each decoded on
 /// the CPU cores while the networks run the batch before it, then detected and embedded in
 /// passes of `batch`, written and saved. A batch the interrupted run wrote whole is kept;
 /// one it left unfinished is re-done whole, so that its passes see the same items.
-fn embed_in_batches(
-    builder: &GenerationBuilder,
-    pending: &[Pending],
-    pipeline: &GarmentPipeline<'_>,
-    opts: &BuildOptions,
-    tally: &mut Tally,
-    failures: &mut Vec<BuildFailure>,
-    progress: ProgressFn,
-) -> Result<()> {
+fn embed_in_batches(sink: &mut Sink<'_>, pending: &[Pending], pipeline: &GarmentPipeline<'_>, opts: &BuildOptions, progress: ProgressFn) -> Result<()> {
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
     let decode =
         |batch: &[Pending]| -> Vec<Result<RgbImage>> { if batch.iter().all(|p| p.written) { Vec::new() } else { batch.par_iter().map(|p| pipeline.decode(&p.bytes)).collect() } };
@@ -443,8 +438,8 @@ fn embed_in_batches(
         decoded = next.unwrap_or_default();
         match embedded {
             // Written whole by the interrupted run.
-            None => batch.iter().for_each(|p| tally.changed(p.is_new)),
-            Some(embedded) => write_items(builder, batch, embedded, tally, failures)?,
+            None => batch.iter().for_each(|p| sink.tally.changed(p.is_new)),
+            Some(embedded) => sink.write(batch, embedded)?,
         }
         progress(Progress::Advance(batch.len() as u64));
     }

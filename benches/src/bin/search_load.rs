@@ -10,6 +10,10 @@
 //!
 //! `--seconds S` runs the clients for S seconds instead of a request count.
 //!
+//! `--pause-ms N` makes each client wait N ms after every answer: a quiet server, whose
+//! shoppers' requests arrive apart, pays a wake-up cost a back-to-back run never sees
+//! (`benches/NOTES.md`, 2026-12-05).
+//!
 //! `--photos DIR` cycles through the photos of a folder (`.jpg`, `.jpeg`, `.png`, `.webp`,
 //! in name order, at most `--max-photos`) instead of one `--photo`: request `i` sends photo
 //! `i mod n`, so a run measures the mix of sizes and garment counts real uploads have, not
@@ -79,6 +83,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "search_load --addr HOST:PORT (--photo FILE | --photos DIR [--max-photos N]) [--clients N] [--requests N | --seconds S] [--pause-ms N] [--warmup N] [--query QS]\n\
+             Latency of POST /v1/search against a running searcher: p50/p95/p99 and the server's own stages."
+        );
+        return;
+    }
     let arg = |name: &str, default: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string());
     let addr = arg("--addr", "127.0.0.1:8080");
     let photo = arg("--photo", "");
@@ -90,6 +101,7 @@ fn main() {
     let query = arg("--query", "k=10");
     let folder = arg("--photos", "");
     let max_photos: usize = arg("--max-photos", "10000").parse().expect("--max-photos N");
+    let pause = Duration::from_millis(arg("--pause-ms", "0").parse().expect("--pause-ms N"));
     let bodies: Arc<Vec<Vec<u8>>> =
         Arc::new(if folder.is_empty() { vec![std::fs::read(&photo).unwrap_or_else(|e| panic!("--photo {photo:?}: {e}"))] } else { read_folder(&folder, max_photos) });
     assert!(!bodies.is_empty(), "no photos to send (give --photo FILE or --photos DIR)");
@@ -136,6 +148,7 @@ fn main() {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     out.push((answer.status, ms, answer.body));
+                    std::thread::sleep(pause);
                 }
                 out
             })

@@ -212,7 +212,7 @@ pub fn build_generation(store: &CatalogStore, sources: &[CatalogSource], labels:
         entries.len(),
         previous.map_or("none".to_string(), |p| p.to_string())
     )));
-    let (pending, mut tally) = plan_items(store, &builder, previous, &entries, opts.batch > 1, &mut failures, progress)?;
+    let (pending, mut tally) = plan_items(store, &builder, previous, &entries, &mut failures, progress)?;
     let wanted: HashSet<&str> = entries.iter().map(|e| e.metadata.sku.as_str()).collect();
     remove_dropped_members(&builder, &wanted)?;
 
@@ -286,13 +286,13 @@ fn read_entries(sources: &[CatalogSource], labels: &LabelMap) -> Result<(Vec<Cat
 /// Compares each entry with the previous generation and settles what needs no network:
 /// unchanged items are carried, items whose metadata alone changed get a new revision with
 /// the same embeddings, unreadable files keep the last good version. Returns the items to
-/// embed; `batched`: with those the interrupted run embedded and wrote, marked so.
+/// embed, with those the interrupted run embedded and wrote marked `written` (the
+/// embedding loop decides what to do again).
 fn plan_items(
     store: &CatalogStore,
     builder: &GenerationBuilder,
     previous: Option<u64>,
     entries: &[CatalogEntry],
-    batched: bool,
     failures: &mut Vec<BuildFailure>,
     progress: ProgressFn,
 ) -> Result<(Vec<Pending>, Tally)> {
@@ -332,9 +332,8 @@ fn plan_items(
             && same_item(&done)
         {
             // Written by the interrupted run this build resumes.
-            let was_embedded = !matches!(&old, Some((_, o)) if same_pixels(o));
-            if batched && was_embedded {
-                // Its batch must be formed again as that run formed it.
+            if !matches!(&old, Some((_, o)) if same_pixels(o)) {
+                // It was embedded: a batched build forms its batch again as that run did.
                 pending.push(Pending { entry: entry.clone(), bytes, hash, is_new: old.is_none(), written: true });
                 continue;
             }
@@ -375,6 +374,9 @@ fn remove_dropped_members(builder: &GenerationBuilder, wanted: &HashSet<&str>) -
 /// order, flushing the store after each chunk; an item that cannot be decoded or embedded
 /// is a failure and leaves the generation.
 fn embed_items(sink: &mut Sink<'_>, pending: &[Pending], pipeline: &GarmentPipeline<'_>, opts: &BuildOptions, progress: ProgressFn) -> Result<()> {
+    // Items alone depend on nothing else: what the interrupted run wrote stays.
+    let (written, pending): (Vec<&Pending>, Vec<&Pending>) = pending.iter().partition(|p| p.written);
+    written.iter().for_each(|p| sink.tally.changed(p.is_new));
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
     for chunk in pending.chunks(opts.save_every.max(1)) {
         // The chunk's items go through the networks side by side, one per core, rather than
@@ -385,7 +387,7 @@ fn embed_items(sink: &mut Sink<'_>, pending: &[Pending], pipeline: &GarmentPipel
         // uninterrupted one.
         let embedded: Vec<Result<Vec<NewGarment>>> =
             chunk.par_iter().map(|p| pipeline.decode(&p.bytes).and_then(|image| entry_garments(pipeline, &p.entry, &image, opts.boxes))).collect();
-        sink.write(chunk, embedded)?;
+        sink.write(chunk.iter().copied(), embedded)?;
         progress(Progress::Advance(chunk.len() as u64));
     }
     Ok(())
@@ -401,8 +403,8 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     /// Writes each item's garments (or its failure) in order and saves the store.
-    fn write(&mut self, items: &[Pending], embedded: Vec<Result<Vec<NewGarment>>>) -> Result<()> {
-        for (p, garments) in items.iter().zip(embedded) {
+    fn write<'p>(&mut self, items: impl IntoIterator<Item = &'p Pending>, embedded: Vec<Result<Vec<NewGarment>>>) -> Result<()> {
+        for (p, garments) in items.into_iter().zip(embedded) {
             let sku = &p.entry.metadata.sku;
             match garments {
                 Ok(new) => {
@@ -425,21 +427,21 @@ impl Sink<'_> {
 /// one it left unfinished is re-done whole, so that its passes see the same items.
 fn embed_in_batches(sink: &mut Sink<'_>, pending: &[Pending], pipeline: &GarmentPipeline<'_>, opts: &BuildOptions, progress: ProgressFn) -> Result<()> {
     progress(Progress::Stage { name: "embedding".into(), total: pending.len() as u64 });
-    let decode =
-        |batch: &[Pending]| -> Vec<Result<RgbImage>> { if batch.iter().all(|p| p.written) { Vec::new() } else { batch.par_iter().map(|p| pipeline.decode(&p.bytes)).collect() } };
+    let written_whole = |batch: &[Pending]| batch.iter().all(|p| p.written);
+    let decode = |batch: &[Pending]| -> Vec<Result<RgbImage>> { if written_whole(batch) { Vec::new() } else { batch.par_iter().map(|p| pipeline.decode(&p.bytes)).collect() } };
     let batches: Vec<&[Pending]> = pending.chunks(opts.batch).collect();
     let mut decoded = batches.first().map(|b| decode(b)).unwrap_or_default();
     for (k, batch) in batches.iter().enumerate() {
         let (embedded, next) = std::thread::scope(|s| {
             let next = batches.get(k + 1).map(|b| s.spawn(|| decode(b)));
-            let embedded = if decoded.is_empty() { None } else { Some(batch_garments(pipeline, batch, std::mem::take(&mut decoded), opts, progress)) };
+            let embedded = (!written_whole(batch)).then(|| batch_garments(pipeline, batch, std::mem::take(&mut decoded), opts, progress));
             (embedded, next.map(|n| n.join().expect("decoding threads do not panic")))
         });
         decoded = next.unwrap_or_default();
         match embedded {
             // Written whole by the interrupted run.
             None => batch.iter().for_each(|p| sink.tally.changed(p.is_new)),
-            Some(embedded) => sink.write(batch, embedded)?,
+            Some(embedded) => sink.write(batch.iter(), embedded)?,
         }
         progress(Progress::Advance(batch.len() as u64));
     }

@@ -165,6 +165,11 @@ pub struct DetectorArgs {
     /// centre-ness); from an `--init` without one, it starts as a copy of the shared tower.
     #[arg(long)]
     class_tower: bool,
+    /// Fine-tune the backbone's coarsest stage (the blocks from the stride-16 level to the
+    /// stride-32 one) at this learning rate, e.g. 1e-4; the detector file then carries
+    /// those blocks. Without it the backbone stays frozen.
+    #[arg(long)]
+    stage_lr: Option<f64>,
     /// Validate every this many epochs.
     #[arg(long, default_value_t = 4)]
     eval_every: usize,
@@ -235,6 +240,7 @@ impl DetectorArgs {
             tower: self.tower,
             semantic_top: self.semantic_top,
             class_tower: self.class_tower,
+            stage_lr: self.stage_lr,
             eval_every: self.eval_every,
             resume: self.resume,
             device: device(self.cpu)?,

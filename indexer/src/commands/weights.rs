@@ -104,8 +104,9 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             p.cross_class_containment = cross_class_containment.unwrap_or(p.cross_class_containment);
             p.max_detections = max_detections.unwrap_or(p.max_detections);
             p.category_fusion = second_look.unwrap_or(p.category_fusion);
-            let config = config.versioned(detector.head())?;
-            GarmentDetector::save_head(&weights, &config, detector.head())?;
+            let tensors = detector.tensors();
+            let config = config.versioned(&tensors)?;
+            GarmentDetector::save(&weights, &config, &tensors)?;
             println!("{}: post-processing {:?}, version {}", weights.display(), config.postprocess, config.version);
             return Ok(());
         }

@@ -151,3 +151,36 @@ fn lite1_and_lite2_load_and_classify_when_imported() {
         eprintln!("{variant}: {} blocks, top-1 {top}", net.config().blocks.len());
     }
 }
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// The coarsest stage a detector fine-tunes: its differentiable forward (what training
+/// backpropagates through) gives the inference kernels' stride-32 level from the stride-16
+/// one, and a backbone rebuilt from changed folded parameters runs them.
+#[test]
+fn the_coarsest_stage_trains_and_serves_the_same_function() {
+    let net = model();
+    let stage = net.coarsest_stage();
+    assert_eq!(stage, 11..16, "Lite0: stage 6 (4 blocks) and stage 7");
+    let image = Tensor::randn(0f32, 1., (2, 3, 320, 288), &Device::Cpu).unwrap();
+    let levels = net.pyramid(&image).unwrap();
+    let mut x = levels[1].clone();
+    for i in stage.clone() {
+        x = net.folded_block(i).unwrap().forward_differentiable(&x).unwrap();
+    }
+    assert_eq!(x.dims(), levels[2].dims());
+    let diff = max_diff(&x, &levels[2]);
+    assert!(diff < 1e-3, "differentiable stage vs kernels: {diff}");
+
+    // Scaling the last block's projection by 2 doubles the stride-32 level (no residual).
+    let mut last = net.folded_block(stage.end - 1).unwrap();
+    last.project = ((&last.project.0 * 2.0).unwrap(), (&last.project.1 * 2.0).unwrap());
+    let tuned = net.with_blocks(&[(stage.end - 1, last)]).unwrap();
+    let tuned_levels = tuned.pyramid(&image).unwrap();
+    assert_eq!(max_diff(&tuned_levels[1], &levels[1]), 0.0, "blocks before the stage untouched");
+    let diff = max_diff(&tuned_levels[2], &(&levels[2] * 2.0).unwrap());
+    assert!(diff < 1e-3, "the replaced block runs: {diff}");
+    assert!(net.with_blocks(&[(3, net.folded_block(stage.end - 1).unwrap())]).is_err(), "a block of another layout is refused");
+}

@@ -85,3 +85,40 @@ fn the_second_look_keeps_the_detectors_boxes_and_names_the_cut_outs() {
     }
     assert!(named.contains(&"pants.jpg"), "the pants are found and named: {named:?}");
 }
+
+/// A detector file with tuned backbone blocks (`tuned_blocks`): loading runs them in the
+/// detector's own backbone copy, its tensors and version carry them, and the file without
+/// them still loads as the ImageNet backbone.
+#[test]
+fn a_detector_with_tuned_blocks_runs_them_and_versions_them() {
+    use shoplens::models::detector::{DetectorConfig, tuned_block_prefix};
+    let shipped = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    let last = shipped.backbone().coarsest_stage().end - 1;
+    let mut block = shipped.backbone().folded_block(last).unwrap();
+    block.project = ((&block.project.0 * 2.0).unwrap(), (&block.project.1 * 2.0).unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let backbone = &shipped.config().backbone;
+    std::fs::copy(repo().join("models").join(backbone), dir.path().join(backbone)).unwrap();
+    let mut tensors = shipped.tensors();
+    tensors.extend(block.tensors(&tuned_block_prefix(last)));
+    let config = DetectorConfig { tuned_blocks: vec![last], ..shipped.config().clone() }.versioned(&tensors).unwrap();
+    let path = dir.path().join("tuned.safetensors");
+    GarmentDetector::save(&path, &config, &tensors).unwrap();
+
+    let tuned = GarmentDetector::load(&path, &Device::Cpu).unwrap();
+    assert_ne!(tuned.version(), shipped.version(), "tuned blocks are part of the version");
+    assert_eq!(tuned.tensors().len(), tensors.len(), "the tuned block's tensors come back");
+    let input = candle_core::Tensor::randn(0f32, 1., (1, 3, 320, 320), &Device::Cpu).unwrap();
+    let (plain, doubled) = (shipped.backbone().pyramid(&input).unwrap(), tuned.backbone().pyramid(&input).unwrap());
+    let diff = (&doubled[2] - (&plain[2] * 2.0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-3, "the detector runs its tuned block: {diff}");
+    assert_ne!(tuned.forward(&input).unwrap().to_vec3::<f32>().unwrap(), shipped.forward(&input).unwrap().to_vec3::<f32>().unwrap());
+
+    let mut untuned = config.clone();
+    untuned.tuned_blocks.clear();
+    let plain_path = dir.path().join("plain.safetensors");
+    GarmentDetector::save(&plain_path, &untuned, &shipped.tensors()).unwrap();
+    let reloaded = GarmentDetector::load(&plain_path, &Device::Cpu).unwrap();
+    assert_eq!(reloaded.forward(&input).unwrap().to_vec3::<f32>().unwrap(), shipped.forward(&input).unwrap().to_vec3::<f32>().unwrap());
+}

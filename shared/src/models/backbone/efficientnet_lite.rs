@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::models::formats::tensors::NamedTensors;
 use crate::models::kernels::depthwise::{DepthwiseConvBn, ExpandDepthwise};
 use crate::models::kernels::layers::{ConvBn, relu6};
+use crate::models::kernels::trainable;
 use crate::{Error, Result};
 
 /// BatchNorm epsilon of the TensorFlow originals.
@@ -84,6 +85,69 @@ impl Config {
     }
 }
 
+/// One MBConv block's parameters with its BatchNorm folded in (weights `[out, in, k, k]`,
+/// biases `[out]`): what a detector that fine-tunes the backbone's last stage trains and
+/// stores (see `DetectorConfig::tuned_blocks`).
+#[derive(Debug, Clone)]
+pub struct FoldedBlock {
+    pub config: BlockConfig,
+    /// Absent when the expansion ratio is 1.
+    pub expand: Option<(Tensor, Tensor)>,
+    pub depthwise: (Tensor, Tensor),
+    pub project: (Tensor, Tensor),
+}
+
+impl FoldedBlock {
+    /// The parameters named `{prefix}{expand,depthwise,project}.{weight,bias}`.
+    pub fn tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut named = Vec::new();
+        let layers = [("expand", self.expand.as_ref()), ("depthwise", Some(&self.depthwise)), ("project", Some(&self.project))];
+        for (layer, params) in layers {
+            if let Some((w, b)) = params {
+                named.push((format!("{prefix}{layer}.weight"), w.clone()));
+                named.push((format!("{prefix}{layer}.bias"), b.clone()));
+            }
+        }
+        named
+    }
+
+    /// Reads the tensors [`Self::tensors`] names through `get(name, shape)`, shaped as `config` says.
+    pub fn read(config: &BlockConfig, prefix: &str, get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
+        let hidden = config.in_channels * config.expand;
+        let mut pair = |layer: &str, shape: &[usize]| -> Result<(Tensor, Tensor)> {
+            Ok((get(&format!("{prefix}{layer}.weight"), shape)?, get(&format!("{prefix}{layer}.bias"), &[shape[0]])?))
+        };
+        let expand = (config.expand != 1).then(|| pair("expand", &[hidden, config.in_channels, 1, 1])).transpose()?;
+        let depthwise = pair("depthwise", &[hidden, 1, config.kernel, config.kernel])?;
+        let project = pair("project", &[config.out_channels, hidden, 1, 1])?;
+        Ok(Self { config: config.clone(), expand, depthwise, project })
+    }
+
+    /// The block's output through differentiable operations (1×1 convolutions as matrix
+    /// products, the depthwise one and ReLU6 from `kernels::trainable`): how training
+    /// backpropagates through it. Equals the inference kernels' output up to rounding.
+    pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.expand {
+            Some((w, b)) => trainable::relu6(&pointwise_differentiable(x, w, b)?)?,
+            None => x.clone(),
+        };
+        let (w, b) = &self.depthwise;
+        let h = trainable::depthwise(&h, w, self.config.stride)?.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+        let h = trainable::relu6(&h)?;
+        let y = pointwise_differentiable(&h, &self.project.0, &self.project.1)?;
+        let residual = self.config.stride == 1 && self.config.in_channels == self.config.out_channels;
+        Ok(if residual { (y + x)? } else { y })
+    }
+}
+
+/// `x` `[n, c, h, w]` through a 1×1 convolution `w` `[o, c, 1, 1]` plus `b` `[o]`.
+fn pointwise_differentiable(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let o = w.dim(0)?;
+    let y = w.reshape((o, c))?.broadcast_left(n)?.matmul(&x.reshape((n, c, h * wd))?)?;
+    Ok(y.reshape((n, o, h, wd))?.broadcast_add(&b.reshape((1, o, 1, 1))?)?)
+}
+
 #[derive(Debug, Clone)]
 struct MbConv {
     expand: Option<ConvBn>,
@@ -134,6 +198,25 @@ impl MbConv {
         };
         let h = self.project.forward_reference(&self.depthwise.forward_reference(&h)?)?;
         Ok(if self.residual { (h + x)? } else { h })
+    }
+
+    /// A block from folded (e.g. fine-tuned) parameters.
+    fn from_folded(block: &FoldedBlock) -> Result<Self> {
+        let cfg = &block.config;
+        let expand = block.expand.as_ref().map(|(w, b)| ConvBn::folded(w, b, 1)).transpose()?;
+        let depthwise = DepthwiseConvBn::folded(&block.depthwise.0, &block.depthwise.1, cfg.stride, true)?;
+        let fused = block.expand.as_ref().map(|(w, b)| ExpandDepthwise::new(&w.to_device(&Device::Cpu)?, &b.to_device(&Device::Cpu)?, &depthwise)).transpose()?;
+        Ok(Self { expand, depthwise, fused, project: ConvBn::folded(&block.project.0, &block.project.1, 1)?, residual: cfg.stride == 1 && cfg.in_channels == cfg.out_channels })
+    }
+
+    fn folded(&self, config: &BlockConfig) -> FoldedBlock {
+        let pair = |(w, b): (&Tensor, &Tensor)| (w.clone(), b.clone());
+        FoldedBlock {
+            config: config.clone(),
+            expand: self.expand.as_ref().map(|e| pair(e.parameters())),
+            depthwise: pair(self.depthwise.parameters()),
+            project: pair(self.project.parameters()),
+        }
     }
 
     fn to_device(&self, device: &Device) -> Result<Self> {
@@ -244,6 +327,36 @@ impl EfficientNetLite {
             }
             Ok(levels)
         })
+    }
+
+    /// The blocks between the last two pyramid levels: what turns the stride-16 level into
+    /// the stride-32 one, and what a detector may fine-tune on cached stride-16 features.
+    pub fn coarsest_stage(&self) -> std::ops::Range<usize> {
+        match self.pyramid_taps()[..] {
+            [.., finer, coarsest] => finer + 1..coarsest + 1,
+            _ => 0..0,
+        }
+    }
+
+    /// Block `i`'s parameters, BatchNorm folded.
+    pub fn folded_block(&self, i: usize) -> Result<FoldedBlock> {
+        match (self.blocks.get(i), self.config.blocks.get(i)) {
+            (Some(block), Some(config)) => Ok(block.folded(config)),
+            _ => Err(Error::InvalidWeights { reason: format!("the backbone has {} blocks, no block {i}", self.blocks.len()) }),
+        }
+    }
+
+    /// The network with some blocks' parameters replaced (a detector's fine-tuned ones);
+    /// each must have the layout of the block it replaces.
+    pub fn with_blocks(&self, replaced: &[(usize, FoldedBlock)]) -> Result<Self> {
+        let mut net = self.clone();
+        for (i, block) in replaced {
+            if self.config.blocks.get(*i) != Some(&block.config) {
+                return Err(Error::InvalidWeights { reason: format!("replacement block {i} ({:?}) does not fit the backbone's layout", block.config) });
+            }
+            net.blocks[*i] = MbConv::from_folded(block)?.to_device(&self.device)?;
+        }
+        Ok(net)
     }
 
     /// Blocks whose output is a pyramid level: the last block at each resolution from

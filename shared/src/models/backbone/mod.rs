@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{D, Device, Tensor};
 
 use self::efficientnet_lite::EfficientNetLite;
+pub use self::efficientnet_lite::{BlockConfig, FoldedBlock};
 use crate::models::formats::tensors::NamedTensors;
 use crate::vision::{Normalisation, Preprocess};
 use crate::{Error, Result};
@@ -89,6 +90,35 @@ impl Backbone {
     pub fn head_features(&self, last_level: &Tensor) -> Result<Tensor> {
         match self {
             Self::EfficientNetLite(net) => net.head_features(last_level),
+        }
+    }
+}
+
+impl Backbone {
+    /// The blocks that turn the stride-16 pyramid level into the stride-32 one: the stage a
+    /// detector may fine-tune (see `DetectorConfig::tuned_blocks`).
+    pub fn coarsest_stage(&self) -> std::ops::Range<usize> {
+        match self {
+            Self::EfficientNetLite(net) => net.coarsest_stage(),
+        }
+    }
+
+    /// Block `i`'s parameters, BatchNorm folded.
+    pub fn folded_block(&self, i: usize) -> Result<FoldedBlock> {
+        match self {
+            Self::EfficientNetLite(net) => net.folded_block(i),
+        }
+    }
+
+    /// Block `i`'s layout.
+    pub fn block_config(&self, i: usize) -> Result<BlockConfig> {
+        Ok(self.folded_block(i)?.config)
+    }
+
+    /// The backbone with some blocks' parameters replaced (a detector's fine-tuned ones).
+    pub fn with_blocks(&self, replaced: &[(usize, FoldedBlock)]) -> Result<Self> {
+        match self {
+            Self::EfficientNetLite(net) => Ok(Self::EfficientNetLite(net.with_blocks(replaced)?)),
         }
     }
 }

@@ -20,6 +20,7 @@
 mod decode;
 mod head;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use self::decode::{Located, Postprocess, decode, decode_located, location_grid, location_probabilities};
 pub use self::head::{Conv, DetectorHead, ParamInit, ParamSource, head_inputs, input_channels};
 use super::Backbone;
+use super::backbone::FoldedBlock;
 use super::formats::tensors::NamedTensors;
 use super::formats::weights_file;
 use crate::geometry::BBox;
@@ -70,6 +72,12 @@ pub struct DetectorConfig {
     /// competing for the same 64 channels. Files from before the field share one tower.
     #[serde(default)]
     pub class_tower: bool,
+    /// Backbone blocks the detector fine-tuned (the stage before the stride-32 level, see
+    /// `Backbone::coarsest_stage`): the file holds their folded parameters as
+    /// `backbone.{block}.*`, and the detector runs its own copy of the backbone with them.
+    /// Empty: the ImageNet backbone as it is (files from before the field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tuned_blocks: Vec<usize>,
     /// Default post-processing for serving and indexing.
     pub postprocess: Postprocess,
     /// Recorded with every garment it finds; a change means re-detecting. A hash of the
@@ -85,12 +93,13 @@ impl DetectorConfig {
         self.categories.len()
     }
 
-    /// The config with `version` set from the head's weights and the post-processing, so
-    /// that retuning thresholds also re-detects the catalog.
-    pub fn versioned(mut self, head: &DetectorHead) -> Result<Self> {
+    /// The config with `version` set from the detector's weights (head and tuned blocks,
+    /// see [`GarmentDetector::tensors`]) and the post-processing, so that retuning
+    /// thresholds also re-detects the catalog.
+    pub fn versioned(mut self, tensors: &HashMap<String, Tensor>) -> Result<Self> {
         let mut hasher = blake3::Hasher::new();
-        let mut named: Vec<(String, Tensor)> = head.tensors().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
         for (name, t) in named {
             hasher.update(name.as_bytes());
             for v in t.flatten_all()?.to_vec1::<f32>()? {
@@ -126,6 +135,14 @@ impl DetectorConfig {
 /// fraction of a pixel; no garment is recognisable below this.
 pub const MIN_GARMENT_SIDE: f32 = 4.0;
 
+/// A detector file's parameters: the head's and each tuned block's (see
+/// [`DetectorConfig::tuned_blocks`]).
+pub fn detector_tensors(head: &DetectorHead, tuned: &[(usize, FoldedBlock)]) -> HashMap<String, Tensor> {
+    let mut tensors = head.tensors();
+    tensors.extend(tuned.iter().flat_map(|(i, block)| block.tensors(&tuned_block_prefix(*i))));
+    tensors
+}
+
 /// One garment found in a photo, in the photo's pixel coordinates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Detection {
@@ -144,12 +161,19 @@ pub struct Detection {
     pub centreness: f32,
 }
 
+/// The name prefix of a tuned backbone block's parameters in a detector file.
+pub fn tuned_block_prefix(block: usize) -> String {
+    format!("backbone.{block}.")
+}
+
 /// Backbone + head, ready to detect.
 #[derive(Debug, Clone)]
 pub struct GarmentDetector {
     config: DetectorConfig,
+    /// The ImageNet backbone with the detector's tuned blocks, if any.
     backbone: Backbone,
     head: DetectorHead,
+    tuned: Vec<(usize, FoldedBlock)>,
     grid: Vec<(f32, f32, f32)>,
     device: Device,
 }
@@ -161,17 +185,24 @@ impl GarmentDetector {
         let backbone = Backbone::load(&weights_file::sibling(path, &config.backbone), device)?;
         let tensors = NamedTensors::read(path, device)?;
         let head = DetectorHead::build(&config, &input_channels(&backbone, &config), &mut |name, shape, _| tensors.get(name, shape))?;
-        Ok(Self::new(config, backbone, head, device))
-    }
-
-    pub fn new(config: DetectorConfig, backbone: Backbone, head: DetectorHead, device: &Device) -> Self {
+        let tuned = config
+            .tuned_blocks
+            .iter()
+            .map(|&i| Ok((i, FoldedBlock::read(&backbone.block_config(i)?, &tuned_block_prefix(i), &mut |name, shape| tensors.get(name, shape))?)))
+            .collect::<Result<Vec<_>>>()?;
+        let backbone = backbone.with_blocks(&tuned)?;
         let grid = location_grid(config.preprocess.size as usize, &config.strides);
-        Self { config, backbone, head, grid, device: device.clone() }
+        Ok(Self { config, backbone, head, tuned, grid, device: device.clone() })
     }
 
-    /// Writes the head and the configuration (the backbone file is not copied).
-    pub fn save_head(path: &Path, config: &DetectorConfig, head: &DetectorHead) -> Result<()> {
-        weights_file::save(path, &head.tensors(), config)
+    /// Every parameter the detector's file holds: the head's and the tuned blocks'.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        detector_tensors(&self.head, &self.tuned)
+    }
+
+    /// Writes the parameters and the configuration (the backbone file is not copied).
+    pub fn save(path: &Path, config: &DetectorConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        weights_file::save(path, tensors, config)
     }
 
     pub fn config(&self) -> &DetectorConfig {

@@ -52,9 +52,27 @@ impl DepthwiseConvBn {
         }
         let weight = weights.get(&format!("{conv}.weight"), &[channels, 1, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, channels, eps)?;
-        let weight = weight.broadcast_mul(&scale.reshape((channels, 1, 1, 1))?)?.contiguous()?;
+        let weight = weight.broadcast_mul(&scale.reshape((channels, 1, 1, 1))?)?;
+        Self::folded(&weight, &shift, stride, relu6)
+    }
+
+    /// A depthwise convolution whose BatchNorm is already folded: `weight` `[c, 1, k, k]`,
+    /// `bias` `[c]` (as [`Self::parameters`] gives them, e.g. fine-tuned).
+    pub fn folded(weight: &Tensor, shift: &Tensor, stride: usize, relu6: bool) -> Result<Self> {
+        let (channels, one, kernel, kw) = weight.dims4()?;
+        if one != 1 || kw != kernel || !(1..=MAX_KERNEL).contains(&kernel) || stride == 0 {
+            return Err(crate::Error::InvalidWeights {
+                reason: format!("depthwise weight {:?}, stride {stride}: [c, 1, k, k] with k from 1 to {MAX_KERNEL}, stride ≥ 1", weight.dims()),
+            });
+        }
+        let (weight, shift) = (weight.to_device(&candle_core::Device::Cpu)?.contiguous()?, shift.to_device(&candle_core::Device::Cpu)?);
         let op = DepthwiseKernel { weight: Arc::new(weight.flatten_all()?.to_vec1::<f32>()?), bias: Arc::new(shift.to_vec1::<f32>()?), channels, kernel, stride, relu6 };
         Ok(Self { op, weight, bias: shift })
+    }
+
+    /// The folded weight `[c, 1, k, k]` and bias `[c]`.
+    pub(crate) fn parameters(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
     }
 
     /// Moves the tensor copies of the parameters to `device` (the CPU kernel keeps its own).

@@ -59,6 +59,14 @@ impl ConvBn {
         let weight = weights.get(&format!("{conv}.weight"), &[out_channels, in_channels, kernel, kernel])?;
         let (scale, shift) = fold_batchnorm(weights, bn, out_channels, eps)?;
         let weight = weight.broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?;
+        Self::folded(&weight, &shift, stride)
+    }
+
+    /// A convolution whose BatchNorm is already folded: `weight` `[out, in, k, k]` and
+    /// `bias` `[out]` (as [`Self::parameters`] gives them, e.g. fine-tuned).
+    pub fn folded(weight: &Tensor, shift: &Tensor, stride: usize) -> Result<Self> {
+        let (out_channels, in_channels, kernel, _) = weight.dims4()?;
+        let (weight, shift) = (weight.to_device(&Device::Cpu)?, shift.to_device(&Device::Cpu)?);
         let pointwise = (kernel == 1 && stride == 1)
             .then(|| -> Result<Pointwise> {
                 Ok(Pointwise {

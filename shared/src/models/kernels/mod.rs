@@ -10,6 +10,7 @@ mod gpu;
 pub mod layers;
 mod planes;
 mod pointwise;
+pub mod trainable;
 
 /// The f32 values of a custom op's contiguous CPU input; `op` names it in errors.
 pub(crate) fn cpu_values<'a>(storage: &'a candle_core::CpuStorage, layout: &candle_core::Layout, op: &str) -> candle_core::Result<&'a [f32]> {

@@ -2,7 +2,7 @@
 //! seeded order, under a warm-up then cosine learning rate; validation every
 //! `eval_every` epochs and at the end.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -10,11 +10,11 @@ use rand_chacha::ChaCha8Rng;
 
 use super::data::CachedViews;
 use super::targets::{LocationTarget, losses, target_tensors};
-use super::{DetectorTraining, fmt_ap50, headline_classes, validate};
+use super::{DetectorTraining, Tuned, fmt_ap50, headline_classes, tuned_levels, validate};
 use crate::Result;
 use crate::evaluation::detection::ApSummary;
 use crate::models::Backbone;
-use crate::models::detector::{DetectorConfig, DetectorHead, head_inputs};
+use crate::models::detector::{DetectorConfig, head_inputs};
 use crate::training::checkpoint::Checkpoint;
 use crate::training::{Progress, ProgressFn};
 
@@ -56,11 +56,18 @@ impl Run<'_> {
 
     /// Trains `head` (held in `varmap`) from the checkpoint's epoch on; returns the last
     /// validation. The reported numbers are the last epoch's: no epoch is picked by them.
-    pub(super) fn fit(&self, head: &DetectorHead, mut varmap: VarMap, progress: ProgressFn) -> Result<Validation> {
+    pub(super) fn fit(&self, tuned: Tuned<'_>, mut varmap: VarMap, progress: ProgressFn) -> Result<Validation> {
         let cfg = self.cfg;
         let checkpoint = Checkpoint::beside(&cfg.out);
         let first_epoch = checkpoint.resume(cfg.resume, &mut varmap, progress)?;
-        let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
+        // The head learns from scratch; the tuned blocks start from ImageNet and move at
+        // their own, smaller rate.
+        let (stage_vars, head_vars): (Vec<_>, Vec<_>) =
+            varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).partition(|(n, _)| n.starts_with("backbone."));
+        let unnamed = |vars: Vec<(String, Var)>| vars.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+        let mut opt = AdamW::new(unnamed(head_vars), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
+        let stage_lr = cfg.stage_lr.unwrap_or(0.0);
+        let mut stage_opt = AdamW::new(unnamed(stage_vars), ParamsAdamW { lr: stage_lr, weight_decay: 1e-4, ..Default::default() })?;
         let steps_per_epoch = (self.street_train + self.shop_per_epoch()).div_ceil(cfg.batch);
         let schedule = Schedule { steps_per_epoch, total_steps: (steps_per_epoch * cfg.epochs) as f64, warmup: (steps_per_epoch as f64).min(100.0) };
         let mut last = None;
@@ -71,9 +78,12 @@ impl Run<'_> {
             let mut steps = 0;
             for (b, batch) in picks.chunks(cfg.batch).enumerate() {
                 opt.set_learning_rate(schedule.lr(cfg.lr, epoch, b));
-                let parts = self.batch_losses(head, batch)?;
+                stage_opt.set_learning_rate(schedule.lr(stage_lr, epoch, b));
+                let parts = self.batch_losses(tuned, batch)?;
                 let loss = ((&parts[0] + &parts[1])? + &parts[2])?;
-                opt.backward_step(&loss)?;
+                let grads = loss.backward()?;
+                opt.step(&grads)?;
+                stage_opt.step(&grads)?;
                 for (s, l) in sums.iter_mut().zip(&parts) {
                     *s += l.to_scalar::<f32>()? as f64;
                 }
@@ -84,7 +94,7 @@ impl Run<'_> {
             let mut line = format!("epoch {}: loss classes {:.4}, boxes {:.4}, centre-ness {:.4}", epoch + 1, sums[0] / n, sums[1] / n, sums[2] / n);
             checkpoint.save(&varmap, epoch + 1)?;
             if (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs {
-                let validation = self.evaluate(head)?;
+                let validation = self.evaluate(tuned)?;
                 line += &self.validation_message(&validation);
                 last = Some(validation);
             }
@@ -92,7 +102,7 @@ impl Run<'_> {
         }
         match last {
             Some(validation) => Ok(validation),
-            None => self.evaluate(head),
+            None => self.evaluate(tuned),
         }
     }
 
@@ -112,11 +122,11 @@ impl Run<'_> {
     }
 
     /// The three FCOS losses of the views `batch`: classes, boxes, centre-ness.
-    fn batch_losses(&self, head: &DetectorHead, batch: &[u32]) -> Result<[Tensor; 3]> {
+    fn batch_losses(&self, (head, stage): Tuned<'_>, batch: &[u32]) -> Result<[Tensor; 3]> {
         let device = &self.cfg.device;
         let idx = Tensor::new(batch, &Device::Cpu)?;
         let feats = self.views.train_levels.iter().map(|l| l.index_select(&idx, 0)?.to_device(device)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
-        let feats = head_inputs(self.backbone, self.config, feats)?;
+        let feats = head_inputs(self.backbone, self.config, tuned_levels(stage, feats)?)?;
         let batch_assigned: Vec<_> = batch.iter().map(|&i| self.assigned[i as usize].clone()).collect();
         let k = self.config.num_classes();
         let (cls_t, reg_t, ctr_t, pos) = target_tensors(&batch_assigned, k, device)?;
@@ -125,10 +135,10 @@ impl Run<'_> {
         Ok([l_cls, l_box, l_ctr])
     }
 
-    fn evaluate(&self, head: &DetectorHead) -> Result<Validation> {
+    fn evaluate(&self, tuned: Tuned<'_>) -> Result<Validation> {
         let (views, device) = (self.views, &self.cfg.device);
-        let (street_ap, _) = validate(self.backbone, self.config, head, &views.val_levels, &views.val_targets, self.grid, device)?;
-        let shop_ap = views.shop_val.as_ref().map(|(levels, targets)| validate(self.backbone, self.config, head, levels, targets, self.grid, device)).transpose()?;
+        let (street_ap, _) = validate(self.backbone, self.config, tuned, &views.val_levels, &views.val_targets, self.grid, device)?;
+        let shop_ap = views.shop_val.as_ref().map(|(levels, targets)| validate(self.backbone, self.config, tuned, levels, targets, self.grid, device)).transpose()?;
         Ok((street_ap, shop_ap))
     }
 

@@ -48,7 +48,10 @@ use super::{Progress, ProgressFn};
 use crate::evaluation::detection::{self, ApSummary, HEADLINE};
 use crate::geometry::BBox;
 use crate::models::Backbone;
-use crate::models::detector::{Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, head_inputs, input_channels, location_grid};
+use crate::models::backbone::FoldedBlock;
+use crate::models::detector::{
+    Category, DetectorConfig, DetectorHead, ParamInit, Postprocess, decode, detector_tensors, head_inputs, input_channels, location_grid, tuned_block_prefix,
+};
 use crate::models::formats::tensors::NamedTensors;
 use crate::vision::Preprocess;
 use crate::{Error, Result};
@@ -94,6 +97,9 @@ pub struct DetectorTraining {
     pub semantic_top: bool,
     /// A tower of its own for the class logits (see `DetectorConfig::class_tower`).
     pub class_tower: bool,
+    /// Fine-tunes the backbone's coarsest stage (`Backbone::coarsest_stage`) at this
+    /// learning rate, from the cached stride-16 features; `None` keeps it frozen.
+    pub stage_lr: Option<f64>,
     /// Validate every this many epochs (and after the last).
     pub eval_every: usize,
     pub resume: bool,
@@ -152,14 +158,30 @@ pub(super) fn init_tensor(shape: &[usize], init: &ParamInit, rng: &mut ChaCha8Rn
     Ok(Tensor::from_vec(values, shape, device)?)
 }
 
+/// The pyramid the head sees from cached features: with tuned blocks, the coarsest level
+/// recomputed from the stride-16 one through them (the cache holds the ImageNet
+/// backbone's coarsest level, which they replace).
+fn tuned_levels(stage: &[(usize, FoldedBlock)], mut levels: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let n = levels.len();
+    if stage.is_empty() || n < 2 {
+        return Ok(levels);
+    }
+    let mut x = levels[n - 2].clone();
+    for (_, block) in stage {
+        x = block.forward_differentiable(&x)?;
+    }
+    levels[n - 1] = x;
+    Ok(levels)
+}
+
 /// Runs `head` on cached features: each view's raw output `[k + 5, locations]`, flattened.
-fn head_outputs(backbone: &Backbone, config: &DetectorConfig, head: &DetectorHead, levels: &[Tensor], device: &Device) -> Result<Vec<Vec<f32>>> {
+fn head_outputs(backbone: &Backbone, config: &DetectorConfig, (head, stage): Tuned<'_>, levels: &[Tensor], device: &Device) -> Result<Vec<Vec<f32>>> {
     let n = levels[0].dim(0)?;
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(32) {
         let len = 32.min(n - start);
         let feats = levels.iter().map(|l| l.narrow(0, start, len)?.to_device(device)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
-        let raw = head.forward(&head_inputs(backbone, config, feats)?)?.to_device(&Device::Cpu)?;
+        let raw = head.forward(&head_inputs(backbone, config, tuned_levels(stage, feats)?)?)?.to_device(&Device::Cpu)?;
         for i in 0..len {
             out.push(raw.get(i)?.flatten_all()?.to_vec1::<f32>()?);
         }
@@ -209,13 +231,13 @@ fn init_weights(path: &Path, config: &DetectorConfig, device: &Device) -> Result
 fn validate(
     backbone: &Backbone,
     config: &DetectorConfig,
-    head: &DetectorHead,
+    tuned: Tuned<'_>,
     levels: &[Tensor],
     targets: &[Targets],
     grid: &[(f32, f32, f32)],
     device: &Device,
 ) -> Result<(ApSummary, f64)> {
-    let outputs = head_outputs(backbone, config, head, levels, device)?;
+    let outputs = head_outputs(backbone, config, tuned, levels, device)?;
     let k = config.num_classes();
     let predictions: Vec<_> = outputs.iter().map(|o| decode(o, k, grid, &Postprocess::EVALUATION)).collect();
     let served: usize = outputs.iter().map(|o| decode(o, k, grid, &config.postprocess).len()).sum();
@@ -252,11 +274,12 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     let per_view = positives as f64 / views.train_targets.len() as f64;
     progress(Progress::Message(format!("{} cached views, {per_view:.1} positive locations per view", views.train_targets.len())));
 
-    let (varmap, head) = build_head(cfg, &config, &in_channels, init.as_ref())?;
+    let (varmap, head, stage) = build_head(cfg, &backbone, &config, &in_channels, init.as_ref())?;
     let train_started = Instant::now();
     let run = Run { cfg, backbone: &backbone, config: &config, views: &views, grid: &grid, assigned: &assigned, street_train: street.train.len(), shop_train: shop.train.len() };
-    let (summary, shop_summary) = run.fit(&head, varmap, progress)?;
+    let (summary, shop_summary) = run.fit((&head, &stage), varmap, progress)?;
     let final_head = head.detached()?;
+    let final_stage = stage.iter().map(|(i, b)| Ok((*i, detached_block(b)?))).collect::<Result<Vec<_>>>()?;
     let headline = headline_classes(&config.categories);
     let report = DetectorReport {
         train_images: street.train.len(),
@@ -274,14 +297,15 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
         feature_seconds,
         train_seconds: train_started.elapsed().as_secs_f64(),
     };
-    let mut config = config.versioned(&final_head)?;
+    let tensors = detector_tensors(&final_head, &final_stage);
+    let mut config = config.versioned(&tensors)?;
     config.training = serde_json::json!({
         "data": cfg.data, "shop": cfg.shop, "catalog_backdrops": cfg.catalog, "init": cfg.init,
         "unlabelled": cfg.unlabelled, "pseudo_min_score": cfg.pseudo_min_score, "pseudo_labels": domains.pseudo_labels,
         "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "shop_views": cfg.shop_views, "shop_per_epoch": cfg.shop_per_epoch, "copy_paste": cfg.copy_paste,
-        "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "class_tower": cfg.class_tower, "split": "validation = pair_id % 5 == 1", "report": &report,
+        "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "class_tower": cfg.class_tower, "stage_lr": cfg.stage_lr, "split": "validation = pair_id % 5 == 1", "report": &report,
     });
-    crate::models::detector::GarmentDetector::save_head(&cfg.out, &config, &final_head)?;
+    crate::models::detector::GarmentDetector::save(&cfg.out, &config, &tensors)?;
     Ok(report)
 }
 
@@ -310,6 +334,7 @@ fn detector_config(cfg: &DetectorTraining, backbone: &Backbone, categories: Vec<
         strides: vec![8, 16, 32],
         semantic_top: cfg.semantic_top,
         class_tower: cfg.class_tower,
+        tuned_blocks: if cfg.stage_lr.is_some() { backbone.coarsest_stage().collect() } else { Vec::new() },
         postprocess: Postprocess::SERVING,
         version: String::new(),
         training: serde_json::Value::Null,
@@ -321,11 +346,51 @@ fn detector_config(cfg: &DetectorTraining, backbone: &Backbone, categories: Vec<
     Ok(config)
 }
 
-/// The head's parameters, drawn from the seed (or taken from `--init`), held in a VarMap
-/// for saving and resuming.
-fn build_head(cfg: &DetectorTraining, config: &DetectorConfig, in_channels: &[usize], init: Option<&NamedTensors>) -> Result<(VarMap, DetectorHead)> {
+/// Backbone blocks a run fine-tunes, by block index.
+type TunedBlocks = Vec<(usize, FoldedBlock)>;
+
+/// A head and the backbone blocks trained with it (none when the backbone is frozen).
+pub(super) type Tuned<'a> = (&'a DetectorHead, &'a [(usize, FoldedBlock)]);
+
+/// A block's parameters cut from the training graph.
+fn detached_block(block: &FoldedBlock) -> Result<FoldedBlock> {
+    let pair = |(w, b): &(Tensor, Tensor)| (w.detach(), b.detach());
+    Ok(FoldedBlock { config: block.config.clone(), expand: block.expand.as_ref().map(pair), depthwise: pair(&block.depthwise), project: pair(&block.project) })
+}
+
+/// The parameters a run trains, drawn from the seed or taken from `--init` (the tuned
+/// blocks from the ImageNet backbone when `--init` has none), held in a VarMap for saving
+/// and resuming: the head, and the backbone's coarsest stage when `config` tunes it.
+fn build_head(
+    cfg: &DetectorTraining,
+    backbone: &Backbone,
+    config: &DetectorConfig,
+    in_channels: &[usize],
+    init: Option<&NamedTensors>,
+) -> Result<(VarMap, DetectorHead, TunedBlocks)> {
     let varmap = VarMap::new();
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let stage = {
+        let data = varmap.data();
+        let mut blocks = Vec::new();
+        for &i in &config.tuned_blocks {
+            let imagenet = backbone.folded_block(i)?;
+            let prefix = tuned_block_prefix(i);
+            let imagenet_tensors: std::collections::HashMap<String, Tensor> = imagenet.tensors(&prefix).into_iter().collect();
+            let block = FoldedBlock::read(&imagenet.config, &prefix, &mut |name, shape| {
+                let value = match init {
+                    Some(t) if t.contains(name) => t.get(name, shape)?,
+                    _ => imagenet_tensors[name].to_device(&cfg.device)?,
+                };
+                let var = Var::from_tensor(&value)?;
+                let t = var.as_tensor().clone();
+                data.lock().expect("varmap lock").insert(name.to_string(), var);
+                Ok(t)
+            })?;
+            blocks.push((i, block));
+        }
+        blocks
+    };
     let head = {
         let data = varmap.data();
         DetectorHead::build(config, in_channels, &mut |name, shape, param_init| {
@@ -343,5 +408,5 @@ fn build_head(cfg: &DetectorTraining, config: &DetectorConfig, in_channels: &[us
             Ok(t)
         })?
     };
-    Ok((varmap, head))
+    Ok((varmap, head, stage))
 }

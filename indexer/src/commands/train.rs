@@ -122,6 +122,11 @@ pub struct DetectorArgs {
     /// of the random street views.
     #[arg(long)]
     copy_paste: bool,
+    /// Train on the CC0 catalog's training photos (--catalog) too, each with one box: the
+    /// --init detector's best box of the photo's catalog category (its other boxes are
+    /// dropped: one garment a photo); photos without one are left out.
+    #[arg(long)]
+    catalog_boxes: bool,
     /// Tagged street photos without boxes (ccp-unlabelled: image/ + tags.json): the --init
     /// detector's boxes that each photo's tags confirm make it a training photo, when every
     /// tagged headline class was found (self-training).
@@ -225,6 +230,7 @@ impl DetectorArgs {
             shop_views: self.shop_views,
             shop_per_epoch: self.shop_per_epoch,
             copy_paste: self.copy_paste,
+            catalog_boxes: self.catalog_boxes,
             unlabelled: self.unlabelled,
             pseudo_min_score: self.pseudo_min_score,
             backbone: self.backbone,

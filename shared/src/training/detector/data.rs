@@ -189,6 +189,45 @@ fn confirmed_boxes(tags: &[String], found: &[Detection], index: &HashMap<&str, u
 
 /// Where the pair ids of pseudo-labelled photos start.
 const PSEUDO_PAIR_IDS: u64 = 1 << 40;
+/// Where the pair ids of pseudo-boxed catalog photos start (after the tagged photos').
+const CATALOG_PAIR_IDS: u64 = 1 << 41;
+/// Cached views per catalog photo: the photo, its mirror and two random ones (street-style
+/// augmentations: they are photos with backgrounds, not cut-outs). Fewer than a street
+/// photo's eight: each shows one garment, and 1,200 of them at eight views would double
+/// the feature cache.
+pub(super) const CATALOG_VIEWS: usize = 4;
+
+/// The CC0 catalog's training photos (never a validation sender's) as training photos, each
+/// with one pseudo-box: `labeller`'s best box of the photo's catalog category at
+/// `min_score` or above. A catalog photo shows one garment, so the labeller's other boxes
+/// (a trouser's legs as outer, its waistband as belt) are dropped and the photo teaches
+/// them as background; a photo without a box of its category is left out.
+pub(super) fn catalog_samples(catalog: &Path, labeller: &GarmentDetector, categories: &[Category], min_score: f32, progress: ProgressFn) -> Result<(Vec<Sample>, PseudoLabels)> {
+    let photos: Vec<_> = catalog_photos(catalog)?.into_iter().filter(|p| !is_validation_sender(p.sender)).collect();
+    let index: HashMap<&str, usize> = categories.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    let post = Postprocess { min_score, ..labeller.config().postprocess };
+    let mut stats = PseudoLabels { photos: photos.len(), ..Default::default() };
+    let mut samples = Vec::new();
+    progress(Progress::Stage { name: "catalog boxes: detecting the garment of each catalog photo".into(), total: photos.len() as u64 });
+    for (n, photo) in photos.iter().enumerate() {
+        progress(Progress::Advance(1));
+        let Some(&class) = index.get(photo.category.as_str()) else { continue };
+        // A missing or unreadable photo only means fewer training photos.
+        let Ok(image) = std::fs::read(&photo.image).map_err(|e| Error::io(&photo.image, e)).and_then(|b| decode_image(&b, DecodeLimits::default())) else { continue };
+        let found = labeller.detect_with(&image, &post)?;
+        let Some(best) = best_of_class(&found, &photo.category) else { continue };
+        stats.untagged_boxes += found.len() - 1;
+        stats.kept += 1;
+        stats.boxes += 1;
+        samples.push(Sample { pair_id: CATALOG_PAIR_IDS + n as u64, image: photo.image.clone(), items: vec![1], boxes: vec![(class, best.bbox)], mask: None });
+    }
+    Ok((samples, stats))
+}
+
+/// The highest-scoring detection named `category`.
+fn best_of_class<'a>(found: &'a [Detection], category: &str) -> Option<&'a Detection> {
+    found.iter().filter(|d| d.category == category).max_by(|a, b| a.score.total_cmp(&b.score))
+}
 
 /// Training photos of the CC0 catalog's training senders, as shop-view backgrounds.
 fn backdrops(catalog: &Path) -> Result<Vec<PathBuf>> {
@@ -361,6 +400,9 @@ pub(super) struct Domains {
     /// Pseudo-labelled street photos: training only.
     pseudo: Vec<Sample>,
     pub pseudo_labels: Option<PseudoLabels>,
+    /// Pseudo-boxed catalog photos of training senders: training only.
+    pub catalog: Vec<Sample>,
+    pub catalog_labels: Option<PseudoLabels>,
 }
 
 impl Domains {
@@ -372,17 +414,26 @@ impl Domains {
         let categories = taxonomy(&std::iter::once(&street_annos).chain(shop_annos.as_ref()).collect::<Vec<_>>())?;
         let street = read_samples(&street_annos, &categories);
         let shop = shop_annos.as_ref().map(|a| read_samples(a, &categories)).unwrap_or_default();
+        let labeller = |setting: &'static str| -> Result<GarmentDetector> {
+            let init = cfg.init.as_ref().ok_or_else(|| Error::InvalidSetting { name: setting, reason: "pseudo-boxes come from the --init detector: pass one".into() })?;
+            GarmentDetector::load(init, &cfg.device)
+        };
         let (pseudo, pseudo_labels) = match &cfg.unlabelled {
             Some(folder) => {
-                let labeller =
-                    cfg.init.as_ref().ok_or_else(|| Error::InvalidSetting { name: "unlabelled", reason: "pseudo-labels come from the --init detector: pass one".into() })?;
-                let labeller = GarmentDetector::load(labeller, &cfg.device)?;
-                let (samples, stats) = pseudo_samples(folder, &labeller, &categories, cfg.pseudo_min_score, progress)?;
+                let (samples, stats) = pseudo_samples(folder, &labeller("unlabelled")?, &categories, cfg.pseudo_min_score, progress)?;
                 (samples, Some(stats))
             }
             None => (Vec::new(), None),
         };
-        Ok(Self { categories, street, shop, pseudo, pseudo_labels })
+        let (catalog, catalog_labels) = match (&cfg.catalog, cfg.catalog_boxes) {
+            (Some(folder), true) => {
+                let (samples, stats) = catalog_samples(folder, &labeller("catalog-boxes")?, &categories, cfg.pseudo_min_score, progress)?;
+                (samples, Some(stats))
+            }
+            (None, true) => return Err(Error::InvalidSetting { name: "catalog-boxes", reason: "needs the catalog folder (--catalog)".into() }),
+            (_, false) => (Vec::new(), None),
+        };
+        Ok(Self { categories, street, shop, pseudo, pseudo_labels, catalog, catalog_labels })
     }
 
     /// The street and shop splits; each side of each domain the run uses must hold images.
@@ -415,6 +466,8 @@ pub(super) struct CachedViews {
     pub shop_val: Option<(Vec<Tensor>, Vec<Targets>)>,
     /// The first shop view among the training views (street views come first).
     pub shop_offset: usize,
+    /// The first catalog view (after the shop views; [`CATALOG_VIEWS`] a photo).
+    pub catalog_offset: usize,
 }
 
 impl CachedViews {
@@ -427,7 +480,7 @@ impl CachedViews {
         pre: &Preprocess,
         progress: ProgressFn,
     ) -> Result<Self> {
-        let samples: HashMap<&Path, &Sample> = domains.street.iter().chain(&domains.shop).chain(&domains.pseudo).map(|s| (s.image.as_path(), s)).collect();
+        let samples: HashMap<&Path, &Sample> = domains.street.iter().chain(&domains.shop).chain(&domains.pseudo).chain(&domains.catalog).map(|s| (s.image.as_path(), s)).collect();
         let mut train_specs = street_specs(&street.train, cfg.views, cfg.copy_paste, cfg.seed);
         let shop_offset = train_specs.len();
         let backdrops = cfg.catalog.as_deref().map(backdrops).transpose()?.unwrap_or_default();
@@ -437,10 +490,19 @@ impl CachedViews {
         let backbone_hash = blake3::hash(&std::fs::read(&cfg.backbone).map_err(|e| Error::io(&cfg.backbone, e))?);
         let features =
             |specs: &[ViewSpec], name: &str, progress: ProgressFn| view_features(backbone, &backbone_hash, specs, &samples, pre, name, &cfg.cache, &cfg.device, progress);
-        let (train_levels, train_targets) = features(&train_specs, "train", progress)?;
+        let (mut train_levels, mut train_targets) = features(&train_specs, "train", progress)?;
+        // Catalog views are cached on their own, after the others: adding them leaves the
+        // street and shop shards (and their cache keys) as they were.
+        let catalog_offset = train_specs.len();
+        if !domains.catalog.is_empty() {
+            let catalog_specs = street_specs(&domains.catalog.iter().collect::<Vec<_>>(), CATALOG_VIEWS, false, cfg.seed);
+            let (levels, targets) = features(&catalog_specs, "train-catalog", progress)?;
+            train_levels = train_levels.iter().zip(&levels).map(|(a, b)| Tensor::cat(&[a, b], 0)).collect::<candle_core::Result<_>>()?;
+            train_targets.extend(targets);
+        }
         let (val_levels, val_targets) = features(&val_specs, "val", progress)?;
         let shop_val = if shop_val_specs.is_empty() { None } else { Some(features(&shop_val_specs, "shop-val", progress)?) };
-        Ok(Self { train_levels, train_targets, val_levels, val_targets, shop_val, shop_offset })
+        Ok(Self { train_levels, train_targets, val_levels, val_targets, shop_val, shop_offset, catalog_offset })
     }
 }
 
@@ -464,5 +526,15 @@ mod tests {
         assert_eq!(confirmed_boxes(&tags, &found[..2], &index), None);
         // Nothing confirmed, nothing to learn.
         assert_eq!(confirmed_boxes(&["belt".to_string()], &found, &index), None);
+    }
+
+    #[test]
+    fn a_catalog_photo_keeps_the_best_box_of_its_own_category_only() {
+        let mut found = [det("outer", 0.0), det("pants", 20.0), det("pants", 40.0), det("belt", 60.0)];
+        found[0].score = 0.95;
+        found[2].score = 0.8;
+        found[1].score = 0.6;
+        assert_eq!(best_of_class(&found, "pants").map(|d| d.bbox), Some(BBox::new(40.0, 0.0, 50.0, 10.0)));
+        assert!(best_of_class(&found, "skirt").is_none(), "no box of the category: the photo is left out");
     }
 }

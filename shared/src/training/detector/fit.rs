@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::data::CachedViews;
+use super::data::{CATALOG_VIEWS, CachedViews};
 use super::targets::{LocationTarget, losses, target_tensors};
 use super::{DetectorTraining, Tuned, fmt_ap50, headline_classes, tuned_levels, validate};
 use crate::Result;
@@ -33,6 +33,8 @@ pub(super) struct Run<'a> {
     pub assigned: &'a [Vec<LocationTarget>],
     pub street_train: usize,
     pub shop_train: usize,
+    /// Pseudo-boxed catalog photos (see `data::catalog_samples`).
+    pub catalog_train: usize,
 }
 
 /// Warm-up over the first epoch (at most 100 steps), then a cosine decay to 2 %.
@@ -54,6 +56,12 @@ impl Run<'_> {
         if self.shop_train == 0 { 0 } else { self.cfg.shop_per_epoch.min(self.shop_train) }
     }
 
+    /// Catalog photos drawn per epoch: as many as street photos at most, so the annotated
+    /// photos keep at least half of the street-style views.
+    fn catalog_per_epoch(&self) -> usize {
+        self.catalog_train.min(self.street_train)
+    }
+
     /// Trains `head` (held in `varmap`) from the checkpoint's epoch on; returns the last
     /// validation. The reported numbers are the last epoch's: no epoch is picked by them.
     pub(super) fn fit(&self, tuned: Tuned<'_>, mut varmap: VarMap, progress: ProgressFn) -> Result<Validation> {
@@ -68,7 +76,7 @@ impl Run<'_> {
         let mut opt = AdamW::new(unnamed(head_vars), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
         let stage_lr = cfg.stage_lr.unwrap_or(0.0);
         let mut stage_opt = AdamW::new(unnamed(stage_vars), ParamsAdamW { lr: stage_lr, weight_decay: 1e-4, ..Default::default() })?;
-        let steps_per_epoch = (self.street_train + self.shop_per_epoch()).div_ceil(cfg.batch);
+        let steps_per_epoch = (self.street_train + self.shop_per_epoch() + self.catalog_per_epoch()).div_ceil(cfg.batch);
         let schedule = Schedule { steps_per_epoch, total_steps: (steps_per_epoch * cfg.epochs) as f64, warmup: (steps_per_epoch as f64).min(100.0) };
         let mut last = None;
         for epoch in first_epoch..cfg.epochs {
@@ -117,6 +125,12 @@ impl Run<'_> {
         shop_order.shuffle(&mut rng);
         let shop_offset = self.views.shop_offset;
         picks.extend(shop_order[..self.shop_per_epoch()].iter().map(|&j| (shop_offset + j * cfg.shop_views + rng.random_range(0..cfg.shop_views)) as u32));
+        if self.catalog_train > 0 {
+            let mut catalog_order: Vec<usize> = (0..self.catalog_train).collect();
+            catalog_order.shuffle(&mut rng);
+            let offset = self.views.catalog_offset;
+            picks.extend(catalog_order[..self.catalog_per_epoch()].iter().map(|&j| (offset + j * CATALOG_VIEWS + rng.random_range(0..CATALOG_VIEWS)) as u32));
+        }
         picks.shuffle(&mut rng);
         picks
     }

@@ -83,6 +83,9 @@ pub struct DetectorTraining {
     /// Half of the random street views get garments of another training photo pasted in
     /// through its mask (the folder's `masks/`).
     pub copy_paste: bool,
+    /// The CC0 catalog's training photos (`catalog`) become training photos, each with the
+    /// `init` detector's best box of its catalog category (see `data::catalog_samples`).
+    pub catalog_boxes: bool,
     /// Tagged street photos without boxes (`ccp-unlabelled`): the `init` detector's boxes
     /// that their tags confirm become training street photos (self-training).
     pub unlabelled: Option<PathBuf>,
@@ -260,6 +263,12 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
             p.kept, p.photos, p.boxes, p.untagged_boxes
         )));
     }
+    if let Some(p) = &domains.catalog_labels {
+        progress(Progress::Message(format!(
+            "catalog boxes: {} of {} training catalog photos kept (a box of their category found), {} other boxes dropped",
+            p.kept, p.photos, p.untagged_boxes
+        )));
+    }
     let config = detector_config(cfg, &backbone, domains.categories.clone())?;
     let in_channels = input_channels(&backbone, &config);
     if in_channels.len() != config.strides.len() {
@@ -276,7 +285,17 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
 
     let (varmap, head, stage) = build_head(cfg, &backbone, &config, &in_channels, init.as_ref())?;
     let train_started = Instant::now();
-    let run = Run { cfg, backbone: &backbone, config: &config, views: &views, grid: &grid, assigned: &assigned, street_train: street.train.len(), shop_train: shop.train.len() };
+    let run = Run {
+        cfg,
+        backbone: &backbone,
+        config: &config,
+        views: &views,
+        grid: &grid,
+        assigned: &assigned,
+        street_train: street.train.len(),
+        shop_train: shop.train.len(),
+        catalog_train: domains.catalog.len(),
+    };
     let (summary, shop_summary) = run.fit((&head, &stage), varmap, progress)?;
     let final_head = head.detached()?;
     let final_stage = stage.iter().map(|(i, b)| Ok((*i, detached_block(b)?))).collect::<Result<Vec<_>>>()?;
@@ -301,7 +320,7 @@ pub fn train_detector(cfg: &DetectorTraining, progress: ProgressFn) -> Result<De
     let mut config = config.versioned(&tensors)?;
     config.training = serde_json::json!({
         "data": cfg.data, "shop": cfg.shop, "catalog_backdrops": cfg.catalog, "init": cfg.init,
-        "unlabelled": cfg.unlabelled, "pseudo_min_score": cfg.pseudo_min_score, "pseudo_labels": domains.pseudo_labels,
+        "unlabelled": cfg.unlabelled, "catalog_boxes": cfg.catalog_boxes, "catalog_labels": domains.catalog_labels, "pseudo_min_score": cfg.pseudo_min_score, "pseudo_labels": domains.pseudo_labels,
         "epochs": cfg.epochs, "seed": cfg.seed, "views": cfg.views, "shop_views": cfg.shop_views, "shop_per_epoch": cfg.shop_per_epoch, "copy_paste": cfg.copy_paste,
         "batch": cfg.batch, "lr": cfg.lr, "semantic_top": cfg.semantic_top, "class_tower": cfg.class_tower, "stage_lr": cfg.stage_lr, "split": "validation = pair_id % 5 == 1", "report": &report,
     });

@@ -102,7 +102,11 @@ fn a_detector_with_tuned_blocks_runs_them_and_versions_them() {
     std::fs::copy(repo().join("models").join(backbone), dir.path().join(backbone)).unwrap();
     let mut tensors = shipped.tensors();
     tensors.extend(block.tensors(&tuned_block_prefix(last)));
-    let config = DetectorConfig { tuned_blocks: vec![last], ..shipped.config().clone() }.versioned(&tensors).unwrap();
+    let mut tuned_blocks = shipped.config().tuned_blocks.clone();
+    if !tuned_blocks.contains(&last) {
+        tuned_blocks.push(last);
+    }
+    let config = DetectorConfig { tuned_blocks, ..shipped.config().clone() }.versioned(&tensors).unwrap();
     let path = dir.path().join("tuned.safetensors");
     GarmentDetector::save(&path, &config, &tensors).unwrap();
 
@@ -115,10 +119,13 @@ fn a_detector_with_tuned_blocks_runs_them_and_versions_them() {
     assert!(diff < 1e-3, "the detector runs its tuned block: {diff}");
     assert_ne!(tuned.forward(&input).unwrap().to_vec3::<f32>().unwrap(), shipped.forward(&input).unwrap().to_vec3::<f32>().unwrap());
 
+    // Without tuned blocks (files from before the field), the ImageNet backbone as it is.
     let mut untuned = config.clone();
     untuned.tuned_blocks.clear();
     let plain_path = dir.path().join("plain.safetensors");
-    GarmentDetector::save(&plain_path, &untuned, &shipped.tensors()).unwrap();
+    GarmentDetector::save(&plain_path, &untuned, &shipped.head().tensors()).unwrap();
     let reloaded = GarmentDetector::load(&plain_path, &Device::Cpu).unwrap();
-    assert_eq!(reloaded.forward(&input).unwrap().to_vec3::<f32>().unwrap(), shipped.forward(&input).unwrap().to_vec3::<f32>().unwrap());
+    let imagenet = shoplens::models::Backbone::load(&repo().join("models").join(backbone), &Device::Cpu).unwrap();
+    let (a, b) = (reloaded.backbone().pyramid(&input).unwrap(), imagenet.pyramid(&input).unwrap());
+    assert_eq!(a[2].flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[2].flatten_all().unwrap().to_vec1::<f32>().unwrap());
 }

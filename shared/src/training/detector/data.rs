@@ -162,9 +162,7 @@ pub(super) fn pseudo_samples(folder: &Path, labeller: &GarmentDetector, categori
     progress(Progress::Stage { name: "pseudo-labels: detecting garments in tagged photos".into(), total: photos.len() as u64 });
     for (n, photo) in photos.iter().enumerate() {
         progress(Progress::Advance(1));
-        // A missing or unreadable photo only means fewer pseudo-labels.
-        let Ok(image) = std::fs::read(&photo.image).map_err(|e| Error::io(&photo.image, e)).and_then(|b| decode_image(&b, DecodeLimits::default())) else { continue };
-        let found = labeller.detect_with(&image, &post)?;
+        let Some(found) = labeller_boxes(&photo.image, labeller, &post)? else { continue };
         stats.untagged_boxes += found.iter().filter(|d| !photo.classes.contains(&d.category)).count();
         let Some(boxes) = confirmed_boxes(&photo.classes, &found, &index) else { continue };
         stats.kept += 1;
@@ -175,6 +173,13 @@ pub(super) fn pseudo_samples(folder: &Path, labeller: &GarmentDetector, categori
         samples.push(Sample { pair_id, image: photo.image.clone(), items: (1..=boxes.len() as u32).collect(), boxes, mask: None });
     }
     Ok((samples, stats))
+}
+
+/// `labeller`'s boxes in the photo at `image`; `None` when it is missing or unreadable,
+/// which only means fewer pseudo-labelled photos (a network error still fails the run).
+fn labeller_boxes(image: &Path, labeller: &GarmentDetector, post: &Postprocess) -> Result<Option<Vec<Detection>>> {
+    let Ok(decoded) = std::fs::read(image).map_err(|e| Error::io(image, e)).and_then(|b| decode_image(&b, DecodeLimits::default())) else { return Ok(None) };
+    Ok(Some(labeller.detect_with(&decoded, post)?))
 }
 
 /// The boxes of `found` whose class the photo's `tags` name, as class indices of `index`;
@@ -212,9 +217,7 @@ pub(super) fn catalog_samples(catalog: &Path, labeller: &GarmentDetector, catego
     for (n, photo) in photos.iter().enumerate() {
         progress(Progress::Advance(1));
         let Some(&class) = index.get(photo.category.as_str()) else { continue };
-        // A missing or unreadable photo only means fewer training photos.
-        let Ok(image) = std::fs::read(&photo.image).map_err(|e| Error::io(&photo.image, e)).and_then(|b| decode_image(&b, DecodeLimits::default())) else { continue };
-        let found = labeller.detect_with(&image, &post)?;
+        let Some(found) = labeller_boxes(&photo.image, labeller, &post)? else { continue };
         let Some(best) = best_of_class(&found, &photo.category) else { continue };
         stats.untagged_boxes += found.len() - 1;
         stats.kept += 1;

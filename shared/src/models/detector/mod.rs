@@ -161,9 +161,12 @@ pub struct Detection {
     pub centreness: f32,
 }
 
+/// Where the tuned backbone blocks' parameters live in a detector file's names.
+pub const TUNED_BLOCKS: &str = "backbone.";
+
 /// The name prefix of a tuned backbone block's parameters in a detector file.
 pub fn tuned_block_prefix(block: usize) -> String {
-    format!("backbone.{block}.")
+    format!("{TUNED_BLOCKS}{block}.")
 }
 
 /// Backbone + head, ready to detect.

@@ -14,7 +14,7 @@ use super::{DetectorTraining, Tuned, fmt_ap50, headline_classes, tuned_levels, v
 use crate::Result;
 use crate::evaluation::detection::ApSummary;
 use crate::models::Backbone;
-use crate::models::detector::{DetectorConfig, head_inputs};
+use crate::models::detector::{DetectorConfig, TUNED_BLOCKS, head_inputs};
 use crate::training::checkpoint::Checkpoint;
 use crate::training::{Progress, ProgressFn};
 
@@ -71,7 +71,7 @@ impl Run<'_> {
         // The head learns from scratch; the tuned blocks start from ImageNet and move at
         // their own, smaller rate.
         let (stage_vars, head_vars): (Vec<_>, Vec<_>) =
-            varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).partition(|(n, _)| n.starts_with("backbone."));
+            varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).partition(|(n, _)| n.starts_with(TUNED_BLOCKS));
         let unnamed = |vars: Vec<(String, Var)>| vars.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
         let mut opt = AdamW::new(unnamed(head_vars), ParamsAdamW { lr: cfg.lr, weight_decay: 1e-4, ..Default::default() })?;
         let stage_lr = cfg.stage_lr.unwrap_or(0.0);

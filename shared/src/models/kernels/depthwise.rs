@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::layers::{fold_batchnorm, same_padding};
-use super::planes::PlaneGeometry;
+use super::planes::{LANES, PlaneGeometry};
 use crate::Result;
 use crate::models::formats::tensors::NamedTensors;
 
@@ -124,7 +124,7 @@ impl CustomOp1 for DepthwiseKernel {
         }
         // Small planes (7×7, 14×14) are grouped so a rayon task is worth its hand-off.
         let planes_per_task = MIN_TASK_OUTPUTS.div_ceil(ho * wo).max(1);
-        let kernel = Kernel::detect();
+        let (kernel, starts) = (Kernel::detect(), geometry.tap_starts());
         out.par_chunks_mut(ho * wo * planes_per_task).enumerate().for_each_init(
             || vec![0f32; geometry.scratch_len()],
             |scratch, (task, chunk)| {
@@ -134,7 +134,7 @@ impl CustomOp1 for DepthwiseKernel {
                     let src = &input[plane * h * w..(plane + 1) * h * w];
                     let filter = &self.weight[ch * self.kernel * self.kernel..(ch + 1) * self.kernel * self.kernel];
                     geometry.fill_phases(src, scratch);
-                    kernel.run(&geometry, scratch, filter, self.bias[ch], self.relu6, out);
+                    kernel.run(&geometry, &starts, scratch, filter, self.bias[ch], self.relu6, out);
                 }
             },
         );
@@ -208,7 +208,7 @@ impl CustomOp1 for ExpandDepthwise {
         // Channels per task from the sizes alone (never from the thread count), so the
         // results do not depend on how many threads run them; at least 4 tasks per image.
         let group = (FUSED_TASK_VALUES / plane_in).clamp(1, hidden.div_ceil(4).max(1));
-        let kernel = Kernel::detect();
+        let (kernel, starts) = (Kernel::detect(), g.tap_starts());
         let k2 = dw.kernel * dw.kernel;
         out.par_chunks_mut(hidden * plane_out).enumerate().for_each(|(image, out_image)| {
             let x = &input[image * cin * plane_in..(image + 1) * cin * plane_in];
@@ -250,7 +250,7 @@ impl CustomOp1 for ExpandDepthwise {
                         let b = self.expand_bias[ch];
                         plane.iter_mut().for_each(|v| *v = (*v + b).clamp(0.0, 6.0));
                         g.fill_phases(plane, scratch);
-                        kernel.run(&g, scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
+                        kernel.run(&g, &starts, scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
                     }
                 },
             );
@@ -287,73 +287,60 @@ impl Kernel {
         Self::Baseline
     }
 
-    fn run(self, g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    /// One plane: `starts` from [`PlaneGeometry::tap_starts`], `filter` its k² weights.
+    fn run(self, g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
         match self {
-            Self::Baseline => taps(g, scratch, filter, bias, relu6, out),
+            Self::Baseline => taps(g, starts, scratch, filter, bias, relu6, out),
             // SAFETY: `detect` chose these only where the CPU has the features.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2Fma => unsafe { taps_avx2(g, scratch, filter, bias, relu6, out) },
+            Self::Avx2Fma => unsafe { taps_avx2(g, starts, scratch, filter, bias, relu6, out) },
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { taps_avx512(g, scratch, filter, bias, relu6, out) },
+            Self::Avx512 => unsafe { taps_avx512(g, starts, scratch, filter, bias, relu6, out) },
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn taps_avx2(g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
-    taps(g, scratch, filter, bias, relu6, out)
+unsafe fn taps_avx2(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    taps(g, starts, scratch, filter, bias, relu6, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn taps_avx512(g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
-    taps(g, scratch, filter, bias, relu6, out)
+unsafe fn taps_avx512(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    taps(g, starts, scratch, filter, bias, relu6, out)
 }
 
 /// Largest kernel side of the CPU kernel (EfficientNet uses 3 and 5).
 const MAX_KERNEL: usize = 7;
 
-/// Outputs accumulated in registers at once: one AVX-512 register, two AVX2 ones.
-const LANES: usize = 16;
+/// Runs of [`LANES`] positions whose sums are kept in registers together: independent
+/// chains of additions, so each tap's additions overlap instead of waiting on the last.
+const RUNS_AT_ONCE: usize = 4;
 
 /// One output plane. The plane is computed `wph` wide (see [`PlaneGeometry`]): output
-/// position `p` of the wide plane takes tap `t` from `phases[start[t] + p]`, so every tap
-/// of a run of positions is a contiguous slice. Each run of [`LANES`] positions keeps its
-/// sums in registers across all k² taps (one load per tap, one store at the end), then the
-/// valid columns go to `out` through ReLU6.
+/// position `p` of the wide plane takes tap `t` from `phases[starts[t] + p]`, so every tap
+/// of a run of positions is a contiguous slice. Runs of [`LANES`] positions keep their sums
+/// in registers across all k² taps (one load per tap, one store at the end), then the valid
+/// columns go to `out` through ReLU6. Each sum is the bias plus the taps' products in
+/// filter order, whatever the grouping of runs, so the bits do not depend on it.
 #[inline(always)]
-fn taps(g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
-    let (phases, acc) = scratch.split_at_mut(g.s * g.s * g.phase_len());
-    let taps = g.k * g.k;
-    let mut starts = [0usize; MAX_KERNEL * MAX_KERNEL];
-    for ky in 0..g.k {
-        for kx in 0..g.k {
-            starts[ky * g.k + kx] = ((ky % g.s) * g.s + kx % g.s) * g.phase_len() + (ky / g.s) * g.wph + kx / g.s;
-        }
-    }
-    let (starts, filter) = (&starts[..taps], &filter[..taps]);
-    let run = (g.ho - 1) * g.wph + g.wo;
+fn taps(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    let (phases, acc) = scratch.split_at_mut(g.phases_len());
+    let (starts, filter) = (&starts[..g.k * g.k], &filter[..g.k * g.k]);
+    // Whole vectors only: the last one runs past the plane into the zeros after the phases
+    // and its extra outputs are dropped with the wide columns. (A scalar tail cost more
+    // than the rest of a 7×7 plane.)
+    let run = ((g.ho - 1) * g.wph + g.wo).div_ceil(LANES) * LANES;
     let acc = &mut acc[..run];
-    let mut chunks = acc.chunks_exact_mut(LANES);
-    for (c, chunk) in (&mut chunks).enumerate() {
-        let base = c * LANES;
-        let mut sums = [bias; LANES];
-        for (&start, &wt) in starts.iter().zip(filter) {
-            let src: &[f32; LANES] = phases[start + base..start + base + LANES].try_into().expect("LANES values");
-            for (s, x) in sums.iter_mut().zip(src) {
-                *s += wt * x;
-            }
-        }
-        chunk.copy_from_slice(&sums);
+    let mut groups = acc.chunks_exact_mut(RUNS_AT_ONCE * LANES);
+    for (i, group) in (&mut groups).enumerate() {
+        group.copy_from_slice(&tap_sums::<{ RUNS_AT_ONCE * LANES }>(phases, starts, filter, i * RUNS_AT_ONCE * LANES, bias));
     }
-    let base = run - chunks.into_remainder().len();
-    for p in base..run {
-        let mut sum = bias;
-        for (&start, &wt) in starts.iter().zip(filter) {
-            sum += wt * phases[start + p];
-        }
-        acc[p] = sum;
+    let done = run - groups.into_remainder().len();
+    for (i, chunk) in acc[done..].chunks_exact_mut(LANES).enumerate() {
+        chunk.copy_from_slice(&tap_sums::<LANES>(phases, starts, filter, done + i * LANES, bias));
     }
     for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
         let wide = &acc[oy * g.wph..oy * g.wph + g.wo];
@@ -365,6 +352,20 @@ fn taps(g: &PlaneGeometry, scratch: &mut [f32], filter: &[f32], bias: f32, relu6
             row.copy_from_slice(wide);
         }
     }
+}
+
+/// The sums of `N` wide positions from `base` on: the bias plus every tap's product, in
+/// filter order.
+#[inline(always)]
+fn tap_sums<const N: usize>(phases: &[f32], starts: &[usize], filter: &[f32], base: usize, bias: f32) -> [f32; N] {
+    let mut sums = [bias; N];
+    for (&start, &wt) in starts.iter().zip(filter) {
+        let src: &[f32; N] = phases[start + base..start + base + N].try_into().expect("N values");
+        for (s, x) in sums.iter_mut().zip(src) {
+            *s += wt * x;
+        }
+    }
+    sums
 }
 
 #[cfg(test)]
@@ -406,7 +407,7 @@ mod tests {
             let mut scratch = vec![0f32; g.scratch_len()];
             g.fill_phases(&src, &mut scratch);
             let mut out = vec![0f32; g.ho * g.wo];
-            kernel.run(&g, &mut scratch, &filter, 0.25, false, &mut out);
+            kernel.run(&g, &g.tap_starts(), &mut scratch, &filter, 0.25, false, &mut out);
             out
         };
         assert_eq!(run(Kernel::Baseline), run(Kernel::detect()));

@@ -3,6 +3,11 @@
 
 use super::layers::same_padding;
 
+/// Outputs a kernel computes at once (one AVX-512 register, two AVX2 ones): the wide
+/// accumulator is whole runs of them, and the phase planes are followed by as many zeros so
+/// that the last run may read past the plane's end.
+pub(crate) const LANES: usize = 16;
+
 /// One input plane's layout for a k×k, stride-s, TF-"SAME" convolution.
 ///
 /// The plane is copied once into `s²` zero-padded *phase planes*: phase `(py, px)` holds
@@ -36,13 +41,32 @@ impl PlaneGeometry {
         Self { h, w, k, s, ho, wo, pt, pl, hph: ho + (k - 1) / s, wph: wo + (k - 1) / s }
     }
 
+    /// Where tap `(ky, kx)` of output position 0 sits in the phase planes; output `p` of the
+    /// wide plane reads it at `p` further on.
+    pub fn tap_start(&self, ky: usize, kx: usize) -> usize {
+        ((ky % self.s) * self.s + kx % self.s) * self.phase_len() + (ky / self.s) * self.wph + kx / self.s
+    }
+
+    /// [`Self::tap_start`] of every tap, in the filter's `(ky, kx)` order: computed once per
+    /// layer, since its divisions cost more than a small plane's arithmetic.
+    pub fn tap_starts(&self) -> Vec<usize> {
+        (0..self.k * self.k).map(|t| self.tap_start(t / self.k, t % self.k)).collect()
+    }
+
     pub fn phase_len(&self) -> usize {
         self.hph * self.wph
     }
 
-    /// Phase planes, then the wide accumulator.
+    /// Values of the phase planes, and the [`LANES`] zeros after them that a vector loop
+    /// may read past the last phase's end.
+    pub fn phases_len(&self) -> usize {
+        self.s * self.s * self.phase_len() + LANES
+    }
+
+    /// Phase planes (with their trailing zeros), then the wide accumulator, rounded up to
+    /// whole vectors of [`LANES`].
     pub fn scratch_len(&self) -> usize {
-        self.s * self.s * self.phase_len() + self.ho * self.wph
+        self.phases_len() + (self.ho * self.wph).div_ceil(LANES) * LANES
     }
 
     /// Writes the phase planes of `src` into the front of `scratch` (zeros where the
@@ -93,9 +117,9 @@ impl PlaneGeometry {
         for ky in 0..self.k {
             for kx in 0..self.k {
                 let row = &mut rows[(ky * self.k + kx) * plane..][..plane];
-                let phase = ((ky % self.s) * self.s + kx % self.s) * self.phase_len();
+                let tap = self.tap_start(ky, kx);
                 for (oy, out) in row.chunks_exact_mut(self.wo).enumerate() {
-                    let start = phase + (oy + ky / self.s) * self.wph + kx / self.s;
+                    let start = tap + oy * self.wph;
                     out.copy_from_slice(&phases[start..start + self.wo]);
                 }
             }

@@ -107,7 +107,7 @@ fn dump(dir: &Path, name: &str, t: &Tensor) -> Result<()> {
 fn models_case(models: &Path, case: &str, batch: usize, runs: usize, dump_dir: Option<PathBuf>) -> Result<String> {
     let cpu = Device::Cpu;
     let backbone = models.join("efficientnet-lite0.safetensors");
-    let size = if case == "detector" { 320 } else { 224 };
+    let size = if case.starts_with("detector") { 320 } else { 224 };
     let x = fixed_input((batch, 3, size, size))?;
     let rss_before = resident_bytes().unwrap_or(0);
     let forward: Forward = match case {
@@ -131,7 +131,12 @@ fn models_case(models: &Path, case: &str, batch: usize, runs: usize, dump_dir: O
             let d = GarmentDetector::load(&models.join("detector-lite0.safetensors"), &cpu)?;
             Box::new(move |x| Ok(d.forward(x)?))
         }
-        other => bail!("unknown case {other}: backbone-plain, backbone, embedder or detector"),
+        "detector-pyramid" => {
+            // The detector's backbone alone (its pyramid levels), to split a detection's time.
+            let d = GarmentDetector::load(&models.join("detector-lite0.safetensors"), &cpu)?;
+            Box::new(move |x| Ok(rayon::scope(|_| d.backbone().pyramid(x))?.remove(0)))
+        }
+        other => bail!("unknown case {other}: backbone-plain, backbone, embedder, detector or detector-pyramid"),
     };
     let (median, min) = time_it(runs, || forward(&x).map(|_| ()))?;
     if let Some(dir) = dump_dir {

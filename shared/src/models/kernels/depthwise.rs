@@ -126,15 +126,14 @@ impl CustomOp1 for DepthwiseKernel {
         let planes_per_task = MIN_TASK_OUTPUTS.div_ceil(ho * wo).max(1);
         let (kernel, starts) = (Kernel::detect(), geometry.tap_starts());
         out.par_chunks_mut(ho * wo * planes_per_task).enumerate().for_each_init(
-            || vec![0f32; geometry.scratch_len()],
+            || geometry.scratch(),
             |scratch, (task, chunk)| {
                 for (j, out) in chunk.chunks_mut(ho * wo).enumerate() {
                     let plane = task * planes_per_task + j;
                     let ch = plane % c;
                     let src = &input[plane * h * w..(plane + 1) * h * w];
                     let filter = &self.weight[ch * self.kernel * self.kernel..(ch + 1) * self.kernel * self.kernel];
-                    geometry.fill_phases(src, scratch);
-                    kernel.run(&geometry, &starts, scratch, filter, self.bias[ch], self.relu6, out);
+                    kernel.plane(&geometry, &starts, src, |v| v, scratch, filter, self.bias[ch], self.relu6, out);
                 }
             },
         );
@@ -213,7 +212,7 @@ impl CustomOp1 for ExpandDepthwise {
         out.par_chunks_mut(hidden * plane_out).enumerate().for_each(|(image, out_image)| {
             let x = &input[image * cin * plane_in..(image + 1) * cin * plane_in];
             out_image.par_chunks_mut(group * plane_out).enumerate().for_each_init(
-                || (vec![0f32; group * plane_in], vec![0f32; g.scratch_len()]),
+                || (vec![0f32; group * plane_in], g.scratch()),
                 |(expanded, scratch), (task, out_chunk)| {
                     let c0 = task * group;
                     let channels = out_chunk.len() / plane_out;
@@ -245,12 +244,10 @@ impl CustomOp1 for ExpandDepthwise {
                             gemm::Parallelism::None,
                         );
                     }
-                    for (j, (plane, out)) in expanded.chunks_exact_mut(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {
+                    for (j, (plane, out)) in expanded.chunks_exact(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {
                         let ch = c0 + j;
                         let b = self.expand_bias[ch];
-                        plane.iter_mut().for_each(|v| *v = (*v + b).clamp(0.0, 6.0));
-                        g.fill_phases(plane, scratch);
-                        kernel.run(&g, &starts, scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
+                        kernel.plane(&g, &starts, plane, |v| (v + b).clamp(0.0, 6.0), scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
                     }
                 },
             );
@@ -287,29 +284,74 @@ impl Kernel {
         Self::Baseline
     }
 
-    /// One plane: `starts` from [`PlaneGeometry::tap_starts`], `filter` its k² weights.
-    fn run(self, g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    /// One plane: copies `src` through `map` into the phase planes at the front of
+    /// `scratch`, then convolves them into `out`. `starts` comes from
+    /// [`PlaneGeometry::tap_starts`], `filter` holds the plane's k² weights. The copy is
+    /// compiled for the chosen instruction set too: on the fused path it is as much work as
+    /// the taps.
+    #[allow(clippy::too_many_arguments)]
+    fn plane(
+        self,
+        g: &PlaneGeometry,
+        starts: &[usize],
+        src: &[f32],
+        map: impl Fn(f32) -> f32 + Copy,
+        scratch: &mut [f32],
+        filter: &[f32],
+        bias: f32,
+        relu6: bool,
+        out: &mut [f32],
+    ) {
         match self {
-            Self::Baseline => taps(g, starts, scratch, filter, bias, relu6, out),
+            Self::Baseline => plane(g, starts, src, map, scratch, filter, bias, relu6, out),
             // SAFETY: `detect` chose these only where the CPU has the features.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2Fma => unsafe { taps_avx2(g, starts, scratch, filter, bias, relu6, out) },
+            Self::Avx2Fma => unsafe { plane_avx2(g, starts, src, map, scratch, filter, bias, relu6, out) },
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { taps_avx512(g, starts, scratch, filter, bias, relu6, out) },
+            Self::Avx512 => unsafe { plane_avx512(g, starts, src, map, scratch, filter, bias, relu6, out) },
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn taps_avx2(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
-    taps(g, starts, scratch, filter, bias, relu6, out)
+#[allow(clippy::too_many_arguments)]
+unsafe fn plane_avx2(
+    g: &PlaneGeometry,
+    starts: &[usize],
+    src: &[f32],
+    map: impl Fn(f32) -> f32 + Copy,
+    scratch: &mut [f32],
+    filter: &[f32],
+    bias: f32,
+    relu6: bool,
+    out: &mut [f32],
+) {
+    plane(g, starts, src, map, scratch, filter, bias, relu6, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn taps_avx512(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
-    taps(g, starts, scratch, filter, bias, relu6, out)
+#[allow(clippy::too_many_arguments)]
+unsafe fn plane_avx512(
+    g: &PlaneGeometry,
+    starts: &[usize],
+    src: &[f32],
+    map: impl Fn(f32) -> f32 + Copy,
+    scratch: &mut [f32],
+    filter: &[f32],
+    bias: f32,
+    relu6: bool,
+    out: &mut [f32],
+) {
+    plane(g, starts, src, map, scratch, filter, bias, relu6, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn plane(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: impl Fn(f32) -> f32 + Copy, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    g.fill_phases_mapped(src, scratch, map);
+    taps(g, starts, scratch, filter, bias, relu6, out);
 }
 
 /// Largest kernel side of the CPU kernel (EfficientNet uses 3 and 5).
@@ -404,10 +446,9 @@ mod tests {
         let src: Vec<f32> = (0..13 * 11).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         let filter: Vec<f32> = (0..25).map(|i| (i as f32 - 12.0) / 9.0).collect();
         let run = |kernel: Kernel| {
-            let mut scratch = vec![0f32; g.scratch_len()];
-            g.fill_phases(&src, &mut scratch);
+            let mut scratch = g.scratch();
             let mut out = vec![0f32; g.ho * g.wo];
-            kernel.run(&g, &g.tap_starts(), &mut scratch, &filter, 0.25, false, &mut out);
+            kernel.plane(&g, &g.tap_starts(), &src, |v| v * 1.5, &mut scratch, &filter, 0.25, false, &mut out);
             out
         };
         assert_eq!(run(Kernel::Baseline), run(Kernel::detect()));

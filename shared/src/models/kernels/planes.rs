@@ -69,37 +69,58 @@ impl PlaneGeometry {
         self.phases_len() + (self.ho * self.wph).div_ceil(LANES) * LANES
     }
 
-    /// Writes the phase planes of `src` into the front of `scratch` (zeros where the
-    /// padding is).
+    /// A zeroed scratch buffer for this geometry: the phase planes' padding is written here
+    /// once and never again, since [`Self::fill_phases`] writes only where input values go.
+    pub fn scratch(&self) -> Vec<f32> {
+        vec![0f32; self.scratch_len()]
+    }
+
+    /// Writes the phase planes of `src` into the front of `scratch`, which must come from
+    /// [`Self::scratch`] of this geometry (its padding stays zero).
     pub fn fill_phases(&self, src: &[f32], scratch: &mut [f32]) {
-        let s = self.s;
+        self.fill_phases_mapped(src, scratch, |v| v);
+    }
+
+    /// [`Self::fill_phases`] with `map` applied to every value of `src` on the way: an
+    /// activation fused into the copy, one pass instead of two.
+    #[inline(always)]
+    pub fn fill_phases_mapped(&self, src: &[f32], scratch: &mut [f32], map: impl Fn(f32) -> f32 + Copy) {
+        // Literal strides, so that the inlined copies divide by constants.
+        match self.s {
+            1 => self.fill_strided(1, src, scratch, map),
+            2 => self.fill_strided(2, src, scratch, map),
+            s => self.fill_strided(s, src, scratch, map),
+        }
+    }
+
+    /// Only the values under input pixels are written: for the small planes of the deep
+    /// layers, clearing the padding row by row cost more than the copy.
+    #[inline(always)]
+    fn fill_strided(&self, s: usize, src: &[f32], scratch: &mut [f32], map: impl Fn(f32) -> f32 + Copy) {
         for py in 0..s {
             for px in 0..s {
+                // Phase column j is input column j·s + px − pl: inside the row for j in
+                // lo..hi. Phase row i is input row i·s + py − pt: inside for i in top..bottom.
+                let lo = self.pl.saturating_sub(px).div_ceil(s).min(self.wph);
+                let hi = (self.w + self.pl).saturating_sub(px).div_ceil(s).min(self.wph).max(lo);
+                let top = self.pt.saturating_sub(py).div_ceil(s).min(self.hph);
+                let bottom = (self.h + self.pt).saturating_sub(py).div_ceil(s).min(self.hph).max(top);
+                if lo == hi || top == bottom {
+                    continue;
+                }
+                let first = lo * s + px - self.pl;
                 let phase = &mut scratch[(py * s + px) * self.phase_len()..][..self.phase_len()];
-                for (i, row) in phase.chunks_exact_mut(self.wph).enumerate() {
-                    // Phase row i is padded row i·s + py, input row i·s + py − pt.
-                    let y = (i * s + py) as isize - self.pt as isize;
-                    if y < 0 || y >= self.h as isize {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let src_row = &src[y as usize * self.w..(y as usize + 1) * self.w];
-                    // Phase column j is input column j·s + px − pl: inside the row for
-                    // j in lo..hi, padding on either side.
-                    let lo = self.pl.saturating_sub(px).div_ceil(s).min(self.wph);
-                    let hi = (self.w + self.pl).saturating_sub(px).div_ceil(s).min(self.wph).max(lo);
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    if lo < hi {
-                        let first = lo * s + px - self.pl;
-                        let inside = &mut row[lo..hi];
-                        if s == 1 {
-                            inside.copy_from_slice(&src_row[first..first + inside.len()]);
-                        } else {
-                            // The first value of each s-wide chunk (`step_by` did not vectorise).
-                            for (v, chunk) in inside.iter_mut().zip(src_row[first..].chunks(s)) {
-                                *v = chunk[0];
-                            }
+                for i in top..bottom {
+                    let y = i * s + py - self.pt;
+                    let src_row = &src[y * self.w..(y + 1) * self.w];
+                    let inside = &mut phase[i * self.wph + lo..i * self.wph + hi];
+                    if s == 1 {
+                        for (v, &x) in inside.iter_mut().zip(&src_row[first..]) {
+                            *v = map(x);
+                        }
+                    } else {
+                        for (j, v) in inside.iter_mut().enumerate() {
+                            *v = map(src_row[first + j * s]);
                         }
                     }
                 }

@@ -195,7 +195,7 @@ impl GarmentDetector {
             .collect::<Result<Vec<_>>>()?;
         let backbone = backbone.with_blocks(&tuned)?;
         let grid = location_grid(config.preprocess.size as usize, &config.strides);
-        Ok(Self { config, backbone, head, tuned, grid, device: device.clone() })
+        Ok(Self { config, backbone, head: head.for_inference()?, tuned, grid, device: device.clone() })
     }
 
     /// Every parameter the detector's file holds: the head's and the tuned blocks'.

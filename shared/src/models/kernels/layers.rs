@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::epilogue::Epilogue;
 use super::planes::PlaneGeometry;
 use super::pointwise::Pointwise;
+use super::shifted::ShiftedConv;
 use crate::Result;
 use crate::models::formats::tensors::NamedTensors;
 
@@ -46,6 +47,8 @@ pub struct ConvBn {
     epilogue: Epilogue,
     /// The CPU kernel of a 1×1, stride-1 convolution.
     pointwise: Option<Pointwise>,
+    /// The CPU kernel of a k×k (k > 1), stride-1 convolution.
+    shifted: Option<ShiftedConv>,
     kernel: usize,
     stride: usize,
     out_channels: usize,
@@ -78,7 +81,10 @@ impl ConvBn {
                 })
             })
             .transpose()?;
-        Ok(Self { weight: weight.contiguous()?, epilogue: Epilogue::new(&shift, false)?, pointwise, bias: shift, kernel, stride, out_channels })
+        let shifted = (kernel > 1 && stride == 1)
+            .then(|| -> Result<ShiftedConv> { Ok(ShiftedConv::new(&weight.flatten_all()?.to_vec1::<f32>()?, &shift.to_vec1::<f32>()?, out_channels, in_channels, kernel)) })
+            .transpose()?;
+        Ok(Self { weight: weight.contiguous()?, epilogue: Epilogue::new(&shift, false)?, pointwise, shifted, bias: shift, kernel, stride, out_channels })
     }
 
     /// The folded weight `[out, in, k, k]` and bias `[out]`.
@@ -107,6 +113,12 @@ impl ConvBn {
                 None => x.apply_op1_no_bwd(&op)?,
                 Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
             });
+        }
+        if let Some(op) = &self.shifted
+            && x.device().is_cpu()
+            && residual.is_none()
+        {
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&op.with_relu6(relu6))?);
         }
         let y = if self.kernel == 1 && self.stride == 1 {
             // A 1×1 convolution is a matrix product over the channel axis: no im2col copy.
@@ -165,7 +177,7 @@ impl CustomOp1 for Unfold {
         let mut out = vec![0f32; n * c * rows];
         if !out.is_empty() {
             out.par_chunks_mut(rows).enumerate().for_each_init(
-                || vec![0f32; g.scratch_len()],
+                || g.scratch(),
                 |scratch, (plane, chunk)| {
                     g.fill_phases(&input[plane * h * w..(plane + 1) * h * w], scratch);
                     g.unfold(scratch, chunk);

@@ -7,9 +7,11 @@ pub mod depthwise;
 pub mod epilogue;
 #[cfg(feature = "cuda")]
 mod gpu;
+pub(crate) mod group_norm;
 pub mod layers;
 mod planes;
 mod pointwise;
+mod shifted;
 pub mod trainable;
 
 /// The f32 values of a custom op's contiguous CPU input; `op` names it in errors.

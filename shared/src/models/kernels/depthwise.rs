@@ -17,6 +17,9 @@ use rayon::prelude::*;
 
 use super::layers::{fold_batchnorm, same_padding};
 use super::planes::{LANES, PlaneGeometry};
+#[cfg(target_arch = "x86_64")]
+use super::rows::Avx512;
+use super::rows::{Portable, RowMap, Rows};
 use crate::Result;
 use crate::models::formats::tensors::NamedTensors;
 
@@ -133,7 +136,7 @@ impl CustomOp1 for DepthwiseKernel {
                     let ch = plane % c;
                     let src = &input[plane * h * w..(plane + 1) * h * w];
                     let filter = &self.weight[ch * self.kernel * self.kernel..(ch + 1) * self.kernel * self.kernel];
-                    kernel.plane(&geometry, &starts, src, |v| v, scratch, filter, self.bias[ch], self.relu6, out);
+                    kernel.plane(&geometry, &starts, src, RowMap::Copy, scratch, filter, self.bias[ch], self.relu6, out);
                 }
             },
         );
@@ -247,7 +250,7 @@ impl CustomOp1 for ExpandDepthwise {
                     for (j, (plane, out)) in expanded.chunks_exact(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {
                         let ch = c0 + j;
                         let b = self.expand_bias[ch];
-                        kernel.plane(&g, &starts, plane, |v| (v + b).clamp(0.0, 6.0), scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
+                        kernel.plane(&g, &starts, plane, RowMap::BiasRelu6(b), scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
                     }
                 },
             );
@@ -286,24 +289,13 @@ impl Kernel {
 
     /// One plane: copies `src` through `map` into the phase planes at the front of
     /// `scratch`, then convolves them into `out`. `starts` comes from
-    /// [`PlaneGeometry::tap_starts`], `filter` holds the plane's k² weights. The copy is
-    /// compiled for the chosen instruction set too: on the fused path it is as much work as
-    /// the taps.
+    /// [`PlaneGeometry::tap_starts`], `filter` holds the plane's k² weights. The copies are
+    /// compiled for the chosen instruction set too: on the fused path they are as much work
+    /// as the taps.
     #[allow(clippy::too_many_arguments)]
-    fn plane(
-        self,
-        g: &PlaneGeometry,
-        starts: &[usize],
-        src: &[f32],
-        map: impl Fn(f32) -> f32 + Copy,
-        scratch: &mut [f32],
-        filter: &[f32],
-        bias: f32,
-        relu6: bool,
-        out: &mut [f32],
-    ) {
+    fn plane(self, g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
         match self {
-            Self::Baseline => plane(g, starts, src, map, scratch, filter, bias, relu6, out),
+            Self::Baseline => plane(Portable, g, starts, src, map, scratch, filter, bias, relu6, out),
             // SAFETY: `detect` chose these only where the CPU has the features.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2Fma => unsafe { plane_avx2(g, starts, src, map, scratch, filter, bias, relu6, out) },
@@ -316,42 +308,28 @@ impl Kernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn plane_avx2(
-    g: &PlaneGeometry,
-    starts: &[usize],
-    src: &[f32],
-    map: impl Fn(f32) -> f32 + Copy,
-    scratch: &mut [f32],
-    filter: &[f32],
-    bias: f32,
-    relu6: bool,
-    out: &mut [f32],
-) {
-    plane(g, starts, src, map, scratch, filter, bias, relu6, out)
+unsafe fn plane_avx2(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    plane(Portable, g, starts, src, map, scratch, filter, bias, relu6, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn plane_avx512(
-    g: &PlaneGeometry,
-    starts: &[usize],
-    src: &[f32],
-    map: impl Fn(f32) -> f32 + Copy,
-    scratch: &mut [f32],
-    filter: &[f32],
-    bias: f32,
-    relu6: bool,
-    out: &mut [f32],
-) {
-    plane(g, starts, src, map, scratch, filter, bias, relu6, out)
+unsafe fn plane_avx512(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    // SAFETY: this function runs only where the CPU has AVX-512F (its caller checked).
+    let rows = unsafe { Avx512::new() };
+    plane(rows, g, starts, src, map, scratch, filter, bias, relu6, out)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn plane(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: impl Fn(f32) -> f32 + Copy, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
-    g.fill_phases_mapped(src, scratch, map);
-    taps(g, starts, scratch, filter, bias, relu6, out);
+fn plane(rows: impl Rows, g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    g.fill_phases_mapped(src, scratch, map, rows);
+    taps(g, starts, scratch, filter, bias);
+    let (acc, map) = (&scratch[g.phases_len()..], if relu6 { RowMap::Relu6 } else { RowMap::Copy });
+    for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
+        rows.copy(&acc[oy * g.wph..oy * g.wph + g.wo], 1, row, map);
+    }
 }
 
 /// Largest kernel side of the CPU kernel (EfficientNet uses 3 and 5).
@@ -361,14 +339,14 @@ const MAX_KERNEL: usize = 7;
 /// chains of additions, so each tap's additions overlap instead of waiting on the last.
 const RUNS_AT_ONCE: usize = 4;
 
-/// One output plane. The plane is computed `wph` wide (see [`PlaneGeometry`]): output
-/// position `p` of the wide plane takes tap `t` from `phases[starts[t] + p]`, so every tap
-/// of a run of positions is a contiguous slice. Runs of [`LANES`] positions keep their sums
-/// in registers across all k² taps (one load per tap, one store at the end), then the valid
-/// columns go to `out` through ReLU6. Each sum is the bias plus the taps' products in
-/// filter order, whatever the grouping of runs, so the bits do not depend on it.
+/// One plane's sums into the wide accumulator after the phase planes in `scratch`. The
+/// plane is computed `wph` wide (see [`PlaneGeometry`]): output position `p` of the wide
+/// plane takes tap `t` from `phases[starts[t] + p]`, so every tap of a run of positions is a
+/// contiguous slice. Runs of [`LANES`] positions keep their sums in registers across all k²
+/// taps (one load per tap, one store at the end). Each sum is the bias plus the taps'
+/// products in filter order, whatever the grouping of runs, so the bits do not depend on it.
 #[inline(always)]
-fn taps(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+fn taps(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32) {
     let (phases, acc) = scratch.split_at_mut(g.phases_len());
     let (starts, filter) = (&starts[..g.k * g.k], &filter[..g.k * g.k]);
     // Whole vectors only: the last one runs past the plane into the zeros after the phases
@@ -383,16 +361,6 @@ fn taps(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32]
     let done = run - groups.into_remainder().len();
     for (i, chunk) in acc[done..].chunks_exact_mut(LANES).enumerate() {
         chunk.copy_from_slice(&tap_sums::<LANES>(phases, starts, filter, done + i * LANES, bias));
-    }
-    for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
-        let wide = &acc[oy * g.wph..oy * g.wph + g.wo];
-        if relu6 {
-            for (o, a) in row.iter_mut().zip(wide) {
-                *o = a.clamp(0.0, 6.0);
-            }
-        } else {
-            row.copy_from_slice(wide);
-        }
     }
 }
 
@@ -448,7 +416,7 @@ mod tests {
         let run = |kernel: Kernel| {
             let mut scratch = g.scratch();
             let mut out = vec![0f32; g.ho * g.wo];
-            kernel.plane(&g, &g.tap_starts(), &src, |v| v * 1.5, &mut scratch, &filter, 0.25, false, &mut out);
+            kernel.plane(&g, &g.tap_starts(), &src, RowMap::BiasRelu6(0.5), &mut scratch, &filter, 0.25, true, &mut out);
             out
         };
         assert_eq!(run(Kernel::Baseline), run(Kernel::detect()));

@@ -11,6 +11,7 @@ pub(crate) mod group_norm;
 pub mod layers;
 mod planes;
 mod pointwise;
+mod rows;
 mod shifted;
 pub mod trainable;
 

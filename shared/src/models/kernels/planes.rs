@@ -2,6 +2,7 @@
 //! unfolding of dense convolutions read every filter tap as a contiguous run.
 
 use super::layers::same_padding;
+use super::rows::{Portable, RowMap, Rows};
 
 /// Outputs a kernel computes at once (one AVX-512 register, two AVX2 ones): the wide
 /// accumulator is whole runs of them, and the phase planes are followed by as many zeros so
@@ -78,25 +79,25 @@ impl PlaneGeometry {
     /// Writes the phase planes of `src` into the front of `scratch`, which must come from
     /// [`Self::scratch`] of this geometry (its padding stays zero).
     pub fn fill_phases(&self, src: &[f32], scratch: &mut [f32]) {
-        self.fill_phases_mapped(src, scratch, |v| v);
+        self.fill_phases_mapped(src, scratch, RowMap::Copy, Portable);
     }
 
-    /// [`Self::fill_phases`] with `map` applied to every value of `src` on the way: an
-    /// activation fused into the copy, one pass instead of two.
+    /// [`Self::fill_phases`] with `map` applied to every value of `src` on the way (an
+    /// activation fused into the copy, one pass instead of two), rows copied by `rows`.
     #[inline(always)]
-    pub fn fill_phases_mapped(&self, src: &[f32], scratch: &mut [f32], map: impl Fn(f32) -> f32 + Copy) {
+    pub fn fill_phases_mapped(&self, src: &[f32], scratch: &mut [f32], map: RowMap, rows: impl Rows) {
         // Literal strides, so that the inlined copies divide by constants.
         match self.s {
-            1 => self.fill_strided(1, src, scratch, map),
-            2 => self.fill_strided(2, src, scratch, map),
-            s => self.fill_strided(s, src, scratch, map),
+            1 => self.fill_strided(1, src, scratch, map, rows),
+            2 => self.fill_strided(2, src, scratch, map, rows),
+            s => self.fill_strided(s, src, scratch, map, rows),
         }
     }
 
     /// Only the values under input pixels are written: for the small planes of the deep
     /// layers, clearing the padding row by row cost more than the copy.
     #[inline(always)]
-    fn fill_strided(&self, s: usize, src: &[f32], scratch: &mut [f32], map: impl Fn(f32) -> f32 + Copy) {
+    fn fill_strided(&self, s: usize, src: &[f32], scratch: &mut [f32], map: RowMap, rows: impl Rows) {
         for py in 0..s {
             for px in 0..s {
                 // Phase column j is input column j·s + px − pl: inside the row for j in
@@ -112,17 +113,7 @@ impl PlaneGeometry {
                 let phase = &mut scratch[(py * s + px) * self.phase_len()..][..self.phase_len()];
                 for i in top..bottom {
                     let y = i * s + py - self.pt;
-                    let src_row = &src[y * self.w..(y + 1) * self.w];
-                    let inside = &mut phase[i * self.wph + lo..i * self.wph + hi];
-                    if s == 1 {
-                        for (v, &x) in inside.iter_mut().zip(&src_row[first..]) {
-                            *v = map(x);
-                        }
-                    } else {
-                        for (j, v) in inside.iter_mut().enumerate() {
-                            *v = map(src_row[first + j * s]);
-                        }
-                    }
+                    rows.copy(&src[y * self.w + first..(y + 1) * self.w], s, &mut phase[i * self.wph + lo..i * self.wph + hi], map);
                 }
             }
         }

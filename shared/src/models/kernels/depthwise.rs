@@ -161,8 +161,10 @@ pub(crate) struct ExpandDepthwise {
     depthwise: DepthwiseKernel,
 }
 
-/// Expanded values a fused task holds at most (about 128 KB: within a core's L2).
-const FUSED_TASK_VALUES: usize = 32 * 1024;
+/// Expanded values a fused task holds at most (512 KB, within the 2 MB L2 of the Xeons we
+/// run on): fewer, larger tasks than at 128 KB made a detection 8 % faster, with the same
+/// bits (a channel's expanded values do not depend on the other channels of its task).
+const FUSED_TASK_VALUES: usize = 128 * 1024;
 
 impl ExpandDepthwise {
     /// `expand_weight` `[hidden, in, 1, 1]` and `expand_bias` `[hidden]` (folded) before

@@ -19,7 +19,7 @@ use super::layers::{fold_batchnorm, same_padding};
 use super::planes::{LANES, PlaneGeometry};
 #[cfg(target_arch = "x86_64")]
 use super::rows::Avx512;
-use super::rows::{Portable, RowMap, Rows};
+use super::rows::{PlaneLoops, Portable, RowMap};
 use crate::Result;
 use crate::models::formats::tensors::NamedTensors;
 
@@ -325,9 +325,9 @@ unsafe fn plane_avx512(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: Ro
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn plane(rows: impl Rows, g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+fn plane(rows: impl PlaneLoops, g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
     g.fill_phases_mapped(src, scratch, map, rows);
-    taps(g, starts, scratch, filter, bias);
+    taps(rows, g, starts, scratch, filter, bias);
     let (acc, map) = (&scratch[g.phases_len()..], if relu6 { RowMap::Relu6 } else { RowMap::Copy });
     for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
         rows.copy(&acc[oy * g.wph..oy * g.wph + g.wo], 1, row, map);
@@ -337,47 +337,19 @@ fn plane(rows: impl Rows, g: &PlaneGeometry, starts: &[usize], src: &[f32], map:
 /// Largest kernel side of the CPU kernel (EfficientNet uses 3 and 5).
 const MAX_KERNEL: usize = 7;
 
-/// Runs of [`LANES`] positions whose sums are kept in registers together: independent
-/// chains of additions, so each tap's additions overlap instead of waiting on the last.
-const RUNS_AT_ONCE: usize = 4;
-
 /// One plane's sums into the wide accumulator after the phase planes in `scratch`. The
 /// plane is computed `wph` wide (see [`PlaneGeometry`]): output position `p` of the wide
 /// plane takes tap `t` from `phases[starts[t] + p]`, so every tap of a run of positions is a
-/// contiguous slice. Runs of [`LANES`] positions keep their sums in registers across all k²
-/// taps (one load per tap, one store at the end). Each sum is the bias plus the taps'
-/// products in filter order, whatever the grouping of runs, so the bits do not depend on it.
+/// contiguous slice, and runs of [`LANES`] positions keep their sums in registers across all
+/// k² taps (one load per tap, one store at the end).
 #[inline(always)]
-fn taps(g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32) {
+fn taps(loops: impl PlaneLoops, g: &PlaneGeometry, starts: &[usize], scratch: &mut [f32], filter: &[f32], bias: f32) {
     let (phases, acc) = scratch.split_at_mut(g.phases_len());
-    let (starts, filter) = (&starts[..g.k * g.k], &filter[..g.k * g.k]);
     // Whole vectors only: the last one runs past the plane into the zeros after the phases
     // and its extra outputs are dropped with the wide columns. (A scalar tail cost more
     // than the rest of a 7×7 plane.)
     let run = ((g.ho - 1) * g.wph + g.wo).div_ceil(LANES) * LANES;
-    let acc = &mut acc[..run];
-    let mut groups = acc.chunks_exact_mut(RUNS_AT_ONCE * LANES);
-    for (i, group) in (&mut groups).enumerate() {
-        group.copy_from_slice(&tap_sums::<{ RUNS_AT_ONCE * LANES }>(phases, starts, filter, i * RUNS_AT_ONCE * LANES, bias));
-    }
-    let done = run - groups.into_remainder().len();
-    for (i, chunk) in acc[done..].chunks_exact_mut(LANES).enumerate() {
-        chunk.copy_from_slice(&tap_sums::<LANES>(phases, starts, filter, done + i * LANES, bias));
-    }
-}
-
-/// The sums of `N` wide positions from `base` on: the bias plus every tap's product, in
-/// filter order.
-#[inline(always)]
-fn tap_sums<const N: usize>(phases: &[f32], starts: &[usize], filter: &[f32], base: usize, bias: f32) -> [f32; N] {
-    let mut sums = [bias; N];
-    for (&start, &wt) in starts.iter().zip(filter) {
-        let src: &[f32; N] = phases[start + base..start + base + N].try_into().expect("N values");
-        for (s, x) in sums.iter_mut().zip(src) {
-            *s += wt * x;
-        }
-    }
-    sums
+    loops.taps(phases, &starts[..g.k * g.k], &filter[..g.k * g.k], bias, &mut acc[..run]);
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! unfolding of dense convolutions read every filter tap as a contiguous run.
 
 use super::layers::same_padding;
-use super::rows::{Portable, RowMap, Rows};
+use super::rows::{PlaneLoops, Portable, RowMap};
 
 /// Outputs a kernel computes at once (one AVX-512 register, two AVX2 ones): the wide
 /// accumulator is whole runs of them, and the phase planes are followed by as many zeros so
@@ -29,7 +29,7 @@ pub(crate) struct PlaneGeometry {
     /// Padding above and left.
     pub pt: usize,
     pub pl: usize,
-    /// Rows and columns of each phase plane.
+    /// PlaneLoops and columns of each phase plane.
     pub hph: usize,
     pub wph: usize,
 }
@@ -85,7 +85,7 @@ impl PlaneGeometry {
     /// [`Self::fill_phases`] with `map` applied to every value of `src` on the way (an
     /// activation fused into the copy, one pass instead of two), rows copied by `rows`.
     #[inline(always)]
-    pub fn fill_phases_mapped(&self, src: &[f32], scratch: &mut [f32], map: RowMap, rows: impl Rows) {
+    pub fn fill_phases_mapped(&self, src: &[f32], scratch: &mut [f32], map: RowMap, rows: impl PlaneLoops) {
         // Literal strides, so that the inlined copies divide by constants.
         match self.s {
             1 => self.fill_strided(1, src, scratch, map, rows),
@@ -97,7 +97,7 @@ impl PlaneGeometry {
     /// Only the values under input pixels are written: for the small planes of the deep
     /// layers, clearing the padding row by row cost more than the copy.
     #[inline(always)]
-    fn fill_strided(&self, s: usize, src: &[f32], scratch: &mut [f32], map: RowMap, rows: impl Rows) {
+    fn fill_strided(&self, s: usize, src: &[f32], scratch: &mut [f32], map: RowMap, rows: impl PlaneLoops) {
         for py in 0..s {
             for px in 0..s {
                 // Phase column j is input column j·s + px − pl: inside the row for j in

@@ -1,10 +1,12 @@
-//! Row copies with an activation on the way, in whole vectors where the instruction set
-//! allows it.
+//! The depthwise kernel's inner loops, once in plain Rust and once in AVX-512 intrinsics:
+//! row copies with an activation on the way, and the taps' multiply-adds.
 //!
-//! The depthwise kernel copies every input row into its phase planes and every output row
-//! out of its wide accumulator. The deep layers' rows are 7 or 14 values: the compiler's
-//! vector loop never starts on them, and the scalar copies cost a quarter of the kernel. With
-//! AVX-512 a row is whole vectors and one masked vector, for strides 1 and 2 alike.
+//! The kernel copies every input row into its phase planes and every output row out of its
+//! wide accumulator. The deep layers' rows are 7 or 14 values: the compiler's vector loop
+//! never starts on them, and the scalar copies cost a quarter of the kernel. With AVX-512 a
+//! row is whole vectors and one masked vector, for strides 1 and 2 alike. The taps' loop,
+//! compiled from plain Rust, reloaded its pointers and checked bounds at every tap and kept
+//! only four sums in flight; written out, it keeps eight.
 
 /// What a copy does to each value.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,18 +28,39 @@ impl RowMap {
     }
 }
 
-/// A way of copying rows; the depthwise kernel is compiled once per implementation.
-pub(crate) trait Rows: Copy {
+/// The depthwise kernel's inner loops; the kernel is compiled once per implementation, and
+/// every implementation gives the same bits.
+pub(crate) trait PlaneLoops: Copy {
     /// `dst[j] = map(src[j · stride])` for every `j` of `dst`; `src` holds at least
     /// `(dst.len() − 1) · stride + 1` values.
     fn copy(self, src: &[f32], stride: usize, dst: &mut [f32], map: RowMap);
+
+    /// `acc[p] = bias + Σ_t filter[t] · phases[starts[t] + p]` for every `p` of `acc` (a
+    /// whole number of [`LANES`]), each product rounded, then added in tap order.
+    fn taps(self, phases: &[f32], starts: &[usize], filter: &[f32], bias: f32, acc: &mut [f32]);
 }
+
+/// Runs of [`LANES`] positions the plain loop sums at once: independent chains of additions.
+const PORTABLE_RUNS: usize = 4;
 
 /// Plain loops, for any instruction set.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Portable;
 
-impl Rows for Portable {
+impl PlaneLoops for Portable {
+    #[inline(always)]
+    fn taps(self, phases: &[f32], starts: &[usize], filter: &[f32], bias: f32, acc: &mut [f32]) {
+        let len = acc.len();
+        let mut groups = acc.chunks_exact_mut(PORTABLE_RUNS * LANES);
+        for (i, group) in (&mut groups).enumerate() {
+            group.copy_from_slice(&tap_sums::<{ PORTABLE_RUNS * LANES }>(phases, starts, filter, i * PORTABLE_RUNS * LANES, bias));
+        }
+        let done = len - groups.into_remainder().len();
+        for (i, chunk) in acc[done..].chunks_exact_mut(LANES).enumerate() {
+            chunk.copy_from_slice(&tap_sums::<LANES>(phases, starts, filter, done + i * LANES, bias));
+        }
+    }
+
     #[inline(always)]
     fn copy(self, src: &[f32], stride: usize, dst: &mut [f32], map: RowMap) {
         if stride == 1 {
@@ -50,6 +73,20 @@ impl Rows for Portable {
             }
         }
     }
+}
+
+/// The sums of `N` wide positions from `base` on: the bias plus every tap's product, in
+/// filter order.
+#[inline(always)]
+fn tap_sums<const N: usize>(phases: &[f32], starts: &[usize], filter: &[f32], base: usize, bias: f32) -> [f32; N] {
+    let mut sums = [bias; N];
+    for (&start, &wt) in starts.iter().zip(filter) {
+        let src: &[f32; N] = phases[start + base..start + base + N].try_into().expect("N values");
+        for (s, x) in sums.iter_mut().zip(src) {
+            *s += wt * x;
+        }
+    }
+    sums
 }
 
 /// AVX-512 vectors with masked tails. Only [`Avx512::new`] makes one, in code compiled for
@@ -68,7 +105,28 @@ impl Avx512 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Rows for Avx512 {
+impl PlaneLoops for Avx512 {
+    #[inline(always)]
+    fn taps(self, phases: &[f32], starts: &[usize], filter: &[f32], bias: f32, acc: &mut [f32]) {
+        assert!(acc.len().is_multiple_of(LANES) && starts.len() == filter.len());
+        assert!(starts.iter().all(|&s| s + acc.len() <= phases.len()), "a tap reads past the phase planes");
+        let mut base = 0;
+        // SAFETY (each call): an `Avx512` exists only where the CPU has AVX-512F; the asserts
+        // keep every load inside `phases` and every store inside `acc`.
+        while base + 8 * LANES <= acc.len() {
+            unsafe { tap_sums_avx512::<8>(phases, starts, filter, bias, base, acc) };
+            base += 8 * LANES;
+        }
+        while base + 4 * LANES <= acc.len() {
+            unsafe { tap_sums_avx512::<4>(phases, starts, filter, bias, base, acc) };
+            base += 4 * LANES;
+        }
+        while base < acc.len() {
+            unsafe { tap_sums_avx512::<1>(phases, starts, filter, bias, base, acc) };
+            base += LANES;
+        }
+    }
+
     #[inline(always)]
     fn copy(self, src: &[f32], stride: usize, dst: &mut [f32], map: RowMap) {
         match stride {
@@ -92,6 +150,31 @@ unsafe fn apply_avx512(v: std::arch::x86_64::__m512, map: RowMap) -> std::arch::
             RowMap::Copy => v,
             RowMap::Relu6 => clamp(v),
             RowMap::BiasRelu6(b) => clamp(_mm512_add_ps(v, _mm512_set1_ps(b))),
+        }
+    }
+}
+
+/// `R` vectors of sums from wide position `base` on, kept in registers across the taps.
+/// Multiply, then add (no fused multiply-add): the portable loop's rounding.
+///
+/// # Safety
+/// AVX-512F; `phases[starts[t] + base..][..R · 16]` and `acc[base..][..R · 16]` in bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tap_sums_avx512<const R: usize>(phases: &[f32], starts: &[usize], filter: &[f32], bias: f32, base: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let mut sums = [_mm512_set1_ps(bias); R];
+        let p = phases.as_ptr().add(base);
+        for (&start, &wt) in starts.iter().zip(filter) {
+            let (w, q) = (_mm512_set1_ps(wt), p.add(start));
+            for (r, sum) in sums.iter_mut().enumerate() {
+                *sum = _mm512_add_ps(*sum, _mm512_mul_ps(w, _mm512_loadu_ps(q.add(r * LANES))));
+            }
+        }
+        let a = acc.as_mut_ptr().add(base);
+        for (r, sum) in sums.iter().enumerate() {
+            _mm512_storeu_ps(a.add(r * LANES), *sum);
         }
     }
 }
@@ -145,6 +228,8 @@ unsafe fn copy_avx512(src: &[f32], stride: usize, dst: &mut [f32], map: RowMap) 
         }
     }
 }
+
+use super::planes::LANES;
 
 #[cfg(test)]
 mod tests {

@@ -384,16 +384,21 @@ mod tests {
 
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let g = PlaneGeometry::new(13, 11, 5, 2);
-        let src: Vec<f32> = (0..13 * 11).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-        let filter: Vec<f32> = (0..25).map(|i| (i as f32 - 12.0) / 9.0).collect();
-        let run = |kernel: Kernel| {
-            let mut scratch = g.scratch();
-            let mut out = vec![0f32; g.ho * g.wo];
-            kernel.plane(&g, &g.tap_starts(), &src, RowMap::BiasRelu6(0.5), &mut scratch, &filter, 0.25, true, &mut out);
-            out
-        };
-        assert_eq!(run(Kernel::Baseline), run(Kernel::detect()));
+        // Planes whose wide runs take one, four and eight vectors at a time, strides 1 and 2.
+        for (h, w, k, s) in [(13usize, 11usize, 5usize, 2usize), (7, 7, 3, 1), (40, 37, 3, 1), (29, 31, 5, 2)] {
+            let g = PlaneGeometry::new(h, w, k, s);
+            let src: Vec<f32> = (0..h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let filter: Vec<f32> = (0..k * k).map(|i| (i as f32 - 12.0) / 9.0).collect();
+            for (map, relu6) in [(RowMap::BiasRelu6(0.5), true), (RowMap::Copy, false)] {
+                let run = |kernel: Kernel| {
+                    let mut scratch = g.scratch();
+                    let mut out = vec![0f32; g.ho * g.wo];
+                    kernel.plane(&g, &g.tap_starts(), &src, map, &mut scratch, &filter, 0.25, relu6, &mut out);
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(run(Kernel::Baseline), run(Kernel::detect()), "{h}×{w}, k {k}, stride {s}, {map:?}");
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod declared;
 mod decode;
 mod preprocess;
+mod resize;
 
 pub use decode::{DecodeLimits, decode_image};
 pub use preprocess::{LetterboxGeometry, Normalisation, Preprocess, letterbox};

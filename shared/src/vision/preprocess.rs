@@ -114,7 +114,7 @@ impl LetterboxGeometry {
 pub fn letterbox(image: &RgbImage, size: u32, pad: [u8; 3]) -> RgbImage {
     let (w, h) = image.dimensions();
     let LetterboxGeometry { resized: (nw, nh), .. } = LetterboxGeometry::new(w, h, size);
-    let resized = if (nw, nh) == (w, h) { image.clone() } else { imageops::resize(image, nw, nh, imageops::FilterType::Triangle) };
+    let resized = super::resize::resize_triangle(image, nw, nh);
     let mut canvas = RgbImage::from_pixel(size, size, Rgb(pad));
     imageops::replace(&mut canvas, &resized, ((size - nw) / 2) as i64, ((size - nh) / 2) as i64);
     canvas

@@ -127,8 +127,18 @@ def pyramid_taps(blocks):
     return taps
 
 
-def backbone(g, t, x, size, taps=()):
-    """Stem and blocks; returns (last output, its (h, w), [(tap output, (h, w))])."""
+def backbone(g, t, x, size, taps=(), tuned=None):
+    """Stem and blocks; returns (last output, its (h, w), [(tap output, (h, w))]).
+    `tuned`: a detector file's fine-tuned blocks (`backbone.{i}.{expand,depthwise,project}`,
+    BatchNorm already folded), which replace the ImageNet ones."""
+    tuned = tuned or {}
+
+    def layer(i, name, conv, bn):
+        key = f"backbone.{i}.{name}"
+        if f"{key}.weight" in tuned:
+            return tuned[f"{key}.weight"], tuned[f"{key}.bias"]
+        return fold(t, conv, bn)
+
     w, b = fold(t, "_conv_stem", "_bn0")
     y, hw = g.conv(x, w, b, (size, size), 2)
     y = g.relu6(y)
@@ -137,13 +147,13 @@ def backbone(g, t, x, size, taps=()):
         p = f"_blocks.{i}."
         h, hhw = y, hw
         if blk["expand"] != 1:
-            w, b = fold(t, p + "_expand_conv", p + "_bn0")
+            w, b = layer(i, "expand", p + "_expand_conv", p + "_bn0")
             h, hhw = g.conv(h, w, b, hhw, 1)
             h = g.relu6(h)
-        w, b = fold(t, p + "_depthwise_conv", p + "_bn1")
+        w, b = layer(i, "depthwise", p + "_depthwise_conv", p + "_bn1")
         h, hhw = g.conv(h, w, b, hhw, blk["stride"], group=w.shape[0])
         h = g.relu6(h)
-        w, b = fold(t, p + "_project_conv", p + "_bn2")
+        w, b = layer(i, "project", p + "_project_conv", p + "_bn2")
         h, hhw = g.conv(h, w, b, hhw, 1)
         if blk["stride"] == 1 and blk["cin"] == blk["cout"]:
             h = g.op("Add", [h, y])
@@ -172,7 +182,8 @@ def backbone_model(backbone_path, size=224):
 def embedder_model(embedder_path, backbone_path, size=224):
     """Input `[n, 3, size, size]` → unit embeddings `[n, dim]`."""
     t, _ = read_safetensors(backbone_path)
-    head, _ = read_safetensors(embedder_path)
+    head, meta = read_safetensors(embedder_path)
+    parts = json.loads(meta["shoplens.config"]).get("parts") or []
     g = Graph()
     y, hw, _ = backbone(g, t, "input", size)
     y, hw = head_features(g, t, y, hw)
@@ -183,7 +194,16 @@ def embedder_model(embedder_path, backbone_path, size=224):
     gem = g.op("Exp", [g.op("Div", [g.op("Log", [pooled]), g.const(np.float32(p))])])
     flat = g.op("Flatten", [gem], axis=1)
     proj = g.op("Gemm", [flat, g.const(head["proj.weight"]), g.const(head["proj.bias"])], transB=1)
-    out = g.op("LpNormalization", [proj], axis=1, p=2)
+    if not parts:
+        out = g.op("LpNormalization", [proj], axis=1, p=2)
+    else:
+        # Each part of the projection normalised on its own and weighted (`EmbeddingPart`).
+        pieces, start = [], 0
+        for part in parts:
+            piece = g.op("Slice", [proj, g.const(np.array([start], np.int64)), g.const(np.array([start + part["len"]], np.int64)), g.const(np.array([1], np.int64))])
+            pieces.append(g.op("Mul", [g.op("LpNormalization", [piece], axis=1, p=2), g.const(np.float32(part["weight"]))]))
+            start += part["len"]
+        out = g.op("Concat", pieces, axis=1)
     return g.model("input", ["n", 3, size, size], [(out, 2)])
 
 
@@ -198,7 +218,7 @@ def detector_model(detector_path, backbone_path):
     size, groups, channels = cfg["preprocess"]["size"], cfg["groups"], cfg["channels"]
     g = Graph()
     taps = pyramid_taps(blocks_of(t))
-    _, _, levels = backbone(g, t, "input", size, taps)
+    _, _, levels = backbone(g, t, "input", size, taps, tuned=head)
     laterals = []
     for i, (x, hw) in enumerate(levels):
         y, _ = g.conv(x, head[f"fpn.lateral.{i}.weight"], head[f"fpn.lateral.{i}.bias"], hw, 1)

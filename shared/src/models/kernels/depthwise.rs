@@ -10,6 +10,7 @@
 //! every instruction set gives the same bits. On a CUDA GPU our GPU kernel runs instead
 //! (`gpu.rs`, the same bits); on other devices candle's grouped convolution.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
@@ -121,14 +122,16 @@ impl CustomOp1 for DepthwiseKernel {
         }
         let geometry = PlaneGeometry::new(h, w, self.kernel, self.stride);
         let (ho, wo) = (geometry.ho, geometry.wo);
-        let mut out = vec![0f32; n * c * ho * wo];
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))));
+        let len = n * c * ho * wo;
+        if len == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((n, c, ho, wo))));
         }
         // Small planes (7×7, 14×14) are grouped so a rayon task is worth its hand-off.
         let planes_per_task = MIN_TASK_OUTPUTS.div_ceil(ho * wo).max(1);
         let (kernel, starts) = (Kernel::detect(), geometry.tap_starts());
-        out.par_chunks_mut(ho * wo * planes_per_task).enumerate().for_each_init(
+        // Not zeroed first: every plane writes all its values (see `plane`).
+        let mut out = Vec::with_capacity(len);
+        out.spare_capacity_mut()[..len].par_chunks_mut(ho * wo * planes_per_task).enumerate().for_each_init(
             || geometry.scratch(),
             |scratch, (task, chunk)| {
                 for (j, out) in chunk.chunks_mut(ho * wo).enumerate() {
@@ -140,6 +143,8 @@ impl CustomOp1 for DepthwiseKernel {
                 }
             },
         );
+        // SAFETY: the chunks cover all `len` values, and `plane` wrote every one of them.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 }
@@ -205,16 +210,19 @@ impl CustomOp1 for ExpandDepthwise {
         let hidden = dw.channels;
         let g = PlaneGeometry::new(h, w, dw.kernel, dw.stride);
         let (plane_in, plane_out) = (h * w, g.ho * g.wo);
-        let mut out = vec![0f32; n * hidden * plane_out];
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), Shape::from((n, hidden, g.ho, g.wo))));
+        let len = n * hidden * plane_out;
+        if len == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((n, hidden, g.ho, g.wo))));
         }
+        // Not zeroed first (a memset of the block's largest output): every plane writes all
+        // its values (see `plane`).
+        let mut out = Vec::with_capacity(len);
         // Channels per task from the sizes alone (never from the thread count), so the
         // results do not depend on how many threads run them; at least 4 tasks per image.
         let group = (FUSED_TASK_VALUES / plane_in).clamp(1, hidden.div_ceil(4).max(1));
         let (kernel, starts) = (Kernel::detect(), g.tap_starts());
         let k2 = dw.kernel * dw.kernel;
-        out.par_chunks_mut(hidden * plane_out).enumerate().for_each(|(image, out_image)| {
+        out.spare_capacity_mut()[..len].par_chunks_mut(hidden * plane_out).enumerate().for_each(|(image, out_image)| {
             let x = &input[image * cin * plane_in..(image + 1) * cin * plane_in];
             out_image.par_chunks_mut(group * plane_out).enumerate().for_each_init(
                 || (vec![0f32; group * plane_in], g.scratch()),
@@ -257,6 +265,8 @@ impl CustomOp1 for ExpandDepthwise {
                 },
             );
         });
+        // SAFETY: the images' chunks cover all `len` values, and `plane` wrote every one.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, hidden, g.ho, g.wo))))
     }
 }
@@ -291,11 +301,12 @@ impl Kernel {
 
     /// One plane: copies `src` through `map` into the phase planes at the front of
     /// `scratch`, then convolves them into `out`. `starts` comes from
-    /// [`PlaneGeometry::tap_starts`], `filter` holds the plane's k² weights. The copies are
+    /// [`PlaneGeometry::tap_starts`], `filter` holds the plane's k² weights; `out`
+    /// (`ho × wo`, possibly uninitialised) is written whole. The copies are
     /// compiled for the chosen instruction set too: on the fused path they are as much work
     /// as the taps.
     #[allow(clippy::too_many_arguments)]
-    fn plane(self, g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+    fn plane(self, g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [MaybeUninit<f32>]) {
         match self {
             Self::Baseline => plane(Portable, g, starts, src, map, scratch, filter, bias, relu6, out),
             // SAFETY: `detect` chose these only where the CPU has the features.
@@ -310,14 +321,14 @@ impl Kernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn plane_avx2(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+unsafe fn plane_avx2(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [MaybeUninit<f32>]) {
     plane(Portable, g, starts, src, map, scratch, filter, bias, relu6, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn plane_avx512(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+unsafe fn plane_avx512(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [MaybeUninit<f32>]) {
     // SAFETY: this function runs only where the CPU has AVX-512F (its caller checked).
     let rows = unsafe { Avx512::new() };
     plane(rows, g, starts, src, map, scratch, filter, bias, relu6, out)
@@ -325,7 +336,18 @@ unsafe fn plane_avx512(g: &PlaneGeometry, starts: &[usize], src: &[f32], map: Ro
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn plane(rows: impl PlaneLoops, g: &PlaneGeometry, starts: &[usize], src: &[f32], map: RowMap, scratch: &mut [f32], filter: &[f32], bias: f32, relu6: bool, out: &mut [f32]) {
+fn plane(
+    rows: impl PlaneLoops,
+    g: &PlaneGeometry,
+    starts: &[usize],
+    src: &[f32],
+    map: RowMap,
+    scratch: &mut [f32],
+    filter: &[f32],
+    bias: f32,
+    relu6: bool,
+    out: &mut [MaybeUninit<f32>],
+) {
     g.fill_phases_mapped(src, scratch, map, rows);
     taps(rows, g, starts, scratch, filter, bias);
     let (acc, map) = (&scratch[g.phases_len()..], if relu6 { RowMap::Relu6 } else { RowMap::Copy });
@@ -359,6 +381,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::models::kernels::rows::as_destination;
 
     fn layer(c: usize, k: usize, s: usize, relu6: bool) -> DepthwiseConvBn {
         let dev = Device::Cpu;
@@ -393,7 +416,7 @@ mod tests {
                 let run = |kernel: Kernel| {
                     let mut scratch = g.scratch();
                     let mut out = vec![0f32; g.ho * g.wo];
-                    kernel.plane(&g, &g.tap_starts(), &src, map, &mut scratch, &filter, 0.25, relu6, &mut out);
+                    kernel.plane(&g, &g.tap_starts(), &src, map, &mut scratch, &filter, 0.25, relu6, as_destination(&mut out));
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 assert_eq!(run(Kernel::Baseline), run(Kernel::detect()), "{h}×{w}, k {k}, stride {s}, {map:?}");

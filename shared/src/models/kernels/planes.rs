@@ -2,7 +2,7 @@
 //! unfolding of dense convolutions read every filter tap as a contiguous run.
 
 use super::layers::same_padding;
-use super::rows::{PlaneLoops, Portable, RowMap};
+use super::rows::{PlaneLoops, Portable, RowMap, as_destination};
 
 /// Outputs a kernel computes at once (one AVX-512 register, two AVX2 ones): the wide
 /// accumulator is whole runs of them, and the phase planes are followed by as many zeros so
@@ -113,7 +113,7 @@ impl PlaneGeometry {
                 let phase = &mut scratch[(py * s + px) * self.phase_len()..][..self.phase_len()];
                 for i in top..bottom {
                     let y = i * s + py - self.pt;
-                    rows.copy(&src[y * self.w + first..(y + 1) * self.w], s, &mut phase[i * self.wph + lo..i * self.wph + hi], map);
+                    rows.copy(&src[y * self.w + first..(y + 1) * self.w], s, as_destination(&mut phase[i * self.wph + lo..i * self.wph + hi]), map);
                 }
             }
         }

@@ -8,6 +8,15 @@
 //! compiled from plain Rust, reloaded its pointers and checked bounds at every tap and kept
 //! only four sums in flight; written out, it keeps eight.
 
+use std::mem::MaybeUninit;
+
+/// `values` as a destination of [`PlaneLoops::copy`], which writes only initialised values.
+pub(crate) fn as_destination(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the copies write only initialised f32 values through it, so the
+    // slice stays initialised for its owner.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
 /// What a copy does to each value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum RowMap {
@@ -32,8 +41,9 @@ impl RowMap {
 /// every implementation gives the same bits.
 pub(crate) trait PlaneLoops: Copy {
     /// `dst[j] = map(src[j · stride])` for every `j` of `dst`; `src` holds at least
-    /// `(dst.len() − 1) · stride + 1` values.
-    fn copy(self, src: &[f32], stride: usize, dst: &mut [f32], map: RowMap);
+    /// `(dst.len() − 1) · stride + 1` values. `dst` may be uninitialised: every value of it
+    /// is written.
+    fn copy(self, src: &[f32], stride: usize, dst: &mut [MaybeUninit<f32>], map: RowMap);
 
     /// `acc[p] = bias + Σ_t filter[t] · phases[starts[t] + p]` for every `p` of `acc` (a
     /// whole number of [`LANES`]), each product rounded, then added in tap order.
@@ -62,14 +72,15 @@ impl PlaneLoops for Portable {
     }
 
     #[inline(always)]
-    fn copy(self, src: &[f32], stride: usize, dst: &mut [f32], map: RowMap) {
+    fn copy(self, src: &[f32], stride: usize, dst: &mut [MaybeUninit<f32>], map: RowMap) {
+        assert!(dst.is_empty() || src.len() > (dst.len() - 1) * stride, "a row of {} at stride {stride} from {} values", dst.len(), src.len());
         if stride == 1 {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = map.apply(s);
+                d.write(map.apply(s));
             }
         } else {
             for (j, d) in dst.iter_mut().enumerate() {
-                *d = map.apply(src[j * stride]);
+                d.write(map.apply(src[j * stride]));
             }
         }
     }
@@ -128,7 +139,7 @@ impl PlaneLoops for Avx512 {
     }
 
     #[inline(always)]
-    fn copy(self, src: &[f32], stride: usize, dst: &mut [f32], map: RowMap) {
+    fn copy(self, src: &[f32], stride: usize, dst: &mut [MaybeUninit<f32>], map: RowMap) {
         match stride {
             // SAFETY: an `Avx512` exists only where the CPU has AVX-512F (see `new`).
             1 | 2 => unsafe { copy_avx512(src, stride, dst, map) },
@@ -188,14 +199,14 @@ fn first_lanes(n: usize) -> u16 {
 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn copy_avx512(src: &[f32], stride: usize, dst: &mut [f32], map: RowMap) {
+unsafe fn copy_avx512(src: &[f32], stride: usize, dst: &mut [MaybeUninit<f32>], map: RowMap) {
     use std::arch::x86_64::*;
     let n = dst.len();
     if n == 0 {
         return;
     }
     assert!(src.len() > (n - 1) * stride, "a row of {n} at stride {stride} from {} values", src.len());
-    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr().cast::<f32>());
     let mut j = 0;
     // SAFETY (every load and store below): full vectors only where all 16 (or 32) values
     // are inside the slices; the masked ones touch only the lanes inside them.
@@ -246,7 +257,7 @@ mod tests {
                     }
                     let portable = {
                         let mut dst = vec![9f32; len];
-                        Portable.copy(&src[start..], stride, &mut dst, map);
+                        Portable.copy(&src[start..], stride, as_destination(&mut dst), map);
                         dst
                     };
                     #[cfg(target_arch = "x86_64")]
@@ -256,7 +267,7 @@ mod tests {
                         let end = if len == 0 { start } else { start + (len - 1) * stride + 1 };
                         let mut dst = vec![9f32; len];
                         // SAFETY: the CPU has AVX-512F.
-                        unsafe { Avx512::new() }.copy(&src[start..end], stride, &mut dst, map);
+                        unsafe { Avx512::new() }.copy(&src[start..end], stride, as_destination(&mut dst), map);
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&dst), bits(&portable), "{map:?} stride {stride} from {start}, {len} values");
                     }

@@ -49,6 +49,8 @@ pub struct ConvBn {
     pointwise: Option<Pointwise>,
     /// The CPU kernel of a k×k (k > 1), stride-1 convolution.
     shifted: Option<ShiftedConv>,
+    /// A strided k×k convolution's product with its unfolded input (`[out, in·k·k]`).
+    unfolded: Option<Pointwise>,
     kernel: usize,
     stride: usize,
     out_channels: usize,
@@ -70,21 +72,21 @@ impl ConvBn {
     pub fn folded(weight: &Tensor, shift: &Tensor, stride: usize) -> Result<Self> {
         let (out_channels, in_channels, kernel, _) = weight.dims4()?;
         let (weight, shift) = (weight.to_device(&Device::Cpu)?, shift.to_device(&Device::Cpu)?);
-        let pointwise = (kernel == 1 && stride == 1)
-            .then(|| -> Result<Pointwise> {
-                Ok(Pointwise {
-                    weight: std::sync::Arc::new(weight.flatten_all()?.to_vec1::<f32>()?),
-                    bias: std::sync::Arc::new(shift.to_vec1::<f32>()?),
-                    out_channels,
-                    in_channels,
-                    relu6: false,
-                })
+        let product = |inputs: usize| -> Result<Pointwise> {
+            Ok(Pointwise {
+                weight: std::sync::Arc::new(weight.flatten_all()?.to_vec1::<f32>()?),
+                bias: std::sync::Arc::new(shift.to_vec1::<f32>()?),
+                out_channels,
+                in_channels: inputs,
+                relu6: false,
             })
-            .transpose()?;
+        };
+        let pointwise = (kernel == 1 && stride == 1).then(|| product(in_channels)).transpose()?;
+        let unfolded = (kernel > 1 && stride > 1).then(|| product(in_channels * kernel * kernel)).transpose()?;
         let shifted = (kernel > 1 && stride == 1)
             .then(|| -> Result<ShiftedConv> { Ok(ShiftedConv::new(&weight.flatten_all()?.to_vec1::<f32>()?, &shift.to_vec1::<f32>()?, out_channels, in_channels, kernel)) })
             .transpose()?;
-        Ok(Self { weight: weight.contiguous()?, epilogue: Epilogue::new(&shift, false)?, pointwise, shifted, bias: shift, kernel, stride, out_channels })
+        Ok(Self { weight: weight.contiguous()?, epilogue: Epilogue::new(&shift, false)?, pointwise, shifted, unfolded, bias: shift, kernel, stride, out_channels })
     }
 
     /// The folded weight `[out, in, k, k]` and bias `[out]`.
@@ -128,12 +130,19 @@ impl ConvBn {
             wmat.broadcast_left(n)?.matmul(&x)?.reshape((n, self.out_channels, h, w))?
         } else if x.device().is_cpu() {
             // k×k neighbourhoods unfolded (TF-SAME, strided) and one matrix product: candle's
-            // own im2col was 9 % of a backbone pass for the stem alone.
+            // own im2col was 9 % of a backbone pass for the stem alone. The product runs on
+            // the 1×1 kernel's blocks, bias and ReLU6 in the block, unless a residual comes.
             let (n, c, h, w) = x.dims4()?;
             let (k, s) = (self.kernel, self.stride);
             let cols = x.contiguous()?.apply_op1_no_bwd(&Unfold { kernel: k, stride: s })?;
+            let shape = (n, self.out_channels, h.div_ceil(s), w.div_ceil(s));
+            if let Some(op) = &self.unfolded
+                && residual.is_none()
+            {
+                return Ok(cols.apply_op1_no_bwd(&Pointwise { relu6, ..op.clone() })?.reshape(shape)?);
+            }
             let wmat = self.weight.reshape((self.out_channels, c * k * k))?;
-            wmat.broadcast_left(n)?.matmul(&cols)?.reshape((n, self.out_channels, h.div_ceil(s), w.div_ceil(s)))?
+            wmat.broadcast_left(n)?.matmul(&cols)?.reshape(shape)?
         } else {
             let (_, _, h, w) = x.dims4()?;
             let (pt, pb) = same_padding(h, self.kernel, self.stride);

@@ -18,6 +18,21 @@ const BLOCK_ROWS: usize = 64;
 /// Positions per block.
 const BLOCK_COLS: usize = 1024;
 
+/// Blocks a layer's product is cut into at least, so that the cores share it evenly.
+const MIN_BLOCKS: usize = 8;
+/// Narrowest block of positions (a few of gemm's vector widths).
+const MIN_BLOCK_COLS: usize = 64;
+
+/// Rows × positions of a block of an `out × hw` product, from the shape alone (never the
+/// thread count): at most `BLOCK_ROWS × BLOCK_COLS`, and narrower until the product has
+/// [`MIN_BLOCKS`] blocks (a 28×28 layer of 40 channels was one block: one core idle).
+fn block_shape(out: usize, hw: usize) -> (usize, usize) {
+    let row_blocks = out.div_ceil(BLOCK_ROWS);
+    let col_blocks = hw.div_ceil(BLOCK_COLS).max(MIN_BLOCKS.div_ceil(row_blocks));
+    let cols = hw.div_ceil(col_blocks).next_multiple_of(16).max(MIN_BLOCK_COLS);
+    (BLOCK_ROWS, cols.min(BLOCK_COLS))
+}
+
 /// `W [out, in]` times `[n, in, hw]` plus bias (plus residual), optionally ReLU6.
 #[derive(Debug, Clone)]
 pub(crate) struct Pointwise {
@@ -67,13 +82,14 @@ impl Pointwise {
         if len == 0 {
             return Ok((CpuStorage::F32(dst), Shape::from(out_dims)));
         }
-        let (row_blocks, col_blocks) = (out.div_ceil(BLOCK_ROWS), hw.div_ceil(BLOCK_COLS));
+        let (block_rows, block_cols) = block_shape(out, hw);
+        let (row_blocks, col_blocks) = (out.div_ceil(block_rows), hw.div_ceil(block_cols));
         let base = SendPtr(dst.as_mut_ptr());
         (0..n * row_blocks * col_blocks).into_par_iter().for_each(|block| {
             let image = block / (row_blocks * col_blocks);
             let (rb, cb) = ((block / col_blocks) % row_blocks, block % col_blocks);
-            let (r0, r1) = (rb * BLOCK_ROWS, ((rb + 1) * BLOCK_ROWS).min(out));
-            let (c0, c1) = (cb * BLOCK_COLS, ((cb + 1) * BLOCK_COLS).min(hw));
+            let (r0, r1) = (rb * block_rows, ((rb + 1) * block_rows).min(out));
+            let (c0, c1) = (cb * block_cols, ((cb + 1) * block_cols).min(hw));
             // SAFETY: blocks are disjoint rectangles of image `image`'s out×hw matrix, so
             // no two tasks touch the same value; every index below is within `len`.
             unsafe {

@@ -21,8 +21,13 @@ use super::planes::PlaneGeometry;
 
 /// Output channels per block.
 const BLOCK_ROWS: usize = 64;
-/// Wide output positions per block (a block's sums stay in L2: 64 × 256 floats).
+/// Wide output positions per block at most (a block's sums stay in L2: 64 × 256 floats)
+/// and at least (a few of gemm's vector widths).
 const BLOCK_COLS: usize = 256;
+const MIN_BLOCK_COLS: usize = 64;
+/// Blocks a convolution is cut into at least where its size allows, so that the cores
+/// share it evenly (the 10×10 level was one block).
+const MIN_BLOCKS: usize = 8;
 
 /// `[n, in, h, w]` → `[n, out, h, w]`: a k×k, stride-1 convolution with TensorFlow "SAME"
 /// padding, plus bias, optionally ReLU6.
@@ -80,15 +85,18 @@ impl ShiftedConv {
         let mut y = vec![0f32; n * out * plane];
         let mut padded = vec![0f32; n * inp * padded_len];
         padded.par_chunks_mut(padded_len).zip(x.par_chunks(plane)).for_each(|(dst, src)| g.fill_phases(src, dst));
-        let (row_blocks, col_blocks) = (out.div_ceil(BLOCK_ROWS), run.div_ceil(BLOCK_COLS));
+        let row_blocks = out.div_ceil(BLOCK_ROWS);
+        // From the shape alone, never the thread count: the bits do not depend on it.
+        let block_cols = run.div_ceil(MIN_BLOCKS.div_ceil(row_blocks)).next_multiple_of(16).clamp(MIN_BLOCK_COLS, BLOCK_COLS);
+        let col_blocks = run.div_ceil(block_cols);
         let base = SendPtr(y.as_mut_ptr());
         (0..n * row_blocks * col_blocks).into_par_iter().for_each_init(
-            || vec![0f32; BLOCK_ROWS * BLOCK_COLS],
+            || vec![0f32; BLOCK_ROWS * block_cols],
             |wide, block| {
                 let image = block / (row_blocks * col_blocks);
                 let (rb, cb) = ((block / col_blocks) % row_blocks, block % col_blocks);
                 let (r0, r1) = (rb * BLOCK_ROWS, ((rb + 1) * BLOCK_ROWS).min(out));
-                let (c0, c1) = (cb * BLOCK_COLS, ((cb + 1) * BLOCK_COLS).min(run));
+                let (c0, c1) = (cb * block_cols, ((cb + 1) * block_cols).min(run));
                 let (rows, cols) = (r1 - r0, c1 - c0);
                 let input = &padded[image * inp * padded_len..(image + 1) * inp * padded_len];
                 for (t, &start) in starts.iter().enumerate() {

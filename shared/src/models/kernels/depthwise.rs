@@ -225,15 +225,18 @@ impl CustomOp1 for ExpandDepthwise {
         out.spare_capacity_mut()[..len].par_chunks_mut(hidden * plane_out).enumerate().for_each(|(image, out_image)| {
             let x = &input[image * cin * plane_in..(image + 1) * cin * plane_in];
             out_image.par_chunks_mut(group * plane_out).enumerate().for_each_init(
-                || (vec![0f32; group * plane_in], g.scratch()),
+                // The expanded values are written whole by gemm before they are read, so their
+                // buffer is never zeroed (half a megabyte per task).
+                || (Vec::<f32>::with_capacity(group * plane_in), g.scratch()),
                 |(expanded, scratch), (task, out_chunk)| {
                     let c0 = task * group;
                     let channels = out_chunk.len() / plane_out;
-                    let expanded = &mut expanded[..channels * plane_in];
+                    expanded.clear();
                     let weight = &self.expand_weight[c0 * cin..(c0 + channels) * cin];
-                    // SAFETY: expanded is channels×plane_in, weight channels×cin and x
-                    // cin×plane_in, all row-major and in bounds as sliced above; with
-                    // read_dst false the destination is only written.
+                    // SAFETY: expanded has room for channels×plane_in values, weight is
+                    // channels×cin and x cin×plane_in, all row-major; with read_dst false
+                    // gemm writes every value of the destination and reads none, so after it
+                    // the first channels×plane_in values are initialised.
                     unsafe {
                         gemm::gemm(
                             channels,
@@ -256,6 +259,7 @@ impl CustomOp1 for ExpandDepthwise {
                             false,
                             gemm::Parallelism::None,
                         );
+                        expanded.set_len(channels * plane_in);
                     }
                     for (j, (plane, out)) in expanded.chunks_exact(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {
                         let ch = c0 + j;

@@ -75,13 +75,13 @@ impl Pointwise {
         {
             candle_core::bail!("residual of {} values for an output of {len}", r.len());
         }
-        let mut dst: Vec<f32> = match residual {
-            Some(r) => r.to_vec(),
-            None => vec![0f32; len],
-        };
         if len == 0 {
-            return Ok((CpuStorage::F32(dst), Shape::from(out_dims)));
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from(out_dims)));
         }
+        // Each block starts its rectangle of the destination as residual + bias (or
+        // 0 + bias) itself, then accumulates its product onto it: a serial copy (or memset)
+        // of the whole destination before the blocks kept the other core waiting.
+        let mut dst: Vec<f32> = Vec::with_capacity(len);
         let (block_rows, block_cols) = block_shape(out, hw);
         let (row_blocks, col_blocks) = (out.div_ceil(block_rows), hw.div_ceil(block_cols));
         let base = SendPtr(dst.as_mut_ptr());
@@ -91,13 +91,22 @@ impl Pointwise {
             let (r0, r1) = (rb * block_rows, ((rb + 1) * block_rows).min(out));
             let (c0, c1) = (cb * block_cols, ((cb + 1) * block_cols).min(hw));
             // SAFETY: blocks are disjoint rectangles of image `image`'s out×hw matrix, so
-            // no two tasks touch the same value; every index below is within `len`.
+            // no two tasks touch the same value; every index below is within `len`. Each
+            // row of the rectangle is written whole (through a raw pointer, as the capacity
+            // is uninitialised) before gemm reads it.
             unsafe {
-                let d = base.get().add(image * out * hw + r0 * hw + c0);
+                let start = image * out * hw + r0 * hw + c0;
+                let d = base.get().add(start);
                 for r in r0..r1 {
-                    let b = self.bias[r];
-                    let row = std::slice::from_raw_parts_mut(d.add((r - r0) * hw), c1 - c0);
-                    row.iter_mut().for_each(|v| *v += b);
+                    let (b, row) = (self.bias[r], d.add((r - r0) * hw));
+                    match residual {
+                        Some(res) => {
+                            for (j, &v) in res[start + (r - r0) * hw..][..c1 - c0].iter().enumerate() {
+                                row.add(j).write(v + b);
+                            }
+                        }
+                        None => (0..c1 - c0).for_each(|j| row.add(j).write(0.0 + b)),
+                    }
                 }
                 gemm::gemm(
                     r1 - r0,
@@ -128,6 +137,9 @@ impl Pointwise {
                 }
             }
         });
+        // SAFETY: the blocks cover the n × out × hw destination, and each wrote all of its
+        // rectangle above.
+        unsafe { dst.set_len(len) };
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
     }
 }

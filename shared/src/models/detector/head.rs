@@ -244,7 +244,7 @@ impl DetectorHead {
 }
 
 /// GroupNorm (Wu & He, arXiv 1803.08494) from primitive ops, so that it trains.
-fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+pub(crate) fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let g = x.reshape((n, groups, (c / groups) * h * w))?;
     let mean = g.mean_keepdim(D::Minus1)?;

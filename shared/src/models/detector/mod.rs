@@ -29,6 +29,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use self::decode::{Located, Postprocess, decode, decode_located, location_grid, location_probabilities};
+/// The training form of the head's GroupNorm, which the inference kernel is tested against.
+#[cfg(test)]
+pub(crate) use self::head::group_norm;
 pub use self::head::{Conv, DetectorHead, ParamInit, ParamSource, head_inputs, input_channels};
 use super::Backbone;
 use super::backbone::FoldedBlock;

@@ -238,27 +238,7 @@ impl CustomOp1 for ExpandDepthwise {
                     // gemm writes every value of the destination and reads none, so after it
                     // the first channels×plane_in values are initialised.
                     unsafe {
-                        gemm::gemm(
-                            channels,
-                            plane_in,
-                            cin,
-                            expanded.as_mut_ptr(),
-                            1,
-                            plane_in as isize,
-                            false,
-                            weight.as_ptr(),
-                            1,
-                            cin as isize,
-                            x.as_ptr(),
-                            1,
-                            plane_in as isize,
-                            0.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
+                        super::product_on_this_thread(channels, plane_in, cin, expanded.as_mut_ptr(), plane_in, false, weight.as_ptr(), cin, x.as_ptr(), plane_in);
                         expanded.set_len(channels * plane_in);
                     }
                     for (j, (plane, out)) in expanded.chunks_exact(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {

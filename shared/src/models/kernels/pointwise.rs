@@ -13,6 +13,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
 
+use super::SendPtr;
+
 /// Output channels per block.
 const BLOCK_ROWS: usize = 64;
 /// Positions per block.
@@ -42,21 +44,6 @@ pub(crate) struct Pointwise {
     pub out_channels: usize,
     pub in_channels: usize,
     pub relu6: bool,
-}
-
-/// A raw pointer that may cross threads: each block writes a disjoint rectangle of the
-/// destination.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Through a method, so closures capture the whole wrapper (which is `Send`), not its
-    /// raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl Pointwise {
@@ -108,27 +95,7 @@ impl Pointwise {
                         None => (0..c1 - c0).for_each(|j| row.add(j).write(0.0 + b)),
                     }
                 }
-                gemm::gemm(
-                    r1 - r0,
-                    c1 - c0,
-                    inp,
-                    d,
-                    1,
-                    hw as isize,
-                    true,
-                    self.weight.as_ptr().add(r0 * inp),
-                    1,
-                    inp as isize,
-                    x.as_ptr().add(image * inp * hw + c0),
-                    1,
-                    hw as isize,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                super::product_on_this_thread(r1 - r0, c1 - c0, inp, d, hw, true, self.weight.as_ptr().add(r0 * inp), inp, x.as_ptr().add(image * inp * hw + c0), hw);
                 if self.relu6 {
                     for r in 0..r1 - r0 {
                         let row = std::slice::from_raw_parts_mut(d.add(r * hw), c1 - c0);

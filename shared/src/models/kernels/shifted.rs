@@ -17,6 +17,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use super::SendPtr;
+
 use super::planes::PlaneGeometry;
 
 /// Output channels per block.
@@ -40,19 +42,6 @@ pub(crate) struct ShiftedConv {
     in_channels: usize,
     kernel: usize,
     relu6: bool,
-}
-
-/// A raw pointer that may cross threads: blocks write disjoint parts of the output.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Through a method, so closures capture the whole wrapper (which is `Send`).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl ShiftedConv {
@@ -106,27 +95,7 @@ impl ShiftedConv {
                     // last ending within the image's padded planes (the wide run of the
                     // last tap ends at its phase plane's end); weight is rows × inp.
                     unsafe {
-                        gemm::gemm(
-                            rows,
-                            cols,
-                            inp,
-                            wide.as_mut_ptr(),
-                            1,
-                            cols as isize,
-                            t > 0,
-                            weight.as_ptr(),
-                            1,
-                            inp as isize,
-                            input.as_ptr().add(start + c0),
-                            1,
-                            padded_len as isize,
-                            1.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
+                        super::product_on_this_thread(rows, cols, inp, wide.as_mut_ptr(), cols, t > 0, weight.as_ptr(), inp, input.as_ptr().add(start + c0), padded_len);
                     }
                 }
                 // The block's wide positions, row by row of the image: the first w of each

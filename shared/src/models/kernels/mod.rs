@@ -1,7 +1,8 @@
 //! Our networks' layers: convolutions with BatchNorm folded in, and the custom ops behind
-//! them (depthwise, 1×1, the fused epilogue, the phase planes of strided convolutions). On
-//! the CPU our own kernels; on a CUDA GPU (`--features cuda`) our GPU kernels for the
-//! depthwise convolution and the epilogue ([`gpu`]) and candle's ops for the rest.
+//! them (depthwise and its inner loops, 1×1, k×k stride-1 as shifted products, GroupNorm,
+//! the fused epilogue, the phase planes of strided convolutions). On the CPU our own
+//! kernels; on a CUDA GPU (`--features cuda`) our GPU kernels for the depthwise convolution
+//! and the epilogue ([`gpu`]) and candle's ops for the rest.
 
 pub mod depthwise;
 pub mod epilogue;

@@ -82,7 +82,7 @@ impl<'a> GarmentPipeline<'a> {
             .par_iter()
             .map(|b| {
                 let input = pre.crop_to_tensor(image, *b, &Device::Cpu)?.unsqueeze(0)?;
-                Ok(self.embedder.embed_batch(&input)?.remove(0))
+                crate::models::kernels::side_by_side(|| Ok(self.embedder.embed_batch(&input)?.remove(0)))
             })
             .collect()
     }

@@ -14,13 +14,19 @@ pub mod kernels;
 
 pub use self::backbone::{Backbone, backbone_tag};
 
-/// Runs a forward pass on a worker of rayon's global pool (directly when already on one).
+/// Runs a forward pass on a worker of rayon's global pool (directly when already on one),
+/// marked as a pass (`kernels::ForwardPass`) while it runs.
 ///
-/// Our kernels and gemm parallelise each operation with rayon. Called from a thread outside
-/// the pool, every one of the ~100 operations of a pass would hand its work to the pool and
-/// put the caller to sleep until done: a cross-thread wake-up per operation, which the
-/// profile showed as scheduler time and which kept two threads no faster than one. On a
-/// worker, an operation's first half runs where it is and only the rest is stolen.
+/// A pass that has the cores to itself runs its kernels' loops on the kernels' own team of
+/// helper threads, which watch for the next loop instead of sleeping between them
+/// (`kernels::team`); a pass beside another one (a photo's crops, one per core) runs them on
+/// rayon. Called from a thread outside the pool, each of rayon's ~100 loops of a pass would
+/// hand its work to the pool and put the caller to sleep until done; on a worker, a loop's
+/// first half runs where it is and only the rest is stolen.
 pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
+    let counted = || {
+        let _pass = kernels::ForwardPass::begin();
+        f()
+    };
+    if rayon::current_thread_index().is_some() { counted() } else { rayon::scope(|_| counted()) }
 }

@@ -3,7 +3,7 @@
 //!
 //! candle's CPU backend runs grouped convolutions as one im2col + matmul per group, which made
 //! EfficientNet-B0 take about a second per image (`../shared/STACK-NOTES.md` §4). Here
-//! (image, channel) planes are independent rayon tasks (small planes grouped), each plane is
+//! (image, channel) planes are independent tasks (small planes grouped), each plane is
 //! rearranged once so that every filter tap is one contiguous multiply-add (see
 //! [`PlaneGeometry`]), and that loop is compiled for AVX-512 and AVX2 as well as the
 //! baseline, chosen at run time. Multiplies and adds stay separate (no FMA contraction), so
@@ -14,7 +14,6 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::layers::{fold_batchnorm, same_padding};
 use super::planes::{LANES, PlaneGeometry};
@@ -126,14 +125,16 @@ impl CustomOp1 for DepthwiseKernel {
         if len == 0 {
             return Ok((CpuStorage::F32(Vec::new()), Shape::from((n, c, ho, wo))));
         }
-        // Small planes (7×7, 14×14) are grouped so a rayon task is worth its hand-off.
+        // Small planes (7×7, 14×14) are grouped so a task is worth its hand-off.
         let planes_per_task = MIN_TASK_OUTPUTS.div_ceil(ho * wo).max(1);
         let (kernel, starts) = (Kernel::detect(), geometry.tap_starts());
         // Not zeroed first: every plane writes all its values (see `plane`).
         let mut out = Vec::with_capacity(len);
-        out.spare_capacity_mut()[..len].par_chunks_mut(ho * wo * planes_per_task).enumerate().for_each_init(
+        super::team::for_each_chunk_mut_init(
+            &mut out.spare_capacity_mut()[..len],
+            ho * wo * planes_per_task,
             || geometry.scratch(),
-            |scratch, (task, chunk)| {
+            |scratch, task, chunk| {
                 for (j, out) in chunk.chunks_mut(ho * wo).enumerate() {
                     let plane = task * planes_per_task + j;
                     let ch = plane % c;
@@ -222,40 +223,47 @@ impl CustomOp1 for ExpandDepthwise {
         let group = (FUSED_TASK_VALUES / plane_in).clamp(1, hidden.div_ceil(4).max(1));
         let (kernel, starts) = (Kernel::detect(), g.tap_starts());
         let k2 = dw.kernel * dw.kernel;
-        out.spare_capacity_mut()[..len].par_chunks_mut(hidden * plane_out).enumerate().for_each(|(image, out_image)| {
-            let x = &input[image * cin * plane_in..(image + 1) * cin * plane_in];
-            out_image.par_chunks_mut(group * plane_out).enumerate().for_each_init(
-                // The expanded values are written whole by gemm before they are read, so their
-                // buffer is never zeroed (half a megabyte per task).
-                || (Vec::<f32>::with_capacity(group * plane_in), g.scratch()),
-                |(expanded, scratch), (task, out_chunk)| {
-                    let c0 = task * group;
-                    let channels = out_chunk.len() / plane_out;
-                    expanded.clear();
-                    let weight = &self.expand_weight[c0 * cin..(c0 + channels) * cin];
-                    // SAFETY: expanded has room for channels×plane_in values, weight is
-                    // channels×cin and x cin×plane_in, all row-major; with read_dst false
-                    // gemm writes every value of the destination and reads none, so after it
-                    // the first channels×plane_in values are initialised.
-                    unsafe {
-                        super::product_on_this_thread(channels, plane_in, cin, expanded.as_mut_ptr(), plane_in, false, weight.as_ptr(), cin, x.as_ptr(), plane_in);
-                        expanded.set_len(channels * plane_in);
-                    }
-                    for (j, (plane, out)) in expanded.chunks_exact(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {
-                        let ch = c0 + j;
-                        let b = self.expand_bias[ch];
-                        kernel.plane(&g, &starts, plane, RowMap::BiasRelu6(b), scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
-                    }
-                },
-            );
-        });
-        // SAFETY: the images' chunks cover all `len` values, and `plane` wrote every one.
+        // Tasks: the images' channel groups, one loop over all of them.
+        let groups = hidden.div_ceil(group);
+        let out_image_len = hidden * plane_out;
+        let base = super::SendPtr(out.as_mut_ptr());
+        super::team::for_each_task_init(
+            n * groups,
+            // The expanded values are written whole by gemm before they are read, so their
+            // buffer is never zeroed (half a megabyte per task).
+            || (Vec::<f32>::with_capacity(group * plane_in), g.scratch()),
+            |(expanded, scratch), task| {
+                let (image, c0) = (task / groups, (task % groups) * group);
+                let x = &input[image * cin * plane_in..(image + 1) * cin * plane_in];
+                let channels = group.min(hidden - c0);
+                // SAFETY: task (image, group) alone writes this group's planes of the image,
+                // all within the `len` values of `out`'s capacity.
+                let out_chunk =
+                    unsafe { std::slice::from_raw_parts_mut(base.get().add(image * out_image_len + c0 * plane_out).cast::<std::mem::MaybeUninit<f32>>(), channels * plane_out) };
+                expanded.clear();
+                let weight = &self.expand_weight[c0 * cin..(c0 + channels) * cin];
+                // SAFETY: expanded has room for channels×plane_in values, weight is
+                // channels×cin and x cin×plane_in, all row-major; with read_dst false gemm
+                // writes every value of the destination and reads none, so after it the
+                // first channels×plane_in values are initialised.
+                unsafe {
+                    super::product_on_this_thread(channels, plane_in, cin, expanded.as_mut_ptr(), plane_in, false, weight.as_ptr(), cin, x.as_ptr(), plane_in);
+                    expanded.set_len(channels * plane_in);
+                }
+                for (j, (plane, out)) in expanded.chunks_exact(plane_in).zip(out_chunk.chunks_exact_mut(plane_out)).enumerate() {
+                    let ch = c0 + j;
+                    let b = self.expand_bias[ch];
+                    kernel.plane(&g, &starts, plane, RowMap::BiasRelu6(b), scratch, &dw.weight[ch * k2..(ch + 1) * k2], dw.bias[ch], dw.relu6, out);
+                }
+            },
+        );
+        // SAFETY: the tasks cover every image's channel groups, and `plane` wrote every value.
         unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, hidden, g.ho, g.wo))))
     }
 }
 
-/// Outputs per rayon task at least.
+/// Outputs per task at least.
 const MIN_TASK_OUTPUTS: usize = 4096;
 
 /// The multiply-add loops, compiled once per instruction set and chosen at run time: the
@@ -380,7 +388,7 @@ mod tests {
 
     #[test]
     fn groups_of_small_planes_keep_each_plane_its_own_channel() {
-        // 3 images × 37 channels of 7×7: a rayon task holds many planes and crosses images.
+        // 3 images × 37 channels of 7×7: a task holds many planes and crosses images.
         for (k, s) in [(3, 1), (5, 2)] {
             let conv = layer(37, k, s, true);
             let x = Tensor::randn(0f32, 1., (3, 37, 7, 7), &Device::Cpu).unwrap();

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
-use rayon::prelude::*;
 
 use crate::Result;
 
@@ -23,7 +22,7 @@ pub struct Epilogue {
     pub relu6: bool,
 }
 
-/// Planes of fewer values than this are grouped into one rayon task (thread hand-offs cost
+/// Planes of fewer values than this are grouped into one task (thread hand-offs cost
 /// more than a 7×7 plane's arithmetic).
 const MIN_TASK_VALUES: usize = 16 * 1024;
 
@@ -80,7 +79,7 @@ impl Epilogue {
         }
         let planes_per_task = MIN_TASK_VALUES.div_ceil(plane).max(1);
         let relu6 = self.relu6;
-        data.par_chunks_mut(plane * planes_per_task).enumerate().for_each(|(task, chunk)| {
+        super::team::for_each_chunk_mut(data, plane * planes_per_task, |task, chunk| {
             for (j, values) in chunk.chunks_mut(plane).enumerate() {
                 let index = task * planes_per_task + j;
                 let b = self.bias[index % c];

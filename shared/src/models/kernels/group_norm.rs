@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
-use rayon::prelude::*;
 
 use crate::Result;
 
@@ -59,7 +58,7 @@ impl InplaceOp1 for GroupNormRelu {
         if plane == 0 {
             return Ok(());
         }
-        data[start..end].par_chunks_mut(per_group * plane).enumerate().for_each(|(index, values)| {
+        super::team::for_each_chunk_mut(&mut data[start..end], per_group * plane, |index, values| {
             let count = values.len() as f64;
             let mean = values.iter().map(|&v| v as f64).sum::<f64>() / count;
             let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;

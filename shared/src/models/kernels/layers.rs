@@ -2,7 +2,6 @@
 //! time, TensorFlow "SAME" padding, ReLU6.
 
 use candle_core::{CpuStorage, CustomOp1, D, Device, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
 use super::planes::PlaneGeometry;
@@ -185,9 +184,11 @@ impl CustomOp1 for Unfold {
         let rows = self.kernel * self.kernel * g.ho * g.wo;
         let mut out = vec![0f32; n * c * rows];
         if !out.is_empty() {
-            out.par_chunks_mut(rows).enumerate().for_each_init(
+            super::team::for_each_chunk_mut_init(
+                &mut out,
+                rows,
                 || g.scratch(),
-                |scratch, (plane, chunk)| {
+                |scratch, plane, chunk| {
                     g.fill_phases(&input[plane * h * w..(plane + 1) * h * w], scratch);
                     g.unfold(scratch, chunk);
                 },

@@ -2,7 +2,9 @@
 //! them (depthwise and its inner loops, 1×1, k×k stride-1 as shifted products, GroupNorm,
 //! the fused epilogue, the phase planes of strided convolutions). On the CPU our own
 //! kernels; on a CUDA GPU (`--features cuda`) our GPU kernels for the depthwise convolution
-//! and the epilogue ([`gpu`]) and candle's ops for the rest.
+//! and the epilogue ([`gpu`]) and candle's ops for the rest. The CPU kernels' parallel loops
+//! go through [`team`]: helper threads of their own for a pass alone on the machine, rayon
+//! for passes side by side.
 
 pub mod depthwise;
 pub mod epilogue;
@@ -14,7 +16,11 @@ mod planes;
 mod pointwise;
 mod rows;
 mod shifted;
+mod team;
 pub mod trainable;
+
+pub(crate) use team::ForwardPass;
+pub use team::side_by_side;
 
 /// The f32 values of a custom op's contiguous CPU input; `op` names it in errors.
 pub(crate) fn cpu_values<'a>(storage: &'a candle_core::CpuStorage, layout: &candle_core::Layout, op: &str) -> candle_core::Result<&'a [f32]> {

@@ -11,7 +11,6 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
-use rayon::prelude::*;
 
 use super::SendPtr;
 
@@ -72,7 +71,7 @@ impl Pointwise {
         let (block_rows, block_cols) = block_shape(out, hw);
         let (row_blocks, col_blocks) = (out.div_ceil(block_rows), hw.div_ceil(block_cols));
         let base = SendPtr(dst.as_mut_ptr());
-        (0..n * row_blocks * col_blocks).into_par_iter().for_each(|block| {
+        super::team::for_each_task(n * row_blocks * col_blocks, |block| {
             let image = block / (row_blocks * col_blocks);
             let (rb, cb) = ((block / col_blocks) % row_blocks, block % col_blocks);
             let (r0, r1) = (rb * block_rows, ((rb + 1) * block_rows).min(out));

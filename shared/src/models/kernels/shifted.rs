@@ -15,7 +15,6 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-use rayon::prelude::*;
 
 use super::SendPtr;
 
@@ -73,13 +72,14 @@ impl ShiftedConv {
         let run = (h - 1) * g.wph + w;
         let mut y = vec![0f32; n * out * plane];
         let mut padded = vec![0f32; n * inp * padded_len];
-        padded.par_chunks_mut(padded_len).zip(x.par_chunks(plane)).for_each(|(dst, src)| g.fill_phases(src, dst));
+        super::team::for_each_chunk_mut(&mut padded, padded_len, |i, dst| g.fill_phases(&x[i * plane..(i + 1) * plane], dst));
         let row_blocks = out.div_ceil(BLOCK_ROWS);
         // From the shape alone, never the thread count: the bits do not depend on it.
         let block_cols = run.div_ceil(MIN_BLOCKS.div_ceil(row_blocks)).next_multiple_of(16).clamp(MIN_BLOCK_COLS, BLOCK_COLS);
         let col_blocks = run.div_ceil(block_cols);
         let base = SendPtr(y.as_mut_ptr());
-        (0..n * row_blocks * col_blocks).into_par_iter().for_each_init(
+        super::team::for_each_task_init(
+            n * row_blocks * col_blocks,
             || vec![0f32; BLOCK_ROWS * block_cols],
             |wide, block| {
                 let image = block / (row_blocks * col_blocks);

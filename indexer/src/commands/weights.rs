@@ -75,6 +75,10 @@ pub enum WeightsCommand {
         /// detector's class alone).
         #[arg(long)]
         second_look: Option<f32>,
+        /// The side of the square the photo is letterboxed onto (a multiple of 32): larger
+        /// finds smaller garments and costs time with the square of the side.
+        #[arg(long)]
+        input_size: Option<u32>,
     },
 }
 
@@ -90,7 +94,7 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             println!("{}: {}-d, version {}", out.display(), config.dim, config.version);
             return Ok(());
         }
-        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, containment, cross_class_containment, max_detections, second_look } => {
+        WeightsCommand::RetuneDetector { weights, min_score, nms_iou, cross_class_iou, containment, cross_class_containment, max_detections, second_look, input_size } => {
             if let Some(bad) = second_look.filter(|s| !(0.0..=1.0).contains(s)) {
                 bail!("--second-look lies in [0, 1], got {bad}");
             }
@@ -104,6 +108,7 @@ pub fn run(cmd: WeightsCommand) -> Result<()> {
             p.cross_class_containment = cross_class_containment.unwrap_or(p.cross_class_containment);
             p.max_detections = max_detections.unwrap_or(p.max_detections);
             p.category_fusion = second_look.unwrap_or(p.category_fusion);
+            config.preprocess.size = input_size.unwrap_or(config.preprocess.size);
             let tensors = detector.tensors();
             let config = config.versioned(&tensors)?;
             GarmentDetector::save(&weights, &config, &tensors)?;

@@ -129,3 +129,29 @@ fn a_detector_with_tuned_blocks_runs_them_and_versions_them() {
     let (a, b) = (reloaded.backbone().pyramid(&input).unwrap(), imagenet.pyramid(&input).unwrap());
     assert_eq!(a[2].flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[2].flatten_all().unwrap().to_vec1::<f32>().unwrap());
 }
+
+/// `indexer weights retune-detector --input-size`: the same weights letterboxed onto another
+/// side run at that side (more locations), and the version changes with the side, so a
+/// catalog detected at the old side is detected again.
+#[test]
+fn a_detector_at_another_input_side_runs_there_and_is_versioned_apart() {
+    let shipped = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let backbone = &shipped.config().backbone;
+    std::fs::copy(repo().join("models").join(backbone), dir.path().join(backbone)).unwrap();
+    let tensors = shipped.tensors();
+    let mut config = shipped.config().clone();
+    config.preprocess.size = 384;
+    let config = config.versioned(&tensors).unwrap();
+    let path = dir.path().join("larger.safetensors");
+    GarmentDetector::save(&path, &config, &tensors).unwrap();
+
+    let larger = GarmentDetector::load(&path, &Device::Cpu).unwrap();
+    let at_320 = shipped.config().clone().versioned(&tensors).unwrap();
+    assert_ne!(larger.version(), at_320.version, "the input side is part of the version");
+    let input = candle_core::Tensor::randn(0f32, 1., (1, 3, 384, 384), &Device::Cpu).unwrap();
+    let locations: usize = config.strides.iter().map(|s| (384 / s).pow(2)).sum();
+    assert_eq!(larger.forward(&input).unwrap().dims()[2], locations);
+    let photo = image::RgbImage::from_pixel(300, 500, image::Rgb([250, 250, 250]));
+    assert!(larger.detect(&photo).is_ok(), "a photo is letterboxed onto the new side");
+}

@@ -110,6 +110,9 @@ impl DetectorConfig {
             }
         }
         hasher.update(serde_json::to_string(&self.postprocess).expect("postprocess serialises").as_bytes());
+        // The input side changes every box, so it changes the version (`weights
+        // retune-detector --input-size`): a catalog indexed at another side is re-detected.
+        hasher.update(&self.preprocess.size.to_le_bytes());
         self.version = format!("detector-{}-fcos-{}", super::backbone_tag(&self.backbone), &hasher.finalize().to_hex()[..12]);
         Ok(self)
     }

@@ -10,6 +10,12 @@
 //! rayon worker: it only ever runs loop tasks, never blocks on anyone, and a caller that
 //! finds the team busy (another pass running on the other core) runs its loop alone.
 //!
+//! Passes side by side are another matter: a pass that begins beside another one (or
+//! inside [`side_by_side`]), or while every core has a pass, runs its loops on rayon, whose
+//! idle worker steals their tasks once the other pass ends. Given the team, the first of a
+//! photo's crops took the helper while the other core ran its own crop: three threads on
+//! two cores, and the photo's embedding 4–5 ms slower.
+//!
 //! Results never depend on who runs a task: the kernels cut their work into tasks from the
 //! tensor shapes alone, and each task writes its own part of the output.
 

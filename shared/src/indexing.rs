@@ -556,7 +556,7 @@ fn entries_garments(pipeline: &GarmentPipeline<'_>, items: &[(&CatalogEntry, &Rg
         })
         .collect();
     let crops: Vec<(&RgbImage, Option<BBox>)> = items.iter().zip(&planned).flat_map(|((_, image), p)| p.missing().into_iter().map(move |b| (*image, b))).collect();
-    let mut fresh = pipeline.embed_batched(&crops, opts.batch)?.into_iter();
+    let mut fresh = pipeline.embed_batched(&crops, opts.batch)?.into_iter().map(|r| r.embedding);
     Ok(planned.into_iter().map(|p| p.finish(&mut fresh)).collect())
 }
 

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::Result;
 use crate::geometry::BBox;
 use crate::models::detector::{Detection, GarmentDetector, Postprocess};
-use crate::models::embedder::GarmentEmbedder;
+use crate::models::embedder::{GarmentEmbedder, GarmentReading};
 use crate::models::fusion::CategoryFusion;
 use crate::vision::{DecodeLimits, decode_image};
 
@@ -74,6 +74,11 @@ impl<'a> GarmentPipeline<'a> {
     /// preprocessing path, each in its own forward pass, side by side (see the module
     /// notes); in the order of `crops`.
     pub fn embed(&self, image: &RgbImage, crops: &[Option<BBox>]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.read(image, crops)?.into_iter().map(|r| r.embedding).collect())
+    }
+
+    /// [`Self::embed`] with the category head's probabilities of each crop.
+    pub fn read(&self, image: &RgbImage, crops: &[Option<BBox>]) -> Result<Vec<GarmentReading>> {
         if crops.is_empty() {
             return Ok(Vec::new());
         }
@@ -82,7 +87,7 @@ impl<'a> GarmentPipeline<'a> {
             .par_iter()
             .map(|b| {
                 let input = pre.crop_to_tensor(image, *b, &Device::Cpu)?.unsqueeze(0)?;
-                crate::models::kernels::side_by_side(|| Ok(self.embedder.embed_batch(&input)?.remove(0)))
+                crate::models::kernels::side_by_side(|| Ok(self.embedder.read_batch(&input)?.remove(0)))
             })
             .collect()
     }
@@ -111,8 +116,8 @@ impl<'a> GarmentPipeline<'a> {
     /// under `post` (its `category_fusion` share).
     pub fn second_look(&self, image: &RgbImage, detections: Vec<Detection>, post: &Postprocess) -> Result<Vec<FoundGarment>> {
         let crops: Vec<Option<BBox>> = detections.iter().map(|d| Some(d.bbox)).collect();
-        let embeddings = self.embed(image, &crops)?;
-        Ok(self.relabel(detections, embeddings, post))
+        let readings = self.read(image, &crops)?;
+        Ok(self.relabel(detections, readings, post))
     }
 
     /// The detector's garments of each of `images` with its shipped post-processing, the
@@ -131,12 +136,12 @@ impl<'a> GarmentPipeline<'a> {
     /// [`crate::indexing`]); crops are preprocessed side by side on the CPU cores. A crop's
     /// embedding depends on its batch's other crops in the last bits (kernels block by batch
     /// size), so the same crops in the same batches give the same bits; in input order.
-    pub fn embed_batched(&self, crops: &[(&RgbImage, Option<BBox>)], batch: usize) -> Result<Vec<Vec<f32>>> {
+    pub fn embed_batched(&self, crops: &[(&RgbImage, Option<BBox>)], batch: usize) -> Result<Vec<GarmentReading>> {
         let pre = &self.embedder.config().preprocess;
         let mut out = Vec::with_capacity(crops.len());
         for group in crops.chunks(batch.max(1)) {
             let inputs = group.par_iter().map(|(image, b)| pre.crop_to_tensor(image, *b, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
-            out.extend(self.embedder.embed_batch(&Tensor::stack(&inputs, 0)?)?);
+            out.extend(self.embedder.read_batch(&Tensor::stack(&inputs, 0)?)?);
         }
         Ok(out)
     }
@@ -149,11 +154,11 @@ impl<'a> GarmentPipeline<'a> {
         let post = detector.config().postprocess;
         let detections = self.detect_batched(images, batch)?;
         let crops: Vec<(&RgbImage, Option<BBox>)> = images.iter().zip(&detections).flat_map(|(image, ds)| ds.iter().map(move |d| (*image, Some(d.bbox)))).collect();
-        let mut embeddings = self.embed_batched(&crops, batch)?.into_iter();
+        let mut readings = self.embed_batched(&crops, batch)?.into_iter();
         Ok(detections
             .into_iter()
             .map(|ds| {
-                let mine: Vec<Vec<f32>> = embeddings.by_ref().take(ds.len()).collect();
+                let mine: Vec<GarmentReading> = readings.by_ref().take(ds.len()).collect();
                 self.relabel(ds, mine, &post)
             })
             .collect())
@@ -161,13 +166,11 @@ impl<'a> GarmentPipeline<'a> {
 
     /// Detections of one photo with the embedding of each, named again by
     /// [`CategoryFusion::relabel`] under `post`.
-    fn relabel(&self, detections: Vec<Detection>, embeddings: Vec<Vec<f32>>, post: &Postprocess) -> Vec<FoundGarment> {
+    fn relabel(&self, detections: Vec<Detection>, readings: Vec<GarmentReading>, post: &Postprocess) -> Vec<FoundGarment> {
+        let (embeddings, head): (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) = readings.into_iter().map(|r| (r.embedding, r.categories)).unzip();
         let mut embeddings: Vec<Option<Vec<f32>>> = embeddings.into_iter().map(Some).collect();
         let kept = match self.fusion(post.category_fusion) {
-            Some(fusion) => {
-                let head: Vec<Option<Vec<f32>>> = embeddings.iter().map(|e| e.as_deref().and_then(|e| self.embedder.category_probabilities(e))).collect();
-                fusion.relabel(detections, &head, post)
-            }
+            Some(fusion) => fusion.relabel(detections, &head, post),
             None => detections.into_iter().enumerate().map(|(i, d)| (d, i)).collect(),
         };
         kept.into_iter().map(|(detection, i)| FoundGarment { detection, embedding: embeddings[i].take().expect("each detection kept once") }).collect()
@@ -195,9 +198,9 @@ impl<'a> GarmentPipeline<'a> {
         // The best boxes only: past them the detections score too low to move AP, and each
         // box read costs an embedding.
         boxes.truncate(SECOND_LOOK_BOXES);
-        let embeddings = self.embed(image, &boxes.iter().map(|b| Some(*b)).collect::<Vec<_>>())?;
-        let head: Vec<Option<Vec<f32>>> = box_of.iter().map(|&b| embeddings.get(b).and_then(|e| self.embedder.category_probabilities(e))).collect();
-        let embedding_of = |d: &Detection| boxes.iter().position(|b| *b == d.bbox).map(|i| embeddings[i].clone());
+        let readings = self.read(image, &boxes.iter().map(|b| Some(*b)).collect::<Vec<_>>())?;
+        let head: Vec<Option<Vec<f32>>> = box_of.iter().map(|&b| readings.get(b).and_then(|r| r.categories.clone())).collect();
+        let embedding_of = |d: &Detection| boxes.iter().position(|b| *b == d.bbox).map(|i| readings[i].embedding.clone());
         Ok(shares
             .iter()
             .map(|&share| {

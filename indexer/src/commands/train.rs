@@ -8,7 +8,9 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 use shoplens::device::{DevicePreference, describe, select_device};
 use shoplens::training::detector::{DetectorReport, DetectorTraining, train_detector};
-use shoplens::training::embedder::{EmbedderTraining, PRECISION_K, TrainingReport as EmbedderReport, fmt_top_k, train_embedder};
+use shoplens::training::embedder::{
+    CategoryStageReport, CategoryStageTraining, EmbedderTraining, PRECISION_K, TrainingReport as EmbedderReport, fmt_top_k, train_category_stage, train_embedder,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCommand {
@@ -19,6 +21,50 @@ pub enum TrainCommand {
     /// DeepFashion2-format folder of photos (image/, annos/), on top of the frozen
     /// pretrained backbone. The taxonomy is the annotations' categories.
     Detector(DetectorArgs),
+    /// Give an embedder's category head its own fine-tuned copy of the backbone's last
+    /// stage, read from each crop's stride-16 features (the embedding stays as it is).
+    CategoryStage(CategoryStageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CategoryStageArgs {
+    /// DeepFashion2-format consumer-to-shop set (user/, shop/, gallery_gt.json).
+    #[arg(long)]
+    data: PathBuf,
+    /// CC0 catalog folder: its training senders' photos are labelled crops.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Tagged street photos (ccp-unlabelled): the detector's boxes of tagged classes become
+    /// labelled crops.
+    #[arg(long)]
+    unlabelled: Option<PathBuf>,
+    #[arg(long, default_value = "models/detector-lite0.safetensors")]
+    detector: PathBuf,
+    #[arg(long, default_value_t = 0.5)]
+    pseudo_min_score: f32,
+    /// The embedder whose category head gets the stage.
+    #[arg(long, default_value = "models/embedder-lite0.safetensors")]
+    embedder: PathBuf,
+    /// Where the new embedder file goes (beside the backbone file it names).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "target/feature-cache")]
+    cache: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Learning rate of the linear layer on the stage.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Learning rate of the tuned blocks.
+    #[arg(long, default_value_t = 1e-4)]
+    stage_lr: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    cpu: bool,
 }
 
 #[derive(Debug, Args)]
@@ -190,7 +236,47 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
         TrainCommand::Detector(args) => detector(args),
         TrainCommand::Embedder(args) => embedder(args),
+        TrainCommand::CategoryStage(args) => category_stage(args),
     }
+}
+
+/// `indexer train category-stage`: as [`detector`], for the category head's stage.
+fn category_stage(args: CategoryStageArgs) -> Result<()> {
+    let out = args.out.clone();
+    let cfg = CategoryStageTraining {
+        data: args.data,
+        catalog: args.catalog,
+        unlabelled: args.unlabelled,
+        detector: args.detector,
+        pseudo_min_score: args.pseudo_min_score,
+        embedder: args.embedder,
+        out: args.out,
+        cache: args.cache,
+        epochs: args.epochs,
+        batch: args.batch,
+        lr: args.lr,
+        stage_lr: args.stage_lr,
+        seed: args.seed,
+        device: device(args.cpu)?,
+    };
+    let mut reporter = Reporter::default();
+    let report = train_category_stage(&cfg, &mut |event| reporter.handle(event))?;
+    reporter.finish();
+    print_category_stage_report(&report, &out)
+}
+
+fn print_category_stage_report(report: &CategoryStageReport, out: &Path) -> Result<()> {
+    let head = report.embedding_head;
+    println!("named right on validation, the head on the embedding: street {:.3}, shop {:.3}", head.street, head.shop);
+    for e in &report.epochs {
+        println!("epoch {}: loss {:.4}; the tuned stage: street {:.3}, shop {:.3}", e.epoch, e.loss, e.accuracy.street, e.accuracy.shop);
+    }
+    for (name, n, before, after) in &report.street_categories {
+        println!("  {name:<12} {n:>4} street crops  embedding head {before:>4}  tuned stage {after:>4}");
+    }
+    println!("{} training crops, {} + {} validation crops, {:.0} s; wrote {}", report.train_crops, report.val_crops.0, report.val_crops.1, report.seconds, out.display());
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }
 
 fn device(cpu: bool) -> Result<Device> {

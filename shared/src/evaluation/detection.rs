@@ -309,7 +309,7 @@ fn detect_image(pipeline: &GarmentPipeline<'_>, detector: &GarmentDetector, imag
     let detected = |d: &Detection| Detected { image: id, class: d.class, bbox: d.bbox, score: d.score };
     let by_share = pipeline.detections_for_evaluation(image, shares)?.into_iter().map(|found| found.iter().map(|(d, _)| detected(d)).collect()).collect();
     let crops: Vec<Option<BBox>> = swept.iter().map(|d| Some(d.bbox)).collect();
-    let head: Vec<Option<Vec<f32>>> = pipeline.embed(image, &crops)?.iter().map(|e| pipeline.embedder.category_probabilities(e)).collect();
+    let head: Vec<Option<Vec<f32>>> = pipeline.read(image, &crops)?.into_iter().map(|r| r.categories).collect();
     let served = shares
         .iter()
         .map(|&share| {

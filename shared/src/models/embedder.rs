@@ -15,6 +15,7 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::Backbone;
+use super::backbone::FoldedBlock;
 use super::formats::tensors::NamedTensors;
 use super::formats::weights_file;
 use crate::vision::Preprocess;
@@ -47,6 +48,72 @@ pub struct EmbedderConfig {
     /// first whatever its category (calibrated on validation); `None`: never.
     #[serde(default)]
     pub exact_match_similarity: Option<f32>,
+    /// The backbone blocks (the coarsest stage) the category head reads through its own,
+    /// tuned copy of them, from the crop's features where the embedding's frozen blocks
+    /// begin: the head then names garments from features trained for naming, and the
+    /// embedding is what it was. Empty: the head reads the embedding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub category_stage: Vec<usize>,
+}
+
+/// Tensor names of the category head's tuned copy of backbone block `i`.
+pub fn category_stage_prefix(i: usize) -> String {
+    format!("category_stage.{i}.")
+}
+
+/// Tensor names of the linear layer on the tuned stage's average-pooled output.
+pub const CATEGORY_STAGE_WEIGHT: &str = "category_stage.cls.weight";
+pub const CATEGORY_STAGE_BIAS: &str = "category_stage.cls.bias";
+
+/// What the embedder reads from one garment crop: its embedding and, with a category
+/// head, the probability of each of `EmbedderConfig::categories`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GarmentReading {
+    pub embedding: Vec<f32>,
+    pub categories: Option<Vec<f32>>,
+}
+
+/// The category head over its own tuned copy of the backbone's coarsest stage.
+#[derive(Debug, Clone)]
+struct StagedClassifier {
+    /// The first tuned block: the crop's features before it are the embedding's.
+    start: usize,
+    /// The backbone with the tuned blocks in place of the ImageNet ones.
+    tuned: Backbone,
+    /// `[categories, channels]`.
+    weight: Tensor,
+    /// `[categories]`.
+    bias: Tensor,
+}
+
+impl StagedClassifier {
+    fn load(config: &EmbedderConfig, backbone: &Backbone, tensors: &NamedTensors) -> Result<Option<Self>> {
+        let Some(&start) = config.category_stage.first() else { return Ok(None) };
+        let contiguous = config.category_stage.windows(2).all(|w| w[1] == w[0] + 1);
+        let last = *config.category_stage.last().expect("not empty");
+        let ends_the_network = backbone.folded_block(last + 1).is_err() && backbone.folded_block(last).is_ok();
+        if !contiguous || !ends_the_network || config.categories.is_empty() {
+            return Err(Error::InvalidWeights {
+                reason: format!("the category stage must be the backbone's last blocks in order, with categories; got blocks {:?}", config.category_stage),
+            });
+        }
+        let mut blocks = Vec::with_capacity(config.category_stage.len());
+        for &i in &config.category_stage {
+            let layout = backbone.block_config(i)?;
+            blocks.push((i, FoldedBlock::read(&layout, &category_stage_prefix(i), &mut |name, shape| tensors.get(name, shape))?));
+        }
+        let channels = backbone.block_config(last)?.out_channels;
+        let n = config.categories.len();
+        Ok(Some(Self { start, tuned: backbone.with_blocks(&blocks)?, weight: tensors.get(CATEGORY_STAGE_WEIGHT, &[n, channels])?, bias: tensors.get(CATEGORY_STAGE_BIAS, &[n])? }))
+    }
+
+    /// `[n, c, h, w]` features before block `start` → `[n, categories]` probabilities.
+    fn probabilities(&self, before: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let last = self.tuned.blocks_from(before, self.start)?;
+        let pooled = last.mean(D::Minus1)?.mean(D::Minus1)?;
+        let logits = pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        Ok(candle_nn::ops::softmax_last_dim(&logits)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+    }
 }
 
 /// A slice of the projection normalised on its own: cosine similarity of two embeddings is
@@ -130,12 +197,15 @@ impl Classifier {
         let total: f32 = exps.iter().sum();
         Some(exps.into_iter().map(|e| e / total).collect())
     }
+}
 
-    fn guess(&self, embedding: &[f32]) -> Option<CategoryGuess> {
-        let probabilities = self.probabilities(embedding)?;
-        let (best, p) = probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))?;
-        Some(CategoryGuess { category: self.names[best].clone(), probability: *p })
+/// The most probable of `names` (the first on ties); `None` when the lengths differ.
+fn best_guess(names: &[String], probabilities: &[f32]) -> Option<CategoryGuess> {
+    if probabilities.len() != names.len() {
+        return None;
     }
+    let (best, p) = probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))?;
+    Some(CategoryGuess { category: names[best].clone(), probability: *p })
 }
 
 impl EmbeddingHead {
@@ -186,6 +256,7 @@ pub struct GarmentEmbedder {
     backbone: Backbone,
     head: EmbeddingHead,
     classifier: Option<Classifier>,
+    staged: Option<StagedClassifier>,
     device: Device,
 }
 
@@ -207,7 +278,10 @@ impl GarmentEmbedder {
             0 => None,
             n => Some(CategoryHead { weight: get("cls.weight", &[n, config.dim])?, bias: get("cls.bias", &[n])? }),
         };
-        Self::new(config, backbone, head, categories.as_ref(), device)
+        let staged = StagedClassifier::load(&config, &backbone, &tensors)?;
+        let mut embedder = Self::new(config, backbone, head, categories.as_ref(), device)?;
+        embedder.staged = staged;
+        Ok(embedder)
     }
 
     /// An embedder from its parts; `categories` is the category head, whose outputs
@@ -222,19 +296,19 @@ impl GarmentEmbedder {
             }
             None => None,
         };
-        Ok(Self { config, backbone, head, classifier, device: device.clone() })
+        Ok(Self { config, backbone, head, classifier, staged: None, device: device.clone() })
     }
 
-    /// The category head's guess for a unit embedding of this embedder; `None` when its
-    /// weights file has no category head.
-    pub fn guess_category(&self, embedding: &[f32]) -> Option<CategoryGuess> {
-        self.classifier.as_ref()?.guess(embedding)
+    /// The category head's best guess among the probabilities a reading gives (in
+    /// `config().categories` order); `None` when they do not fit the head.
+    pub fn guess_category(&self, probabilities: &[f32]) -> Option<CategoryGuess> {
+        best_guess(&self.config.categories, probabilities)
     }
 
-    /// The category head's probability of each of `config().categories` for a unit
-    /// embedding of this embedder; `None` without a category head.
-    pub fn category_probabilities(&self, embedding: &[f32]) -> Option<Vec<f32>> {
-        self.classifier.as_ref()?.probabilities(embedding)
+    /// Whether the category head reads the crop through its own tuned stage (else the
+    /// embedding).
+    pub fn has_category_stage(&self) -> bool {
+        self.staged.is_some()
     }
 
     /// Where the backbone named by `config` lives for the weights file `path`.
@@ -274,6 +348,7 @@ impl GarmentEmbedder {
             categories: Vec::new(),
             parts: Vec::new(),
             exact_match_similarity: None,
+            category_stage: Vec::new(),
         };
         Self::save_head(path, &config, &head, None)?;
         Ok(config)
@@ -297,10 +372,46 @@ impl GarmentEmbedder {
 
     /// Embeds `[n, 3, s, s]` preprocessed inputs into `n` unit vectors.
     pub fn embed_batch(&self, inputs: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(self.read_batch(inputs)?.into_iter().map(|r| r.embedding).collect())
+    }
+
+    /// Reads `[n, 3, s, s]` preprocessed inputs: the embedding of each and, with a category
+    /// head, its category probabilities. With a tuned category stage the crop's features
+    /// are computed once up to that stage and read by both branches; the embedding is the
+    /// same either way.
+    pub fn read_batch(&self, inputs: &Tensor) -> Result<Vec<GarmentReading>> {
         super::on_pool(|| {
-            let fmap = self.backbone.feature_map(&inputs.to_device(&self.device)?)?;
-            Ok(self.head.forward(&fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+            let x = inputs.to_device(&self.device)?;
+            let (fmap, staged) = match &self.staged {
+                Some(s) => {
+                    let before = self.backbone.features_before(&x, s.start)?;
+                    let fmap = self.backbone.head_features(&self.backbone.blocks_from(&before, s.start)?)?;
+                    (fmap, Some(s.probabilities(&before)?))
+                }
+                None => (self.backbone.feature_map(&x)?, None),
+            };
+            let mut readings = self.read_feature_map(&fmap)?;
+            if let Some(rows) = staged {
+                for (reading, probabilities) in readings.iter_mut().zip(rows) {
+                    reading.categories = Some(probabilities);
+                }
+            }
+            Ok(readings)
         })
+    }
+
+    /// The embedding of backbone feature maps `[n, 1280, h, w]`, each with the category
+    /// head *on the embedding* (a tuned category stage is not read here: training compares
+    /// itself against this head).
+    pub fn read_feature_map(&self, fmap: &Tensor) -> Result<Vec<GarmentReading>> {
+        let embeddings = self.head.forward(fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        Ok(embeddings
+            .into_iter()
+            .map(|embedding| {
+                let categories = self.classifier.as_ref().and_then(|c| c.probabilities(&embedding));
+                GarmentReading { embedding, categories }
+            })
+            .collect())
     }
 }
 
@@ -314,14 +425,16 @@ mod tests {
         let names = vec!["dress".to_string(), "top".to_string(), "pants".to_string()];
         let head = CategoryHead { weight: Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [-1.0, -1.0]], &dev).unwrap(), bias: Tensor::new(&[0f32, 0.5, 0.0], &dev).unwrap() };
         let classifier = Classifier::from_head(&names, &head).unwrap();
-        let guess = classifier.guess(&[0.8, 0.6]).unwrap();
+        let guess_of = |e: &[f32]| classifier.probabilities(e).and_then(|p| best_guess(&names, &p));
+        let guess = guess_of(&[0.8, 0.6]).unwrap();
         assert_eq!(guess.category, "top");
         let logits = [0.8f32, 1.1, -1.4];
         let expected = logits[1].exp() / logits.iter().map(|l| l.exp()).sum::<f32>();
         assert!((guess.probability - expected).abs() < 1e-6, "{} vs {expected}", guess.probability);
-        assert_eq!(classifier.guess(&[1.0, 0.0]).unwrap().category, "dress");
+        assert_eq!(guess_of(&[1.0, 0.0]).unwrap().category, "dress");
         // An embedding of another length has no guess rather than a wrong one.
-        assert_eq!(classifier.guess(&[1.0, 0.0, 0.0]), None);
+        assert_eq!(guess_of(&[1.0, 0.0, 0.0]), None);
+        assert_eq!(best_guess(&names, &[0.5, 0.5]), None);
     }
 
     #[test]

@@ -424,16 +424,21 @@ impl SearchEngine {
         // Garments found by the detector were embedded by the second look; the rest (a
         // drawn box, the whole photo, an evaluator's boxes) here.
         let crops: Vec<Option<BBox>> = garments.iter().filter(|g| g.embedding.is_none()).map(|g| Some(g.bbox)).collect();
-        let mut fresh = self.pipeline().embed(image, &crops)?.into_iter();
+        let mut fresh = self.pipeline().read(image, &crops)?.into_iter();
         timings.embed = ms(t);
         let mut results = Vec::with_capacity(garments.len());
         for mut garment in garments {
             // `embed` gives one vector per crop; were one missing, the index would refuse the
             // empty vector (a dimension error), not answer wrongly.
-            let embedding = garment.embedding.take().unwrap_or_else(|| fresh.next().unwrap_or_default());
+            // Only a garment embedded here needs the category head's guess: the detector's
+            // have their category.
+            let (embedding, probabilities) = match garment.embedding.take() {
+                Some(e) => (e, None),
+                None => fresh.next().map(|r| (r.embedding, r.categories)).unwrap_or_default(),
+            };
             let (category, category_source, category_probability) = match garment.known {
                 Some((c, s)) => (c, s, None),
-                None => match self.embedder.guess_category(&embedding) {
+                None => match probabilities.and_then(|p| self.embedder.guess_category(&p)) {
                     Some(g) => (g.category, CategorySource::Classifier, Some(g.probability)),
                     None => ("any".to_string(), CategorySource::Unknown, None),
                 },

@@ -299,6 +299,31 @@ impl EfficientNetLite {
         })
     }
 
+    /// The stem and blocks `..end`: the input of block `end` (`[n, 3, h, w]` normalised
+    /// input). With [`Self::blocks_from`] and [`Self::head_features`] it splits
+    /// [`Self::feature_map`] where a second reader of the same features branches off.
+    pub fn features_before(&self, x: &Tensor, end: usize) -> Result<Tensor> {
+        crate::models::on_pool(|| {
+            let mut x = self.stem.forward_with(x, true, None)?;
+            for block in self.blocks.iter().take(end) {
+                x = block.forward(&x)?;
+            }
+            Ok(x)
+        })
+    }
+
+    /// Blocks `start..` on `x`, the input of block `start`: the last block's output,
+    /// before the head convolution.
+    pub fn blocks_from(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        crate::models::on_pool(|| {
+            let mut x = x.clone();
+            for block in self.blocks.iter().skip(start) {
+                x = block.forward(&x)?;
+            }
+            Ok(x)
+        })
+    }
+
     /// [`Self::feature_map`] computed the plain way, with candle's own `conv2d` for every
     /// convolution (grouped for the depthwise ones; BatchNorm folded all the same): slow,
     /// and the oracle the fast path is tested against and the "before" of its benchmarks.

@@ -66,6 +66,20 @@ impl Backbone {
         }
     }
 
+    /// The stem and blocks `..end` on a normalised input: the input of block `end`.
+    pub fn features_before(&self, x: &Tensor, end: usize) -> Result<Tensor> {
+        match self {
+            Self::EfficientNetLite(net) => net.features_before(x, end),
+        }
+    }
+
+    /// Blocks `start..` on `x` (the input of block `start`), without the head convolution.
+    pub fn blocks_from(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        match self {
+            Self::EfficientNetLite(net) => net.blocks_from(x, start),
+        }
+    }
+
     /// The global-average-pooled feature, `[n, feature_dim]`.
     pub fn pooled(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.feature_map(x)?.mean(D::Minus1)?.mean(D::Minus1)?)

@@ -19,7 +19,7 @@ use crate::models::Backbone;
 use crate::models::embedder::gem;
 use crate::training::tagged::read_tagged;
 use crate::training::{CatalogPhoto, Progress, ProgressFn, augment, catalog_photos, is_validation_sender};
-use crate::vision::{DecodeLimits, decode_image};
+use crate::vision::{DecodeLimits, Preprocess, decode_image};
 use crate::{Error, Result};
 
 /// Version of the augmentation code, part of the feature cache key: bump it whenever
@@ -167,29 +167,9 @@ fn pooled_features(backbone: &Backbone, backbone_hash: &blake3::Hash, specs: &[C
     let preprocess = backbone.embedding_preprocess();
     let p = Tensor::new(&[GEM_P as f32], device)?;
     let (mut gems, mut avgs) = (Vec::new(), Vec::new());
-    let mut decoded: Option<(PathBuf, image::RgbImage)> = None;
+    let mut reader = CropReader::new(preprocess);
     for chunk in specs.chunks(8) {
-        let mut inputs = Vec::with_capacity(chunk.len());
-        for spec in chunk {
-            if decoded.as_ref().map(|(p, _)| p.as_path()) != Some(spec.image()) {
-                decoded = Some((spec.image().to_path_buf(), read_image(spec.image())?));
-            }
-            let image = &decoded.as_ref().expect("just decoded").1;
-            let input = match spec {
-                CropSpec::Box { bbox, .. } => preprocess.crop_to_tensor(image, bbox.map(|b| BBox::new(b[0], b[1], b[2], b[3])), &Device::Cpu)?,
-                CropSpec::ConsumerView { seed, .. } => {
-                    let view = augment::consumer_view(image, &mut ChaCha8Rng::seed_from_u64(*seed));
-                    preprocess.crop_to_tensor(&view, None, &Device::Cpu)?
-                }
-                CropSpec::CatalogRender { bbox, backdrop, seed, .. } => {
-                    let cutout = preprocess.crop_letterboxed(image, Some(BBox::new(bbox[0], bbox[1], bbox[2], bbox[3])))?;
-                    let view = augment::catalog_render(&cutout, &read_image(backdrop)?, &mut ChaCha8Rng::seed_from_u64(*seed));
-                    preprocess.crop_to_tensor(&view, None, &Device::Cpu)?
-                }
-            };
-            inputs.push(input);
-        }
-        let batch = Tensor::stack(&inputs, 0)?.to_device(device)?;
+        let batch = reader.batch(chunk)?.to_device(device)?;
         let map = crate::models::on_pool(|| backbone.feature_map(&batch))?;
         gems.push(gem(&map, &p)?.to_device(&Device::Cpu)?);
         avgs.push(map.mean(D::Minus1)?.mean(D::Minus1)?.to_device(&Device::Cpu)?);
@@ -199,6 +179,45 @@ fn pooled_features(backbone: &Backbone, backbone_hash: &blake3::Hash, specs: &[C
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
     candle_core::safetensors::save(&HashMap::from([("gem".to_string(), pooled.gem.clone()), ("avg".to_string(), pooled.avg.clone())]), &file)?;
     Ok(pooled)
+}
+
+/// Turns crop specs into the backbone's inputs, decoding each photo once for the specs of
+/// it that follow each other.
+pub(super) struct CropReader {
+    preprocess: Preprocess,
+    decoded: Option<(PathBuf, image::RgbImage)>,
+}
+
+impl CropReader {
+    pub(super) fn new(preprocess: Preprocess) -> Self {
+        Self { preprocess, decoded: None }
+    }
+
+    /// `[n, 3, s, s]` preprocessed inputs of `specs`, on the CPU.
+    pub(super) fn batch(&mut self, specs: &[CropSpec]) -> Result<Tensor> {
+        let inputs = specs.iter().map(|spec| self.input(spec)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&inputs, 0)?)
+    }
+
+    fn input(&mut self, spec: &CropSpec) -> Result<Tensor> {
+        if self.decoded.as_ref().map(|(p, _)| p.as_path()) != Some(spec.image()) {
+            self.decoded = Some((spec.image().to_path_buf(), read_image(spec.image())?));
+        }
+        let image = &self.decoded.as_ref().expect("just decoded").1;
+        let preprocess = &self.preprocess;
+        match spec {
+            CropSpec::Box { bbox, .. } => preprocess.crop_to_tensor(image, bbox.map(|b| BBox::new(b[0], b[1], b[2], b[3])), &Device::Cpu),
+            CropSpec::ConsumerView { seed, .. } => {
+                let view = augment::consumer_view(image, &mut ChaCha8Rng::seed_from_u64(*seed));
+                preprocess.crop_to_tensor(&view, None, &Device::Cpu)
+            }
+            CropSpec::CatalogRender { bbox, backdrop, seed, .. } => {
+                let cutout = preprocess.crop_letterboxed(image, Some(BBox::new(bbox[0], bbox[1], bbox[2], bbox[3])))?;
+                let view = augment::catalog_render(&cutout, &read_image(backdrop)?, &mut ChaCha8Rng::seed_from_u64(*seed));
+                preprocess.crop_to_tensor(&view, None, &Device::Cpu)
+            }
+        }
+    }
 }
 
 fn read_image(path: &Path) -> Result<image::RgbImage> {
@@ -402,6 +421,26 @@ impl Splits {
         }
     }
 
+    /// Every labelled garment crop of the data, named by category: the training ones (street
+    /// garments, their shop images, labelled catalog photos, pseudo-labelled street crops)
+    /// and the validation street garments and shop images; what a reader of categories
+    /// alone trains and is measured on.
+    pub(super) fn category_crops(&self) -> CategoryCrops {
+        let street = self.train_pairs.iter().map(|p| (p.consumer.clone(), p.category.clone())).chain(self.train_unpaired.iter().map(|c| (c.spec.clone(), c.category.clone())));
+        let shop = self.train_pairs.iter().map(|p| (p.shop.clone(), p.category.clone()));
+        let catalog = self.train_photos.iter().map(|p| (CropSpec::Box { image: p.image.clone(), bbox: None }, p.category.clone()));
+        let pseudo = self.pseudo.iter().map(|p| (CropSpec::Box { image: p.image.clone(), bbox: Some(p.bbox) }, p.category.clone()));
+        let val_shop = self.val_shop.iter().filter_map(|(pid, st, spec)| {
+            let pair = self.val_pairs.iter().find(|p| p.pair_id == *pid && p.style == *st)?;
+            Some((spec.clone(), pair.category.clone()))
+        });
+        CategoryCrops {
+            train: street.chain(shop).chain(catalog).chain(pseudo).collect(),
+            val_street: self.val_pairs.iter().map(|p| (p.consumer.clone(), p.category.clone())).collect(),
+            val_shop: val_shop.collect(),
+        }
+    }
+
     /// The counts a report gives.
     pub(super) fn counts(&self, rows: &Rows) -> DataCounts {
         DataCounts {
@@ -435,4 +474,11 @@ pub(super) struct DataCounts {
     pub augment_pairs: usize,
     pub labelled_catalog: usize,
     pub pseudo_labelled: usize,
+}
+
+/// Labelled crops by split (see [`Splits::category_crops`]).
+pub(super) struct CategoryCrops {
+    pub train: Vec<(CropSpec, String)>,
+    pub val_street: Vec<(CropSpec, String)>,
+    pub val_shop: Vec<(CropSpec, String)>,
 }

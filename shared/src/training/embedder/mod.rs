@@ -33,6 +33,7 @@
 //! training photos and backdrops; instance pairs take one photo per sender so that no batch
 //! holds two shots of one item as false negatives.
 
+mod category_stage;
 mod data;
 mod fit;
 mod heads;
@@ -46,6 +47,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+pub use self::category_stage::{Accuracy, CategoryStageReport, CategoryStageTraining, StageEpoch, train_category_stage};
 use self::data::{DataCounts, Pooled, Rows, Splits};
 use self::fit::{Examples, Fitted, fit};
 use self::heads::{Heads, model_version};
@@ -283,6 +285,7 @@ fn embedder_config(
         categories,
         parts,
         exact_match_similarity: Some(report.exact_match_similarity),
+        category_stage: Vec::new(),
     })
 }
 

@@ -370,9 +370,13 @@ impl GarmentEmbedder {
         &self.backbone
     }
 
-    /// Embeds `[n, 3, s, s]` preprocessed inputs into `n` unit vectors.
+    /// Embeds `[n, 3, s, s]` preprocessed inputs into `n` unit vectors (the embedding alone:
+    /// no category stage runs).
     pub fn embed_batch(&self, inputs: &Tensor) -> Result<Vec<Vec<f32>>> {
-        Ok(self.read_batch(inputs)?.into_iter().map(|r| r.embedding).collect())
+        super::on_pool(|| {
+            let fmap = self.backbone.feature_map(&inputs.to_device(&self.device)?)?;
+            Ok(self.head.forward(&fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+        })
     }
 
     /// Reads `[n, 3, s, s]` preprocessed inputs: the embedding of each and, with a category

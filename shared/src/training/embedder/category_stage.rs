@@ -59,7 +59,20 @@ pub struct CategoryStageTraining {
     /// Learning rate of the tuned blocks.
     pub stage_lr: f64,
     pub seed: u64,
+    /// The first block the head tunes (its copy runs from there to the last block); `None`:
+    /// the coarsest stage (Lite0's blocks 11–15). A later block costs less per crop.
+    pub first_block: Option<usize>,
     pub device: Device,
+}
+
+/// The blocks a run tunes: from `first` (or the coarsest stage's first block) to the end
+/// of the coarsest stage, which is the network's last block.
+fn tuned_blocks(coarsest: std::ops::Range<usize>, first: Option<usize>) -> Result<Vec<usize>> {
+    let start = first.unwrap_or(coarsest.start);
+    if coarsest.is_empty() || start == 0 || start >= coarsest.end {
+        return Err(Error::InvalidSetting { name: "first-block", reason: format!("block {start} is not one of the backbone's blocks 1..{}", coarsest.end) });
+    }
+    Ok((start..coarsest.end).collect())
 }
 
 /// Share of crops named right, per validation domain.
@@ -103,8 +116,8 @@ pub fn train_category_stage(cfg: &CategoryStageTraining, progress: ProgressFn) -
         return Err(Error::InvalidSetting { name: "embedder", reason: "the embedder has no category head to replace".into() });
     }
     let backbone = embedder.backbone();
-    let stage: Vec<usize> = backbone.coarsest_stage().collect();
-    let start = *stage.first().ok_or_else(|| Error::InvalidSetting { name: "embedder", reason: "its backbone has no stage to tune".into() })?;
+    let stage = tuned_blocks(backbone.coarsest_stage(), cfg.first_block)?;
+    let start = stage[0];
     let crops = Splits::read(&splits_config(cfg, &base), progress)?.category_crops();
     let class_of = |name: &str| base.categories.iter().position(|n| n == name).map(|c| c as u32);
 
@@ -198,7 +211,7 @@ pub fn train_category_stage(cfg: &CategoryStageTraining, progress: ProgressFn) -
     let record = serde_json::json!({
         "command": "indexer train category-stage",
         "from": base.version,
-        "epochs": cfg.epochs, "batch": cfg.batch, "lr": cfg.lr, "stage_lr": cfg.stage_lr, "seed": cfg.seed,
+        "epochs": cfg.epochs, "batch": cfg.batch, "lr": cfg.lr, "stage_lr": cfg.stage_lr, "seed": cfg.seed, "blocks": &stage,
         "views": "2 per crop (the box, the box jittered by up to 0.1 per side), mirrored at random",
         "split": "validation = CCP id % 5 == 1; catalog senders % 5 in {1, 3} left out",
         "report": &report,
@@ -449,6 +462,16 @@ mod tests {
     }
 
     #[test]
+    fn the_tuned_blocks_run_to_the_last_block_from_the_chosen_one() {
+        assert_eq!(tuned_blocks(11..16, None).unwrap(), [11, 12, 13, 14, 15]);
+        assert_eq!(tuned_blocks(11..16, Some(14)).unwrap(), [14, 15]);
+        assert_eq!(tuned_blocks(11..16, Some(3)).unwrap(), (3..16).collect::<Vec<_>>());
+        for bad in [Some(0), Some(16), Some(40)] {
+            assert!(matches!(tuned_blocks(11..16, bad), Err(Error::InvalidSetting { name: "first-block", .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn mirroring_flips_only_the_chosen_samples() {
         let x = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((2, 1, 2, 3)).unwrap();
         let y = mirrored(&x, &[false, true]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -483,7 +506,9 @@ mod tests {
         let before = shipped.read_batch(&input).unwrap();
         let features = shipped.backbone().features_before(&input, stage[0]).unwrap();
         let trained = candle_nn::ops::softmax_last_dim(&params.logits(&features).unwrap()).unwrap().to_vec2::<f32>().unwrap();
-        for ((r, b), t) in read.iter().zip(&before).zip(&trained) {
+        let embedded = staged.embed_batch(&input).unwrap();
+        for (((r, b), t), e) in read.iter().zip(&before).zip(&trained).zip(&embedded) {
+            assert_eq!(&r.embedding, e, "reading and embedding alone give the same vector");
             assert_eq!(r.embedding, b.embedding, "the embedding must not change");
             let p = r.categories.as_ref().unwrap();
             assert!(p.iter().zip(t).all(|(a, b)| (a - b).abs() < 1e-4), "{p:?} vs {t:?}");

@@ -31,8 +31,8 @@ pub struct FoundGarment {
     pub embedding: Vec<f32>,
 }
 
-/// A detection of an evaluation with the embedding of its box, where it was made.
-pub type EvaluatedDetection = (Detection, Option<Vec<f32>>);
+/// A detection of an evaluation with the reading of its box, where it was made.
+pub type EvaluatedDetection = (Detection, Option<GarmentReading>);
 
 /// Distinct boxes per photo an AP evaluation reads again (a served photo has at most the
 /// detector's `max_detections`).
@@ -180,7 +180,7 @@ impl<'a> GarmentPipeline<'a> {
     /// evaluation floor, the [`SECOND_LOOK_BOXES`] best distinct boxes embedded once each,
     /// their detections rescored for their class by [`CategoryFusion::rescore`] (the rest,
     /// and everything at share 0, as the detector scored them); returns, per share, the
-    /// detections with the embedding of each one's box where it was made.
+    /// detections with the reading of each one's box where it was made.
     pub fn detections_for_evaluation(&self, image: &RgbImage, shares: &[f32]) -> Result<Vec<Vec<EvaluatedDetection>>> {
         let Some(detector) = self.detector else { return Ok(vec![Vec::new(); shares.len()]) };
         let detections = detector.detect_with(image, &Postprocess::EVALUATION)?;
@@ -200,7 +200,7 @@ impl<'a> GarmentPipeline<'a> {
         boxes.truncate(SECOND_LOOK_BOXES);
         let readings = self.read(image, &boxes.iter().map(|b| Some(*b)).collect::<Vec<_>>())?;
         let head: Vec<Option<Vec<f32>>> = box_of.iter().map(|&b| readings.get(b).and_then(|r| r.categories.clone())).collect();
-        let embedding_of = |d: &Detection| boxes.iter().position(|b| *b == d.bbox).map(|i| readings[i].embedding.clone());
+        let reading_of = |d: &Detection| boxes.iter().position(|b| *b == d.bbox).map(|i| readings[i].clone());
         Ok(shares
             .iter()
             .map(|&share| {
@@ -208,7 +208,7 @@ impl<'a> GarmentPipeline<'a> {
                     Some(fusion) => fusion.rescore(&detections, &head, &Postprocess::EVALUATION),
                     None => detections.clone(),
                 };
-                scored.into_iter().map(|d| (d.clone(), embedding_of(&d))).collect()
+                scored.into_iter().map(|d| (d.clone(), reading_of(&d))).collect()
             })
             .collect())
     }

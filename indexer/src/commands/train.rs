@@ -34,14 +34,8 @@ pub struct CategoryStageArgs {
     /// CC0 catalog folder: its training senders' photos are labelled crops.
     #[arg(long)]
     catalog: Option<PathBuf>,
-    /// Tagged street photos (ccp-unlabelled): the detector's boxes of tagged classes become
-    /// labelled crops.
-    #[arg(long)]
-    unlabelled: Option<PathBuf>,
-    #[arg(long, default_value = "models/detector-lite0.safetensors")]
-    detector: PathBuf,
-    #[arg(long, default_value_t = 0.5)]
-    pseudo_min_score: f32,
+    #[command(flatten)]
+    pseudo: PseudoLabelArgs,
     /// The embedder whose category head gets the stage.
     #[arg(long, default_value = "models/embedder-lite0.safetensors")]
     embedder: PathBuf,
@@ -69,6 +63,20 @@ pub struct CategoryStageArgs {
     /// Run on the CPU even when a GPU is available.
     #[arg(long)]
     cpu: bool,
+}
+
+/// Weak labels for a category term: tagged street photos and the detector that boxes them.
+#[derive(Debug, Args)]
+pub struct PseudoLabelArgs {
+    /// Tagged street photos (ccp-unlabelled: image/ + tags.json): the detector's boxes of
+    /// tagged classes become labelled crops.
+    #[arg(long)]
+    unlabelled: Option<PathBuf>,
+    /// The detector for those pseudo-labels.
+    #[arg(long, default_value = "models/detector-lite0.safetensors")]
+    detector: PathBuf,
+    #[arg(long, default_value_t = 0.5)]
+    pseudo_min_score: f32,
 }
 
 #[derive(Debug, Args)]
@@ -125,15 +133,8 @@ pub struct EmbedderArgs {
     /// (models/README.md).
     #[arg(long, default_value_t = 0.2)]
     category_share: f64,
-    /// Tagged street photos (ccp-unlabelled: image/ + tags.json): the detector's boxes of
-    /// tagged classes become labelled crops for the category term.
-    #[arg(long)]
-    unlabelled: Option<PathBuf>,
-    /// The detector for those pseudo-labels.
-    #[arg(long, default_value = "models/detector-lite0.safetensors")]
-    detector: PathBuf,
-    #[arg(long, default_value_t = 0.5)]
-    pseudo_min_score: f32,
+    #[command(flatten)]
+    pseudo: PseudoLabelArgs,
     /// Share of validation queries whose best wrong match may pass the exact-match
     /// threshold (a result above it is listed first whatever its category).
     #[arg(long, default_value_t = 0.1)]
@@ -250,9 +251,9 @@ fn category_stage(args: CategoryStageArgs) -> Result<()> {
     let cfg = CategoryStageTraining {
         data: args.data,
         catalog: args.catalog,
-        unlabelled: args.unlabelled,
-        detector: args.detector,
-        pseudo_min_score: args.pseudo_min_score,
+        unlabelled: args.pseudo.unlabelled,
+        detector: args.pseudo.detector,
+        pseudo_min_score: args.pseudo.pseudo_min_score,
         embedder: args.embedder,
         out: args.out,
         cache: args.cache,
@@ -366,9 +367,9 @@ impl EmbedderArgs {
             render_share: self.render_share,
             category_dim: self.category_dim,
             category_share: self.category_share,
-            detector: self.unlabelled.as_ref().map(|_| self.detector),
-            unlabelled: self.unlabelled,
-            pseudo_min_score: self.pseudo_min_score,
+            detector: self.pseudo.unlabelled.as_ref().map(|_| self.pseudo.detector),
+            unlabelled: self.pseudo.unlabelled,
+            pseudo_min_score: self.pseudo.pseudo_min_score,
             exact_match_false_rate: self.exact_match_false_rate,
             resume: self.resume,
             device: device(self.cpu)?,

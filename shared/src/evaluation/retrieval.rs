@@ -32,6 +32,7 @@ use serde::Serialize;
 use crate::datasets::{Df2Annotation, Df2Folder, GalleryGt, QueryGt};
 use crate::geometry::BBox;
 use crate::models::detector::Postprocess;
+use crate::models::embedder::GarmentReading;
 use crate::progress::{Progress, ProgressFn};
 use crate::serving::engine::{QueryGarment, Ranking, SearchEngine, SearchRequest, ServingIndex};
 use crate::{Error, Result};
@@ -45,8 +46,9 @@ pub struct Detection {
     pub bbox: BBox,
     pub category_id: u32,
     pub score: f32,
-    /// The garment's embedding when the pipeline made it with the detection.
-    pub embedding: Option<Vec<f32>>,
+    /// The garment's reading (embedding and category probabilities) when the pipeline
+    /// made it with the detection.
+    pub reading: Option<GarmentReading>,
 }
 
 /// Accuracy of one group of queries.
@@ -182,7 +184,7 @@ pub fn evaluate_with_gt_boxes(inputs: &RetrievalInputs<'_>, progress: ProgressFn
 /// A query image's detections: the annotated items, or the detector's garments.
 fn query_detections(engine: &SearchEngine, image: &RgbImage, anno: &Df2Annotation, boxes: QueryBoxes) -> Result<Vec<Detection>> {
     match boxes {
-        QueryBoxes::GroundTruth => Ok(anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0, embedding: None }).collect()),
+        QueryBoxes::GroundTruth => Ok(anno.items.iter().map(|i| Detection { bbox: i.bbox, category_id: i.category_id, score: 1.0, reading: None }).collect()),
         QueryBoxes::Detected => {
             let detector = engine.detector.as_ref().ok_or_else(|| Error::InvalidSetting { name: "boxes", reason: "detected query boxes need a detector".into() })?;
             let categories = &detector.config().categories;
@@ -193,7 +195,7 @@ fn query_detections(engine: &SearchEngine, image: &RgbImage, anno: &Df2Annotatio
                     .pipeline()
                     .detect_with(image, &Postprocess::EVALUATION)?
                     .into_iter()
-                    .map(|d| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score, embedding: None })
+                    .map(|d| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score, reading: None })
                     .collect());
             }
             // The detector's proposals named again by the category head at the shipped share.
@@ -202,7 +204,7 @@ fn query_detections(engine: &SearchEngine, image: &RgbImage, anno: &Df2Annotatio
                 .detections_for_evaluation(image, &[share])?
                 .into_iter()
                 .flatten()
-                .map(|(d, embedding)| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score, embedding })
+                .map(|(d, reading)| Detection { bbox: d.bbox, category_id: categories[d.class].id, score: d.score, reading })
                 .collect())
         }
     }
@@ -262,7 +264,7 @@ pub fn evaluate(inputs: &RetrievalInputs<'_>, boxes: QueryBoxes, progress: Progr
         let garments: Vec<QueryGarment> = todo
             .iter()
             .filter_map(|q| q.detection)
-            .map(|d| QueryGarment { bbox: detections[d].bbox, known: None, score: detections[d].score, source: "detected", embedding: detections[d].embedding.clone() })
+            .map(|d| QueryGarment { bbox: detections[d].bbox, known: None, score: detections[d].score, source: "detected", reading: detections[d].reading.clone() })
             .collect();
         let (results, _) = inputs.engine.search_garments(inputs.index, &image, garments, &request)?;
         let mut results = results.into_iter();
@@ -344,7 +346,7 @@ mod tests {
     use super::*;
 
     fn det(x1: f32, class: u32, score: f32) -> Detection {
-        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), category_id: class, score, embedding: None }
+        Detection { bbox: BBox::new(x1, 0.0, x1 + 10.0, 10.0), category_id: class, score, reading: None }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::ann::{GarmentIndex, LoadOutcome, SearchHit};
 use crate::catalog::related::{preferred_category, substitutes};
 use crate::geometry::BBox;
 use crate::models::detector::{Detection, GarmentDetector};
-use crate::models::embedder::GarmentEmbedder;
+use crate::models::embedder::{GarmentEmbedder, GarmentReading};
 use crate::pipeline::{FoundGarment, GarmentPipeline};
 use crate::store::ItemMetadata;
 use crate::store::StoreDir;
@@ -283,9 +283,10 @@ pub struct QueryGarment {
     pub score: f32,
     /// `detected`, `region` or `whole_image`.
     pub source: &'static str,
-    /// Its embedding when the pipeline already made it (the second look at a detected
-    /// garment); `None`: embedded with the request's other garments.
-    pub embedding: Option<Vec<f32>>,
+    /// Its reading (embedding, and the category head's probabilities where they were kept)
+    /// when the pipeline already made it (the second look at a detected garment); `None`:
+    /// read with the request's other garments.
+    pub reading: Option<GarmentReading>,
 }
 
 /// The networks of a searcher.
@@ -384,7 +385,7 @@ impl SearchEngine {
                 if !clipped.is_valid() {
                     return Err(Error::InvalidBox { reason: format!("{:?} lies outside the {w}×{h} photo", region.to_array()) });
                 }
-                vec![QueryGarment { bbox: clipped, known: requested.clone(), score: 1.0, source: "region", embedding: None }]
+                vec![QueryGarment { bbox: clipped, known: requested.clone(), score: 1.0, source: "region", reading: None }]
             }
             None => self
                 .second_look(image, detections)?
@@ -395,12 +396,12 @@ impl SearchEngine {
                     known: Some((g.detection.category, CategorySource::Detector)),
                     score: g.detection.score,
                     source: "detected",
-                    embedding: Some(g.embedding),
+                    reading: Some(GarmentReading { embedding: g.embedding, categories: None }),
                 })
                 .collect(),
         };
         if garments.is_empty() {
-            garments.push(QueryGarment { bbox: BBox::new(0.0, 0.0, w as f32, h as f32), known: requested, score: 1.0, source: "whole_image", embedding: None });
+            garments.push(QueryGarment { bbox: BBox::new(0.0, 0.0, w as f32, h as f32), known: requested, score: 1.0, source: "whole_image", reading: None });
         }
         Ok(garments)
     }
@@ -423,19 +424,15 @@ impl SearchEngine {
         let t = Instant::now();
         // Garments found by the detector were embedded by the second look; the rest (a
         // drawn box, the whole photo, an evaluator's boxes) here.
-        let crops: Vec<Option<BBox>> = garments.iter().filter(|g| g.embedding.is_none()).map(|g| Some(g.bbox)).collect();
+        let crops: Vec<Option<BBox>> = garments.iter().filter(|g| g.reading.is_none()).map(|g| Some(g.bbox)).collect();
         let mut fresh = self.pipeline().read(image, &crops)?.into_iter();
         timings.embed = ms(t);
         let mut results = Vec::with_capacity(garments.len());
         for mut garment in garments {
             // `embed` gives one vector per crop; were one missing, the index would refuse the
             // empty vector (a dimension error), not answer wrongly.
-            // Only a garment embedded here needs the category head's guess: the detector's
-            // have their category.
-            let (embedding, probabilities) = match garment.embedding.take() {
-                Some(e) => (e, None),
-                None => fresh.next().map(|r| (r.embedding, r.categories)).unwrap_or_default(),
-            };
+            let reading = garment.reading.take().or_else(|| fresh.next()).unwrap_or(GarmentReading { embedding: Vec::new(), categories: None });
+            let (embedding, probabilities) = (reading.embedding, reading.categories);
             let (category, category_source, category_probability) = match garment.known {
                 Some((c, s)) => (c, s, None),
                 None => match probabilities.and_then(|p| self.embedder.guess_category(&p)) {

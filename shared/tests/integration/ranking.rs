@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use image::RgbImage;
 use shoplens::geometry::BBox;
-use shoplens::models::embedder::GarmentEmbedder;
-use shoplens::serving::engine::{CategorySource, Ranking, SearchEngine, SearchRequest, ServingIndex};
+use shoplens::models::embedder::{GarmentEmbedder, GarmentReading};
+use shoplens::serving::engine::{CategorySource, QueryGarment, Ranking, SearchEngine, SearchRequest, ServingIndex};
 use shoplens::serving::snapshot::{ServedGarment, ServedItem, Snapshot};
 use shoplens::store::ItemMetadata;
 use shoplens::vision::{DecodeLimits, decode_image};
@@ -82,6 +82,25 @@ fn a_drawn_box_gets_its_category_from_the_category_head() {
     let asked = SearchRequest { category: Some("pants".into()), ..request(1, region, Ranking::SameKindFirst) };
     let garment = engine.search_image(&index, &image, &asked).unwrap().garments.remove(0);
     assert_eq!((garment.category.as_str(), garment.category_source), ("pants", CategorySource::Request));
+}
+
+/// A garment the pipeline read before the search (an evaluator's detection) and whose
+/// category nobody gave is named from its reading's probabilities, not left "any".
+#[test]
+fn a_garment_read_before_the_search_is_named_by_its_readings_probabilities() {
+    let engine = engine();
+    let (image, region) = photo();
+    let reading = engine.pipeline().read(&image, &[Some(region)]).unwrap().remove(0);
+    let names = &engine.embedder.config().categories;
+    let skirt = names.iter().position(|n| n == "skirt").unwrap();
+    let probabilities: Vec<f32> = (0..names.len()).map(|i| if i == skirt { 0.9 } else { 0.1 / (names.len() - 1) as f32 }).collect();
+    let index = shop(&[("p", "pants", vec![at_similarity(&reading.embedding, 0.5)])]);
+    let garment =
+        QueryGarment { bbox: region, known: None, score: 0.8, source: "detected", reading: Some(GarmentReading { embedding: reading.embedding, categories: Some(probabilities) }) };
+    let (mut results, _) = engine.search_garments(&index, &image, vec![garment], &request(1, region, Ranking::SameKindFirst)).unwrap();
+    let garment = results.remove(0);
+    assert_eq!((garment.category.as_str(), garment.category_source), ("skirt", CategorySource::Classifier));
+    assert_eq!(garment.category_probability, Some(0.9));
 }
 
 #[test]

@@ -373,10 +373,12 @@ impl GarmentEmbedder {
     /// Embeds `[n, 3, s, s]` preprocessed inputs into `n` unit vectors (the embedding alone:
     /// no category stage runs).
     pub fn embed_batch(&self, inputs: &Tensor) -> Result<Vec<Vec<f32>>> {
-        super::on_pool(|| {
-            let fmap = self.backbone.feature_map(&inputs.to_device(&self.device)?)?;
-            Ok(self.head.forward(&fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
-        })
+        super::on_pool(|| self.embeddings(&self.backbone.feature_map(&inputs.to_device(&self.device)?)?))
+    }
+
+    /// Feature maps `[n, 1280, h, w]` → `n` unit embeddings on the CPU.
+    fn embeddings(&self, fmap: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(self.head.forward(fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
     }
 
     /// Reads `[n, 3, s, s]` preprocessed inputs: the embedding of each and, with a category
@@ -386,21 +388,11 @@ impl GarmentEmbedder {
     pub fn read_batch(&self, inputs: &Tensor) -> Result<Vec<GarmentReading>> {
         super::on_pool(|| {
             let x = inputs.to_device(&self.device)?;
-            let (fmap, staged) = match &self.staged {
-                Some(s) => {
-                    let before = self.backbone.features_before(&x, s.start)?;
-                    let fmap = self.backbone.head_features(&self.backbone.blocks_from(&before, s.start)?)?;
-                    (fmap, Some(s.probabilities(&before)?))
-                }
-                None => (self.backbone.feature_map(&x)?, None),
-            };
-            let mut readings = self.read_feature_map(&fmap)?;
-            if let Some(rows) = staged {
-                for (reading, probabilities) in readings.iter_mut().zip(rows) {
-                    reading.categories = Some(probabilities);
-                }
-            }
-            Ok(readings)
+            let Some(s) = &self.staged else { return self.read_feature_map(&self.backbone.feature_map(&x)?) };
+            let before = self.backbone.features_before(&x, s.start)?;
+            let embeddings = self.embeddings(&self.backbone.head_features(&self.backbone.blocks_from(&before, s.start)?)?)?;
+            let probabilities = s.probabilities(&before)?;
+            Ok(embeddings.into_iter().zip(probabilities).map(|(embedding, p)| GarmentReading { embedding, categories: Some(p) }).collect())
         })
     }
 
@@ -408,8 +400,8 @@ impl GarmentEmbedder {
     /// head *on the embedding* (a tuned category stage is not read here: training compares
     /// itself against this head).
     pub fn read_feature_map(&self, fmap: &Tensor) -> Result<Vec<GarmentReading>> {
-        let embeddings = self.head.forward(fmap)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-        Ok(embeddings
+        Ok(self
+            .embeddings(fmap)?
             .into_iter()
             .map(|embedding| {
                 let categories = self.classifier.as_ref().and_then(|c| c.probabilities(&embedding));

@@ -319,7 +319,7 @@ fn embedding_head_guesses(embedder: &GarmentEmbedder, start: usize, features: &T
     let mut guesses = Vec::with_capacity(features.dim(0)?);
     for i in (0..features.dim(0)?).step_by(64) {
         let n = 64.min(features.dim(0)? - i);
-        let x = features.narrow(0, i, n)?.to_dtype(DType::F32)?.to_device(embedder.backbone().device())?;
+        let x = features.narrow(0, i, n)?.to_dtype(DType::F32)?.to_device(backbone.device())?;
         let fmap = backbone.head_features(&backbone.blocks_from(&x, start)?)?;
         for reading in embedder.read_feature_map(&fmap)? {
             guesses.push(reading.categories.map_or(u32::MAX, |p| argmax(&p)));

@@ -76,6 +76,12 @@ fn bench(c: &mut Criterion) {
             b.iter(|| pre.crop_to_tensor(&shoplens::vision::decode_image(&jpeg, Default::default()).unwrap(), None, &Device::Cpu).unwrap())
         });
     }
+    // The packshot test every detected photo goes through: a street photo stops at its
+    // border; a cut-out on white is scanned whole for its product's extent.
+    let cutout = image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/cutouts/pants.jpg")).unwrap().to_rgb8();
+    for (name, photo) in [("street", &image), ("cutout", &cutout)] {
+        group.bench_function(BenchmarkId::new("product_extent", format!("{name},{}x{}", photo.width(), photo.height())), |b| b.iter(|| shoplens::vision::product_extent(photo)));
+    }
     group.finish();
 
     let mut group = c.benchmark_group("detector");

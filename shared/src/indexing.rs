@@ -13,7 +13,8 @@
 //! category keeps its best detection of that category (a shirt's photo on a model also
 //! shows trousers, which must not be sold as the shirt), a DeepFashion2 gallery image keeps
 //! all of them, and an item without any becomes one whole-image garment with its catalog
-//! category. Without a detector every item is one whole-image garment;
+//! category (on a packshot, the product's extent stands for the whole image: see
+//! [`crate::vision::product_extent`]). Without a detector every item is one whole-image garment;
 //! `BoxMode::Gt` uses the annotated boxes of DeepFashion2 folders instead (other catalogs
 //! in the same build are detected as usual).
 
@@ -34,7 +35,7 @@ use crate::pipeline::{FoundGarment, GarmentPipeline};
 use crate::progress::{Progress, ProgressFn};
 use crate::serving::snapshot::{self, Snapshot};
 use crate::store::{CatalogStore, ContentHash, GenerationBuilder, GenerationSpec, ItemRecord, NewGarment, PruneReport};
-use crate::vision::DecodeLimits;
+use crate::vision::{DecodeLimits, product_extent};
 
 /// Largest image file read, in bytes.
 pub const MAX_IMAGE_BYTES: u64 = 50 << 20;
@@ -161,8 +162,10 @@ pub struct ItemGarment {
 
 /// The garments an item is indexed with, from its detections (see the module notes).
 /// `gallery`: a DeepFashion2 gallery image, whose every garment is a retrieval target.
-pub fn item_garments(category: Option<&str>, gallery: bool, detections: &[Detection], width: u32, height: u32) -> Vec<ItemGarment> {
-    let whole = BBox::new(0.0, 0.0, width as f32, height as f32);
+/// `product`: on a packshot, the product's extent, which replaces the whole image when no
+/// detection is kept (a shirt on white that the second look named a top is still framed).
+pub fn item_garments(category: Option<&str>, gallery: bool, detections: &[Detection], width: u32, height: u32, product: Option<BBox>) -> Vec<ItemGarment> {
+    let whole = product.unwrap_or(BBox::new(0.0, 0.0, width as f32, height as f32));
     let keep: Vec<&Detection> = match category {
         // One sku, one garment: the best detection of the item's category (a pair of
         // shoes, or a garment found twice, must not become several garments).
@@ -170,7 +173,7 @@ pub fn item_garments(category: Option<&str>, gallery: bool, detections: &[Detect
         _ => detections.iter().collect(),
     };
     if keep.is_empty() {
-        return vec![ItemGarment { crop: None, bbox: whole, category: category.unwrap_or("unknown").to_string(), score: 1.0 }];
+        return vec![ItemGarment { crop: product, bbox: whole, category: category.unwrap_or("unknown").to_string(), score: 1.0 }];
     }
     keep.into_iter().map(|d| ItemGarment { crop: Some(d.bbox), bbox: d.bbox, category: d.category.clone(), score: d.score }).collect()
 }
@@ -489,7 +492,8 @@ struct PlannedItem {
 
 impl PlannedItem {
     fn new(entry: &CatalogEntry, image: &RgbImage, sighting: Sighting) -> Self {
-        let rule = |detections: &[Detection]| item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), detections, image.width(), image.height());
+        let rule =
+            |detections: &[Detection]| item_garments(entry.metadata.category.as_deref(), !entry.boxes.is_empty(), detections, image.width(), image.height(), product_extent(image));
         match sighting {
             Sighting::Annotated => {
                 let garments: Vec<ItemGarment> = entry.boxes.iter().map(|(b, c)| ItemGarment { crop: Some(*b), bbox: *b, category: c.clone(), score: 1.0 }).collect();
@@ -628,16 +632,20 @@ mod tests {
     #[test]
     fn catalog_items_keep_detections_of_their_category_else_the_whole_image() {
         let found = [det("top", 0.0, 0.9), det("pants", 20.0, 0.8), det("top", 40.0, 0.5)];
-        let g = item_garments(Some("top"), false, &found, 100, 50);
+        let g = item_garments(Some("top"), false, &found, 100, 50, None);
         assert_eq!(g.iter().map(|g| (g.category.as_str(), g.bbox.x1)).collect::<Vec<_>>(), [("top", 0.0)], "the best top only");
         assert_eq!(g[0].crop, Some(found[0].bbox));
         // No detection of the item's category: the whole image, with the catalog category.
-        let g = item_garments(Some("skirt"), false, &found, 100, 50);
+        let g = item_garments(Some("skirt"), false, &found, 100, 50, None);
         assert_eq!(g, vec![ItemGarment { crop: None, bbox: BBox::new(0.0, 0.0, 100.0, 50.0), category: "skirt".into(), score: 1.0 }]);
         // No category: every detection; nothing detected: the whole image as "unknown".
-        assert_eq!(item_garments(None, false, &found, 100, 50).len(), 3);
-        assert_eq!(item_garments(None, false, &[], 100, 50)[0].category, "unknown");
+        assert_eq!(item_garments(None, false, &found, 100, 50, None).len(), 3);
+        assert_eq!(item_garments(None, false, &[], 100, 50, None)[0].category, "unknown");
+        // On a packshot the product's extent stands for the whole image.
+        let product = BBox::new(10.0, 5.0, 60.0, 45.0);
+        let g = item_garments(Some("skirt"), false, &found, 100, 50, Some(product));
+        assert_eq!(g, vec![ItemGarment { crop: Some(product), bbox: product, category: "skirt".into(), score: 1.0 }]);
         // A DeepFashion2 gallery image keeps every garment whatever its first item's class.
-        assert_eq!(item_garments(Some("top"), true, &found, 100, 50).len(), 3);
+        assert_eq!(item_garments(Some("top"), true, &found, 100, 50, None).len(), 3);
     }
 }

@@ -22,7 +22,7 @@ use crate::geometry::BBox;
 use crate::models::detector::{Detection, GarmentDetector, Postprocess};
 use crate::models::embedder::{GarmentEmbedder, GarmentReading};
 use crate::models::fusion::CategoryFusion;
-use crate::vision::{DecodeLimits, decode_image};
+use crate::vision::{DecodeLimits, decode_image, product_extent};
 
 /// A garment the detector found, named again from its crop, with its embedding.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +117,31 @@ impl<'a> GarmentPipeline<'a> {
     pub fn second_look(&self, image: &RgbImage, detections: Vec<Detection>, post: &Postprocess) -> Result<Vec<FoundGarment>> {
         let crops: Vec<Option<BBox>> = detections.iter().map(|d| Some(d.bbox)).collect();
         let readings = self.read(image, &crops)?;
-        Ok(self.relabel(detections, readings, post))
+        let found = self.relabel(detections, readings, post);
+        self.frame_packshot(image, found, post)
+    }
+
+    /// The product of a packshot (see [`crate::vision::product_extent`]) with the reading
+    /// of its crop; `None` for any other photo, or when the embedder has no category head
+    /// to name it.
+    pub fn read_product(&self, image: &RgbImage) -> Result<Option<(BBox, GarmentReading)>> {
+        let Some(object) = product_extent(image) else { return Ok(None) };
+        let reading = self.read(image, &[Some(object)])?.remove(0);
+        Ok(reading.categories.is_some().then_some((object, reading)))
+    }
+
+    /// One photo's served garments after the packshot rule ([`CategoryFusion::lone_garment`]
+    /// under `post`'s second look): the lone garment framed at its object's extent, with
+    /// the embedding of that crop, when the rule holds; the garments as they were otherwise.
+    fn frame_packshot(&self, image: &RgbImage, found: Vec<FoundGarment>, post: &Postprocess) -> Result<Vec<FoundGarment>> {
+        let Some(fusion) = self.fusion(post.category_fusion) else { return Ok(found) };
+        let Some((object, reading)) = self.read_product(image)? else { return Ok(found) };
+        let served: Vec<Detection> = found.iter().map(|g| g.detection.clone()).collect();
+        let head = reading.categories.as_deref().unwrap_or_default();
+        Ok(match fusion.lone_garment(object, head, &served, post) {
+            Some(lone) => vec![FoundGarment { detection: lone.detection, embedding: reading.embedding }],
+            None => found,
+        })
     }
 
     /// The detector's garments of each of `images` with its shipped post-processing, the
@@ -148,20 +172,23 @@ impl<'a> GarmentPipeline<'a> {
 
     /// [`Self::find_garments`] of many photos through the batched passes
     /// ([`Self::detect_batched`], [`Self::embed_batched`] over all their detections), each
-    /// photo's garments then named again as one photo's are.
+    /// photo's garments then named again (and a packshot's framed) as one photo's are; a
+    /// packshot's object is read alone, at batch 1, as in [`Self::find_garments`].
     pub fn find_garments_batched(&self, images: &[&RgbImage], batch: usize) -> Result<Vec<Vec<FoundGarment>>> {
         let Some(detector) = self.detector else { return Ok(vec![Vec::new(); images.len()]) };
         let post = detector.config().postprocess;
         let detections = self.detect_batched(images, batch)?;
         let crops: Vec<(&RgbImage, Option<BBox>)> = images.iter().zip(&detections).flat_map(|(image, ds)| ds.iter().map(move |d| (*image, Some(d.bbox)))).collect();
         let mut readings = self.embed_batched(&crops, batch)?.into_iter();
-        Ok(detections
-            .into_iter()
-            .map(|ds| {
+        images
+            .iter()
+            .zip(detections)
+            .map(|(image, ds)| {
                 let mine: Vec<GarmentReading> = readings.by_ref().take(ds.len()).collect();
-                self.relabel(ds, mine, &post)
+                let found = self.relabel(ds, mine, &post);
+                self.frame_packshot(image, found, &post)
             })
-            .collect())
+            .collect()
     }
 
     /// Detections of one photo with the embedding of each, named again by
@@ -201,15 +228,57 @@ impl<'a> GarmentPipeline<'a> {
         let readings = self.read(image, &boxes.iter().map(|b| Some(*b)).collect::<Vec<_>>())?;
         let head: Vec<Option<Vec<f32>>> = box_of.iter().map(|&b| readings.get(b).and_then(|r| r.categories.clone())).collect();
         let reading_of = |d: &Detection| boxes.iter().position(|b| *b == d.bbox).map(|i| readings[i].clone());
+        let packshot = self.packshot_for_evaluation(detector, image)?;
         Ok(shares
             .iter()
             .map(|&share| {
-                let scored = match self.fusion(share) {
-                    Some(fusion) => fusion.rescore(&detections, &head, &Postprocess::EVALUATION),
-                    None => detections.clone(),
+                let Some(fusion) = self.fusion(share) else {
+                    return detections.iter().map(|d| (d.clone(), reading_of(d))).collect();
                 };
-                scored.into_iter().map(|d| (d.clone(), reading_of(&d))).collect()
+                if let Some(lone) = packshot.as_ref().and_then(|p| p.lone_garment(self, &fusion, share)) {
+                    return lone;
+                }
+                fusion.rescore(&detections, &head, &Postprocess::EVALUATION).into_iter().map(|d| (d.clone(), reading_of(&d))).collect()
             })
             .collect())
+    }
+
+    /// What the packshot rule of an AP evaluation needs of `image`: its lone object read,
+    /// and the detector's served boxes with their readings; `None` for any other photo.
+    fn packshot_for_evaluation(&self, detector: &GarmentDetector, image: &RgbImage) -> Result<Option<EvaluatedPackshot>> {
+        let Some(object) = self.read_product(image)? else { return Ok(None) };
+        let served = detector.detect(image)?;
+        let readings = self.read(image, &served.iter().map(|d| Some(d.bbox)).collect::<Vec<_>>())?;
+        Ok(Some(EvaluatedPackshot { object, served, readings }))
+    }
+}
+
+/// A packshot under evaluation (see [`GarmentPipeline::detections_for_evaluation`]).
+struct EvaluatedPackshot {
+    object: (BBox, GarmentReading),
+    /// The detector's boxes under its shipped post-processing, and their readings.
+    served: Vec<Detection>,
+    readings: Vec<GarmentReading>,
+}
+
+impl EvaluatedPackshot {
+    /// When the packshot rule holds at `share`: its garment once per class, each scored
+    /// for its class as the rule scores it, best first, with the object's reading.
+    fn lone_garment(&self, pipeline: &GarmentPipeline<'_>, fusion: &CategoryFusion, share: f32) -> Option<Vec<EvaluatedDetection>> {
+        let config = pipeline.detector?.config();
+        let post = Postprocess { category_fusion: share, ..config.postprocess };
+        let found = pipeline.relabel(self.served.clone(), self.readings.clone(), &post);
+        let served: Vec<Detection> = found.into_iter().map(|g| g.detection).collect();
+        let (object, reading) = &self.object;
+        let lone = fusion.lone_garment(*object, reading.categories.as_deref()?, &served, &post)?;
+        let mut per_class: Vec<EvaluatedDetection> = lone
+            .class_scores
+            .iter()
+            .enumerate()
+            .filter(|(_, score)| **score >= Postprocess::EVALUATION.min_score)
+            .map(|(class, &score)| (Detection { class, category: config.categories[class].name.clone(), score, ..lone.detection.clone() }, Some(reading.clone())))
+            .collect();
+        per_class.sort_by(|a, b| b.0.score.total_cmp(&a.0.score));
+        Some(per_class)
     }
 }

@@ -310,6 +310,7 @@ fn detect_image(pipeline: &GarmentPipeline<'_>, detector: &GarmentDetector, imag
     let by_share = pipeline.detections_for_evaluation(image, shares)?.into_iter().map(|found| found.iter().map(|(d, _)| detected(d)).collect()).collect();
     let crops: Vec<Option<BBox>> = swept.iter().map(|d| Some(d.bbox)).collect();
     let head: Vec<Option<Vec<f32>>> = pipeline.read(image, &crops)?.into_iter().map(|r| r.categories).collect();
+    let packshot = pipeline.read_product(image)?;
     let served = shares
         .iter()
         .map(|&share| {
@@ -321,9 +322,13 @@ fn detect_image(pipeline: &GarmentPipeline<'_>, detector: &GarmentDetector, imag
                     // sweep's scoring ≥ `t`; the second look then reads those.
                     let post = Postprocess { min_score: t, category_fusion: share, ..configured };
                     let (at, heads): (Vec<Detection>, Vec<Option<Vec<f32>>>) = swept.iter().zip(&head).filter(|(d, _)| d.score >= t).map(|(d, h)| (d.clone(), h.clone())).unzip();
-                    match pipeline.fusion(share) {
-                        Some(fusion) => fusion.relabel(at, &heads, &post).iter().map(|(d, _)| detected(d)).collect(),
-                        None => at.iter().map(detected).collect(),
+                    let Some(fusion) = pipeline.fusion(share) else { return at.iter().map(detected).collect() };
+                    let relabelled: Vec<Detection> = fusion.relabel(at, &heads, &post).into_iter().map(|(d, _)| d).collect();
+                    // And the packshot rule, as served.
+                    let lone = packshot.as_ref().and_then(|(object, reading)| fusion.lone_garment(*object, reading.categories.as_deref()?, &relabelled, &post));
+                    match lone {
+                        Some(lone) => vec![detected(&lone.detection)],
+                        None => relabelled.iter().map(detected).collect(),
                     }
                 })
                 .collect()

@@ -18,8 +18,26 @@
 //! indexed is the same box with or without the second look (only its class, and what
 //! suppression makes of two boxes that now share a class, change). A class the category
 //! head does not know keeps the detector's probability alone.
+//!
+//! On a packshot (a product on a plain backdrop, [`crate::vision::product_extent`]) the
+//! category head also reads the whole product, and [`CategoryFusion::lone_garment`] decides
+//! whether the detector's garments there are parts of one garment.
 
 use super::detector::{Category, Detection, Postprocess};
+use crate::geometry::BBox;
+
+/// A packshot's object read as one garment (see [`CategoryFusion::lone_garment`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoneGarment {
+    /// The garment under its best class, framed at the object's extent.
+    pub detection: Detection,
+    /// Its score for every detector class: what an AP evaluation ranks (a box per class).
+    pub class_scores: Vec<f32>,
+}
+
+/// A box lying at least this share inside another (or holding it) is a part of the same
+/// garment on a packshot: a dress's bodice read as a top, trouser legs read as outer.
+const PART_OF_GARMENT: f32 = 0.5;
 
 /// The detector's and the category head's readings of a class, weighed.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +101,46 @@ impl CategoryFusion {
             .collect();
         relabelled.sort_by(|a, b| b.0.score.total_cmp(&a.0.score));
         post.suppress(relabelled, |(d, _)| (d.bbox, d.class))
+    }
+
+    /// The packshot rule: a photo whose one object on a plain backdrop (`object`, its crop
+    /// read by the category head as `head`) is one garment, when the detector's `served`
+    /// garments there (after the second look) say nothing against it. The head names the
+    /// whole object; the object is that garment when the detector served a garment of the
+    /// same class and every other served garment is either of that class too (the two
+    /// shoes of a pair) or nested with it (a part of it named otherwise: a dress's bodice
+    /// as a top). Several garments side by side (a top above trousers: an outfit on a
+    /// ghost mannequin) keep the detector's boxes. With nothing served, the object is a
+    /// garment of the head's class scored at the serving threshold: a packshot shows a
+    /// product, and the detector missing it is what the rule exists for. The named garment
+    /// takes the second look of the detector's reading and the head's reading of the
+    /// whole object. `None`: the detector's garments stand.
+    pub fn lone_garment(&self, object: BBox, head: &[f32], served: &[Detection], post: &Postprocess) -> Option<LoneGarment> {
+        let named = self.head_class(head)?;
+        if served.is_empty() {
+            let probability = |c: usize| self.head_of[c].and_then(|h| head.get(h)).copied().unwrap_or(0.0);
+            let best = probability(named);
+            if best <= 0.0 {
+                return None;
+            }
+            let class_scores = (0..self.names.len()).map(|c| post.min_score * (probability(c) / best).sqrt()).collect();
+            let detection = Detection { bbox: object, class: named, category: self.names[named].clone(), score: post.min_score, class_probs: Vec::new(), centreness: 0.0 };
+            return Some(LoneGarment { detection, class_scores });
+        }
+        let anchor = served.iter().filter(|d| d.class == named).max_by(|a, b| a.score.total_cmp(&b.score))?;
+        if !served.iter().all(|d| d.class == named || d.bbox.containment(&anchor.bbox) >= PART_OF_GARMENT) {
+            return None;
+        }
+        let class_scores = self.class_scores(anchor, head)?;
+        let (class, &score) = class_scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))?;
+        let detection = Detection { bbox: object, class, category: self.names[class].clone(), score, ..anchor.clone() };
+        Some(LoneGarment { detection, class_scores })
+    }
+
+    /// The detector class the category head likes best among those it knows; `None` when
+    /// it knows none of them (or its reading is empty).
+    fn head_class(&self, head: &[f32]) -> Option<usize> {
+        self.head_of.iter().enumerate().filter_map(|(c, h)| h.and_then(|h| head.get(h)).map(|&q| (c, q))).max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0))).map(|(c, _)| c)
     }
 
     /// What an AP evaluation ranks: the detector's own detections (a box may appear once
@@ -188,5 +246,31 @@ mod tests {
         assert_eq!(classes, vec!["dress", "skirt"], "{out:?}");
         assert!((out[0].score - skirt.score).abs() < 1e-6, "the best class keeps the detector's best score");
         assert!(out[1].score < out[0].score);
+    }
+
+    #[test]
+    fn a_packshot_is_one_garment_unless_the_detector_sees_several_side_by_side() {
+        let fusion = CategoryFusion::new(&categories(), &head_names(), 0.5).unwrap();
+        let post = Postprocess { min_score: 0.4, category_fusion: 0.5, ..Postprocess::SERVING };
+        let product = BBox::new(0.0, 0.0, 100.0, 400.0);
+        // The head reads the whole product as a dress (its output 0).
+        let dress_reading = [0.8, 0.15, 0.05];
+        // Nothing served: the product is a dress, at the serving threshold.
+        let lone = fusion.lone_garment(product, &dress_reading, &[], &post).unwrap();
+        assert_eq!((lone.detection.bbox, lone.detection.category.as_str(), lone.detection.score), (product, "dress", 0.4));
+        assert_eq!(lone.class_scores[1], 0.4);
+        assert!(lone.class_scores[0] < 0.4 && lone.class_scores[2] == 0.0, "{:?}", lone.class_scores);
+        // A dress served with its bodice read as a skirt inside it: one dress, framed at
+        // the product, as sure as the detector was of the dress.
+        let dress = Detection { class: 1, category: "dress".into(), ..det(0.0, [0.2, 0.7, 0.01], 0.9) };
+        let bodice = Detection { bbox: BBox::new(10.0, 10.0, 90.0, 120.0), ..det(0.0, [0.6, 0.3, 0.01], 0.9) };
+        let lone = fusion.lone_garment(product, &dress_reading, &[bodice.clone(), dress.clone()], &post).unwrap();
+        assert_eq!((lone.detection.bbox, lone.detection.category.as_str()), (product, "dress"));
+        assert!((lone.detection.score - dress.score).abs() < 1e-6);
+        // A skirt beside the dress, not inside it: two garments, the detector's boxes stand.
+        let beside = Detection { bbox: BBox::new(0.0, 250.0, 100.0, 400.0), ..bodice };
+        assert_eq!(fusion.lone_garment(product, &dress_reading, &[dress.clone(), beside], &post), None);
+        // The head names a class the detector did not serve: nothing says it is one garment.
+        assert_eq!(fusion.lone_garment(product, &[0.2, 0.7, 0.1], &[dress], &post), None);
     }
 }

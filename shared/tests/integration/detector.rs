@@ -14,7 +14,7 @@ use shoplens::indexing::item_garments;
 use shoplens::models::detector::GarmentDetector;
 use shoplens::models::embedder::GarmentEmbedder;
 use shoplens::pipeline::GarmentPipeline;
-use shoplens::vision::{DecodeLimits, decode_image};
+use shoplens::vision::{DecodeLimits, decode_image, product_extent};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -35,8 +35,8 @@ fn a_cut_out_on_white_is_indexed_as_one_garment_that_frames_it() {
         let own: Vec<_> = found.iter().filter(|d| d.category == category).collect();
         assert!(own.len() <= 1, "{file}: the garment split into parts: {found:?}");
         // The catalog rule: one garment, of the catalog category, framing the garment —
-        // the detection when it found one, else the whole photo.
-        let garments = item_garments(Some(category), false, &found, image.width(), image.height());
+        // the detection when it found one, else the product's extent on the white.
+        let garments = item_garments(Some(category), false, &found, image.width(), image.height(), product_extent(&image));
         assert_eq!(garments.len(), 1, "{file}: {garments:?}");
         assert_eq!(garments[0].category, category);
         assert!(garments[0].bbox.iou(&extent) >= 0.5, "{file}: {:?} does not frame {extent:?}", garments[0].bbox);
@@ -52,38 +52,67 @@ fn a_cut_out_on_white_is_indexed_as_one_garment_that_frames_it() {
     assert!(found.iter().any(|d| d.category == "pants"), "{found:?}");
 }
 
-/// The pipeline's second look (the embedder's category head weighed into each detected
-/// garment's class): the garments a cut-out is served and indexed with are the detector's
-/// boxes, renamed only where the two networks together say so, each with its embedding.
+/// The pipeline's second look on packshots (the packshot rule, `CategoryFusion::lone_garment`):
+/// a cut-out on white is served and indexed as one garment framed at the product's extent,
+/// named by both networks, embedded from that crop — even the white top the detector alone
+/// misses. The same photos framed by a busy border are no packshots: their garments are the
+/// detector's boxes, renamed only.
 #[test]
-fn the_second_look_keeps_the_detectors_boxes_and_names_the_cut_outs() {
+fn a_packshot_is_one_garment_framed_at_its_extent_and_other_photos_keep_the_detectors_boxes() {
     let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
     let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
     assert!(detector.config().postprocess.category_fusion > 0.0, "the shipped detector has a second look");
     let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
-    let mut named = Vec::new();
-    for (file, category, _) in CUTOUTS {
+    for (file, category, extent) in CUTOUTS {
         let bytes = std::fs::read(repo().join("shared/tests/fixtures/cutouts").join(file)).unwrap();
         let image = decode_image(&bytes, DecodeLimits::default()).unwrap();
-        let plain = detector.detect(&image).unwrap();
+        let extent = BBox::new(extent[0], extent[1], extent[2], extent[3]);
         let found = pipeline.find_garments(&image).unwrap();
-        // Same boxes with the same confidence (suppression may merge two that now share a
-        // class), each embedded as the index stores it. (The white top is one the detector
-        // misses: nothing to look at twice; the catalog rule gives it the whole photo.)
-        assert!(found.len() <= plain.len() && found.is_empty() == plain.is_empty(), "{file}: {found:?} from {plain:?}");
-        if found.is_empty() {
-            continue;
+        assert_eq!(found.len(), 1, "{file}: {found:?}");
+        let garment = &found[0];
+        assert!(garment.detection.bbox.iou(&extent) >= 0.95, "{file}: {:?} is not the product's extent {extent:?}", garment.detection.bbox);
+        assert_eq!(garment.detection.category, category, "{file}: {found:?}");
+        assert_eq!(garment.embedding, pipeline.embed(&image, &[Some(garment.detection.bbox)]).unwrap()[0], "{file}: embedded from its own crop");
+
+        // A striped frame: the garment is the same, the backdrop no longer plain.
+        let mut framed = image.clone();
+        let (w, h) = framed.dimensions();
+        for (x, y, p) in framed.enumerate_pixels_mut() {
+            if x < 4 || y < 4 || x >= w - 4 || y >= h - 4 {
+                *p = if (x + y) % 6 < 3 { image::Rgb([20, 20, 20]) } else { image::Rgb([230, 200, 40]) };
+            }
         }
+        let plain = detector.detect(&framed).unwrap();
+        let found = pipeline.find_garments(&framed).unwrap();
+        assert!(found.len() <= plain.len(), "{file}: {found:?} from {plain:?}");
+        assert!(category != "pants" || !found.is_empty(), "the framed pants are still found");
         for g in &found {
             let original = plain.iter().find(|d| d.bbox == g.detection.bbox).unwrap_or_else(|| panic!("{file}: {:?} is no box of the detector", g.detection));
             assert!((original.score - g.detection.score).abs() < 1e-6, "{file}: {g:?} vs {original:?}");
-            assert_eq!(g.embedding.len(), embedder.dim());
         }
-        // Its best garment is of the catalog category.
-        assert_eq!(found[0].detection.category, category, "{file}: {found:?}");
-        named.push(file);
     }
-    assert!(named.contains(&"pants.jpg"), "the pants are found and named: {named:?}");
+}
+
+/// An AP evaluation ranks a packshot as it is served: the lone garment's box once per class,
+/// its served class first with its served score, each with the reading of its crop; at a
+/// share of 0 (the detector alone, no second look) the detector's own boxes.
+#[test]
+fn an_evaluation_ranks_a_packshot_as_it_is_served() {
+    let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
+    let bytes = std::fs::read(repo().join("shared/tests/fixtures/cutouts/pants.jpg")).unwrap();
+    let image = decode_image(&bytes, DecodeLimits::default()).unwrap();
+    let served = pipeline.find_garments(&image).unwrap().remove(0).detection;
+    let share = detector.config().postprocess.category_fusion;
+    let [alone, second_look] = <[_; 2]>::try_from(pipeline.detections_for_evaluation(&image, &[0.0, share]).unwrap()).unwrap();
+    assert!(!second_look.is_empty() && second_look.iter().all(|(d, r)| d.bbox == served.bbox && r.is_some()), "{second_look:?}");
+    assert_eq!((second_look[0].0.category.as_str(), second_look[0].0.score), (served.category.as_str(), served.score));
+    let mut classes: Vec<usize> = second_look.iter().map(|(d, _)| d.class).collect();
+    classes.sort_unstable();
+    classes.dedup();
+    assert_eq!(classes.len(), second_look.len(), "one box per class");
+    assert!(!alone.is_empty() && alone.iter().all(|(d, _)| d.bbox != served.bbox), "{alone:?}");
 }
 
 /// A detector file with tuned backbone blocks (`tuned_blocks`): loading runs them in the

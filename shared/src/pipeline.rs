@@ -125,20 +125,20 @@ impl<'a> GarmentPipeline<'a> {
     /// of its crop; `None` for any other photo, or when the embedder has no category head
     /// to name it.
     pub fn read_product(&self, image: &RgbImage) -> Result<Option<(BBox, GarmentReading)>> {
-        let Some(object) = product_extent(image) else { return Ok(None) };
-        let reading = self.read(image, &[Some(object)])?.remove(0);
-        Ok(reading.categories.is_some().then_some((object, reading)))
+        let Some(product) = product_extent(image) else { return Ok(None) };
+        let reading = self.read(image, &[Some(product)])?.remove(0);
+        Ok(reading.categories.is_some().then_some((product, reading)))
     }
 
     /// One photo's served garments after the packshot rule ([`CategoryFusion::lone_garment`]
-    /// under `post`'s second look): the lone garment framed at its object's extent, with
+    /// under `post`'s second look): the lone garment framed at its product's extent, with
     /// the embedding of that crop, when the rule holds; the garments as they were otherwise.
     fn frame_packshot(&self, image: &RgbImage, found: Vec<FoundGarment>, post: &Postprocess) -> Result<Vec<FoundGarment>> {
         let Some(fusion) = self.fusion(post.category_fusion) else { return Ok(found) };
-        let Some((object, reading)) = self.read_product(image)? else { return Ok(found) };
+        let Some((product, reading)) = self.read_product(image)? else { return Ok(found) };
         let served: Vec<Detection> = found.iter().map(|g| g.detection.clone()).collect();
         let head = reading.categories.as_deref().unwrap_or_default();
-        Ok(match fusion.lone_garment(object, head, &served, post) {
+        Ok(match fusion.lone_garment(product, head, &served, post) {
             Some(lone) => vec![FoundGarment { detection: lone.detection, embedding: reading.embedding }],
             None => found,
         })
@@ -173,7 +173,7 @@ impl<'a> GarmentPipeline<'a> {
     /// [`Self::find_garments`] of many photos through the batched passes
     /// ([`Self::detect_batched`], [`Self::embed_batched`] over all their detections), each
     /// photo's garments then named again (and a packshot's framed) as one photo's are; a
-    /// packshot's object is read alone, at batch 1, as in [`Self::find_garments`].
+    /// packshot's product is read alone, at batch 1, as in [`Self::find_garments`].
     pub fn find_garments_batched(&self, images: &[&RgbImage], batch: usize) -> Result<Vec<Vec<FoundGarment>>> {
         let Some(detector) = self.detector else { return Ok(vec![Vec::new(); images.len()]) };
         let post = detector.config().postprocess;
@@ -243,19 +243,19 @@ impl<'a> GarmentPipeline<'a> {
             .collect())
     }
 
-    /// What the packshot rule of an AP evaluation needs of `image`: its lone object read,
+    /// What the packshot rule of an AP evaluation needs of `image`: its product read,
     /// and the detector's served boxes with their readings; `None` for any other photo.
     fn packshot_for_evaluation(&self, detector: &GarmentDetector, image: &RgbImage) -> Result<Option<EvaluatedPackshot>> {
-        let Some(object) = self.read_product(image)? else { return Ok(None) };
+        let Some(product) = self.read_product(image)? else { return Ok(None) };
         let served = detector.detect(image)?;
         let readings = self.read(image, &served.iter().map(|d| Some(d.bbox)).collect::<Vec<_>>())?;
-        Ok(Some(EvaluatedPackshot { object, served, readings }))
+        Ok(Some(EvaluatedPackshot { product, served, readings }))
     }
 }
 
 /// A packshot under evaluation (see [`GarmentPipeline::detections_for_evaluation`]).
 struct EvaluatedPackshot {
-    object: (BBox, GarmentReading),
+    product: (BBox, GarmentReading),
     /// The detector's boxes under its shipped post-processing, and their readings.
     served: Vec<Detection>,
     readings: Vec<GarmentReading>,
@@ -263,14 +263,14 @@ struct EvaluatedPackshot {
 
 impl EvaluatedPackshot {
     /// When the packshot rule holds at `share`: its garment once per class, each scored
-    /// for its class as the rule scores it, best first, with the object's reading.
+    /// for its class as the rule scores it, best first, with the product's reading.
     fn lone_garment(&self, pipeline: &GarmentPipeline<'_>, fusion: &CategoryFusion, share: f32) -> Option<Vec<EvaluatedDetection>> {
         let config = pipeline.detector?.config();
         let post = Postprocess { category_fusion: share, ..config.postprocess };
         let found = pipeline.relabel(self.served.clone(), self.readings.clone(), &post);
         let served: Vec<Detection> = found.into_iter().map(|g| g.detection).collect();
-        let (object, reading) = &self.object;
-        let lone = fusion.lone_garment(*object, reading.categories.as_deref()?, &served, &post)?;
+        let (product, reading) = &self.product;
+        let lone = fusion.lone_garment(*product, reading.categories.as_deref()?, &served, &post)?;
         let mut per_class: Vec<EvaluatedDetection> = lone
             .class_scores
             .iter()

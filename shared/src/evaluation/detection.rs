@@ -325,7 +325,7 @@ fn detect_image(pipeline: &GarmentPipeline<'_>, detector: &GarmentDetector, imag
                     let Some(fusion) = pipeline.fusion(share) else { return at.iter().map(detected).collect() };
                     let relabelled: Vec<Detection> = fusion.relabel(at, &heads, &post).into_iter().map(|(d, _)| d).collect();
                     // And the packshot rule, as served.
-                    let lone = packshot.as_ref().and_then(|(object, reading)| fusion.lone_garment(*object, reading.categories.as_deref()?, &relabelled, &post));
+                    let lone = packshot.as_ref().and_then(|(product, reading)| fusion.lone_garment(*product, reading.categories.as_deref()?, &relabelled, &post));
                     match lone {
                         Some(lone) => vec![detected(&lone.detection)],
                         None => relabelled.iter().map(detected).collect(),

@@ -26,10 +26,10 @@
 use super::detector::{Category, Detection, Postprocess};
 use crate::geometry::BBox;
 
-/// A packshot's object read as one garment (see [`CategoryFusion::lone_garment`]).
+/// A packshot's product read as one garment (see [`CategoryFusion::lone_garment`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoneGarment {
-    /// The garment under its best class, framed at the object's extent.
+    /// The garment under its best class, framed at the product's extent.
     pub detection: Detection,
     /// Its score for every detector class: what an AP evaluation ranks (a box per class).
     pub class_scores: Vec<f32>,
@@ -103,19 +103,19 @@ impl CategoryFusion {
         post.suppress(relabelled, |(d, _)| (d.bbox, d.class))
     }
 
-    /// The packshot rule: a photo whose one object on a plain backdrop (`object`, its crop
+    /// The packshot rule: a photo whose product on a plain backdrop (`product`, its crop
     /// read by the category head as `head`) is one garment, when the detector's `served`
     /// garments there (after the second look) say nothing against it. The head names the
-    /// whole object; the object is that garment when the detector served a garment of the
+    /// whole product; the product is that garment when the detector served a garment of the
     /// same class and every other served garment is either of that class too (the two
     /// shoes of a pair) or nested with it (a part of it named otherwise: a dress's bodice
     /// as a top). Several garments side by side (a top above trousers: an outfit on a
-    /// ghost mannequin) keep the detector's boxes. With nothing served, the object is a
+    /// ghost mannequin) keep the detector's boxes. With nothing served, the product is a
     /// garment of the head's class scored at the serving threshold: a packshot shows a
     /// product, and the detector missing it is what the rule exists for. The named garment
     /// takes the second look of the detector's reading and the head's reading of the
-    /// whole object. `None`: the detector's garments stand.
-    pub fn lone_garment(&self, object: BBox, head: &[f32], served: &[Detection], post: &Postprocess) -> Option<LoneGarment> {
+    /// whole product. `None`: the detector's garments stand.
+    pub fn lone_garment(&self, product: BBox, head: &[f32], served: &[Detection], post: &Postprocess) -> Option<LoneGarment> {
         let named = self.head_class(head)?;
         if served.is_empty() {
             let probability = |c: usize| self.head_of[c].and_then(|h| head.get(h)).copied().unwrap_or(0.0);
@@ -124,7 +124,7 @@ impl CategoryFusion {
                 return None;
             }
             let class_scores = (0..self.names.len()).map(|c| post.min_score * (probability(c) / best).sqrt()).collect();
-            let detection = Detection { bbox: object, class: named, category: self.names[named].clone(), score: post.min_score, class_probs: Vec::new(), centreness: 0.0 };
+            let detection = Detection { bbox: product, class: named, category: self.names[named].clone(), score: post.min_score, class_probs: Vec::new(), centreness: 0.0 };
             return Some(LoneGarment { detection, class_scores });
         }
         let anchor = served.iter().filter(|d| d.class == named).max_by(|a, b| a.score.total_cmp(&b.score))?;
@@ -133,7 +133,7 @@ impl CategoryFusion {
         }
         let class_scores = self.class_scores(anchor, head)?;
         let (class, &score) = class_scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))?;
-        let detection = Detection { bbox: object, class, category: self.names[class].clone(), score, ..anchor.clone() };
+        let detection = Detection { bbox: product, class, category: self.names[class].clone(), score, ..anchor.clone() };
         Some(LoneGarment { detection, class_scores })
     }
 

@@ -5,8 +5,9 @@
 //! folders cut each garment out onto white. On such a photo the detector, which learnt
 //! garments in context, can split one garment into parts or miss it, while the pixels that
 //! differ from the backdrop frame it exactly (on the validation cut-outs their extent is
-//! the annotated box). This module only finds the objects on a plain backdrop; whether an
-//! object is one garment is for the networks to say (`models::fusion`).
+//! the annotated box). This module only finds the product on a plain backdrop (the objects
+//! standing on it, and their joint extent); whether the product is one garment is for the
+//! networks to say (`models::fusion`).
 //!
 //! Measured on the data we have (`benches/NOTES.md`, 2026-12-05, seventh session): every
 //! validation shop cut-out has a plain border at the thresholds below, no street photo

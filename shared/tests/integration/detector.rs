@@ -93,6 +93,32 @@ fn a_packshot_is_one_garment_framed_at_its_extent_and_other_photos_keep_the_dete
     }
 }
 
+/// The batched passes (the GPU's indexing) apply the packshot rule as one photo's path does:
+/// the same garments for cut-outs and for a CC0 photo on its floor, embeddings equal to
+/// float rounding (kernels block by batch size).
+#[test]
+fn batched_passes_frame_packshots_as_one_photo_does() {
+    let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
+    let demo = std::fs::read_to_string(repo().join("demo/catalog/catalog.csv")).unwrap();
+    let floor = demo.lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
+    let files = [repo().join("shared/tests/fixtures/cutouts/pants.jpg"), repo().join("demo/catalog").join(floor), repo().join("shared/tests/fixtures/cutouts/top.jpg")];
+    let images: Vec<_> = files.iter().map(|f| decode_image(&std::fs::read(f).unwrap(), DecodeLimits::default()).unwrap()).collect();
+    assert_eq!(images.iter().filter(|i| product_extent(i).is_some()).count(), 2, "two packshots and a photo on its floor");
+    let batched = pipeline.find_garments_batched(&images.iter().collect::<Vec<_>>(), 2).unwrap();
+    for ((image, file), batched) in images.iter().zip(&files).zip(&batched) {
+        let single = pipeline.find_garments(image).unwrap();
+        assert_eq!(single.len(), batched.len(), "{file:?}");
+        for (a, b) in single.iter().zip(batched) {
+            assert_eq!((&a.detection.category, a.detection.bbox), (&b.detection.category, b.detection.bbox), "{file:?}");
+            let cosine: f32 = a.embedding.iter().zip(&b.embedding).map(|(x, y)| x * y).sum();
+            assert!(cosine > 1.0 - 1e-5, "{file:?}: cosine {cosine}");
+        }
+    }
+    assert_eq!(batched[0].len(), 1, "the pants cut-out is one garment");
+}
+
 /// An AP evaluation ranks a packshot as it is served: the lone garment's box once per class,
 /// its served class first with its served score, each with the reading of its crop; at a
 /// share of 0 (the detector alone, no second look) the detector's own boxes.

@@ -60,6 +60,10 @@ pub struct CategoryStageArgs {
     /// 11); a later one costs less per crop when serving.
     #[arg(long)]
     first_block: Option<usize>,
+    /// Share of each label spread evenly over all categories (0: plain cross-entropy): the
+    /// head's probabilities are weighed into the detector's, so over-sure ones veto too much.
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
     /// Run on the CPU even when a GPU is available.
     #[arg(long)]
     cpu: bool,
@@ -263,6 +267,7 @@ fn category_stage(args: CategoryStageArgs) -> Result<()> {
         stage_lr: args.stage_lr,
         seed: args.seed,
         first_block: args.first_block,
+        label_smoothing: args.label_smoothing,
         device: device(args.cpu)?,
     };
     let mut reporter = Reporter::default();

@@ -62,6 +62,8 @@ pub struct CategoryStageTraining {
     /// The first block the head tunes (its copy runs from there to the last block); `None`:
     /// the coarsest stage (Lite0's blocks 11–15). A later block costs less per crop.
     pub first_block: Option<usize>,
+    /// The share of each label spread evenly over all categories (0: plain cross-entropy).
+    pub label_smoothing: f64,
     pub device: Device,
 }
 
@@ -175,7 +177,7 @@ pub fn train_category_stage(cfg: &CategoryStageTraining, progress: ProgressFn) -
             let flips: Vec<bool> = batch.iter().map(|_| rng.random_bool(0.5)).collect();
             let x = mirrored(&train.features.index_select(&Tensor::new(batch, &Device::Cpu)?, 0)?.to_dtype(DType::F32)?, &flips)?.to_device(&cfg.device)?;
             let labels = Tensor::new(batch.iter().map(|&i| train.classes[i as usize]).collect::<Vec<_>>(), &cfg.device)?;
-            let loss = candle_nn::loss::cross_entropy(&params.logits(&x)?, &labels)?;
+            let loss = smoothed_cross_entropy(&params.logits(&x)?, &labels, cfg.label_smoothing)?;
             let grads = loss.backward()?;
             head_opt.step(&grads)?;
             stage_opt.step(&grads)?;
@@ -211,7 +213,7 @@ pub fn train_category_stage(cfg: &CategoryStageTraining, progress: ProgressFn) -
     let record = serde_json::json!({
         "command": "indexer train category-stage",
         "from": base.version,
-        "epochs": cfg.epochs, "batch": cfg.batch, "lr": cfg.lr, "stage_lr": cfg.stage_lr, "seed": cfg.seed, "blocks": &stage,
+        "epochs": cfg.epochs, "batch": cfg.batch, "lr": cfg.lr, "stage_lr": cfg.stage_lr, "seed": cfg.seed, "blocks": &stage, "label_smoothing": cfg.label_smoothing,
         "views": "2 per crop (the box, the box jittered by up to 0.1 per side), mirrored at random",
         "split": "validation = CCP id % 5 == 1; catalog senders % 5 in {1, 3} left out",
         "report": &report,
@@ -326,6 +328,18 @@ fn embedding_head_guesses(embedder: &GarmentEmbedder, start: usize, features: &T
         }
     }
     Ok(guesses)
+}
+
+/// Cross-entropy against labels with `smoothing` of each spread evenly over the classes:
+/// `(1 − ε) · CE(y) + ε · mean over classes of −log p` (ε = 0: plain cross-entropy).
+fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, 1)?;
+    let chosen = log_p.gather(&labels.unsqueeze(1)?, 1)?.mean_all()?.neg()?;
+    if smoothing <= 0.0 {
+        return Ok(chosen);
+    }
+    let spread = log_p.mean_all()?.neg()?;
+    Ok(((chosen * (1.0 - smoothing))? + (spread * smoothing)?)?)
 }
 
 fn argmax(values: &[f32]) -> u32 {
@@ -469,6 +483,27 @@ mod tests {
         for bad in [Some(0), Some(16), Some(40)] {
             assert!(matches!(tuned_blocks(11..16, bad), Err(Error::InvalidSetting { name: "first-block", .. })), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn smoothing_spreads_a_share_of_the_label_over_all_classes() {
+        let logits = Tensor::new(&[[3.0f32, 0.0, -1.0], [0.5, 0.5, 2.0]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
+        let loss = |e: f64| smoothed_cross_entropy(&logits, &labels, e).unwrap().to_scalar::<f32>().unwrap();
+        let plain = candle_nn::loss::cross_entropy(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
+        assert!((loss(0.0) - plain).abs() < 1e-6);
+        // By hand: (1 − ε) · CE + ε · the mean of −log p over every class of every sample.
+        let rows = [[3.0f32, 0.0, -1.0], [0.5, 0.5, 2.0]];
+        let log_p: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|r| {
+                let z = r.iter().map(|v| v.exp()).sum::<f32>().ln();
+                r.iter().map(|v| v - z).collect()
+            })
+            .collect();
+        let spread = -log_p.iter().flatten().sum::<f32>() / 6.0;
+        assert!((loss(0.1) - (0.9 * plain + 0.1 * spread)).abs() < 1e-5, "{} vs {}", loss(0.1), 0.9 * plain + 0.1 * spread);
+        assert!(loss(0.1) > plain, "confident right answers cost more once smoothed");
     }
 
     #[test]

@@ -210,7 +210,10 @@ impl<'a> GarmentPipeline<'a> {
     /// detections with the reading of each one's box where it was made.
     pub fn detections_for_evaluation(&self, image: &RgbImage, shares: &[f32]) -> Result<Vec<Vec<EvaluatedDetection>>> {
         let Some(detector) = self.detector else { return Ok(vec![Vec::new(); shares.len()]) };
-        let detections = detector.detect_with(image, &Postprocess::EVALUATION)?;
+        // One forward pass for the evaluation's floor and the served boxes (a packshot's rule
+        // is decided on what is served).
+        let posts = [&Postprocess::EVALUATION, &detector.config().postprocess];
+        let [detections, served] = <[_; 2]>::try_from(detector.detect_each(image, &posts)?).expect("one list per post-processing");
         // A location found for several classes gives one box: embed it once.
         let mut boxes: Vec<BBox> = Vec::new();
         let box_of: Vec<usize> = detections
@@ -228,7 +231,7 @@ impl<'a> GarmentPipeline<'a> {
         let readings = self.read(image, &boxes.iter().map(|b| Some(*b)).collect::<Vec<_>>())?;
         let head: Vec<Option<Vec<f32>>> = box_of.iter().map(|&b| readings.get(b).and_then(|r| r.categories.clone())).collect();
         let reading_of = |d: &Detection| boxes.iter().position(|b| *b == d.bbox).map(|i| readings[i].clone());
-        let packshot = self.packshot_for_evaluation(detector, image)?;
+        let packshot = self.packshot_for_evaluation(image, served, &boxes, &readings)?;
         Ok(shares
             .iter()
             .map(|&share| {
@@ -243,12 +246,20 @@ impl<'a> GarmentPipeline<'a> {
             .collect())
     }
 
-    /// What the packshot rule of an AP evaluation needs of `image`: its product read,
-    /// and the detector's served boxes with their readings; `None` for any other photo.
-    fn packshot_for_evaluation(&self, detector: &GarmentDetector, image: &RgbImage) -> Result<Option<EvaluatedPackshot>> {
+    /// What the packshot rule of an AP evaluation needs of `image`: its product read, and
+    /// the detector's `served` boxes with their readings — those of `read` (the evaluation's
+    /// boxes, read as `readings`) reused, the rest read; `None` for any other photo.
+    fn packshot_for_evaluation(&self, image: &RgbImage, served: Vec<Detection>, read: &[BBox], readings: &[GarmentReading]) -> Result<Option<EvaluatedPackshot>> {
         let Some(product) = self.read_product(image)? else { return Ok(None) };
-        let served = detector.detect(image)?;
-        let readings = self.read(image, &served.iter().map(|d| Some(d.bbox)).collect::<Vec<_>>())?;
+        let missing: Vec<Option<BBox>> = served.iter().filter(|d| !read.contains(&d.bbox)).map(|d| Some(d.bbox)).collect();
+        let mut fresh = self.read(image, &missing)?.into_iter();
+        let readings = served
+            .iter()
+            .map(|d| match read.iter().position(|b| *b == d.bbox) {
+                Some(i) => readings[i].clone(),
+                None => fresh.next().expect("one reading per box not read yet"),
+            })
+            .collect();
         Ok(Some(EvaluatedPackshot { product, served, readings }))
     }
 }

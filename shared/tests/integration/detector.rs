@@ -20,6 +20,13 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The shipped detector and embedder.
+fn shipped_models() -> (GarmentDetector, GarmentEmbedder) {
+    let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
+    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    (detector, embedder)
+}
+
 /// The cut-outs with their catalog category and the garment's extent (the foreground's box).
 const CUTOUTS: [(&str, &str, [f32; 4]); 2] = [("pants.jpg", "pants", [34.0, 42.0, 187.0, 308.0]), ("top.jpg", "top", [25.0, 45.0, 230.0, 248.0])];
 
@@ -59,8 +66,7 @@ fn a_cut_out_on_white_is_indexed_as_one_garment_that_frames_it() {
 /// detector's boxes, renamed only.
 #[test]
 fn a_packshot_is_one_garment_framed_at_its_extent_and_other_photos_keep_the_detectors_boxes() {
-    let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
-    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    let (detector, embedder) = shipped_models();
     assert!(detector.config().postprocess.category_fusion > 0.0, "the shipped detector has a second look");
     let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
     for (file, category, extent) in CUTOUTS {
@@ -98,8 +104,7 @@ fn a_packshot_is_one_garment_framed_at_its_extent_and_other_photos_keep_the_dete
 /// float rounding (kernels block by batch size).
 #[test]
 fn batched_passes_frame_packshots_as_one_photo_does() {
-    let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
-    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    let (detector, embedder) = shipped_models();
     let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
     let demo = std::fs::read_to_string(repo().join("demo/catalog/catalog.csv")).unwrap();
     let floor = demo.lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
@@ -124,8 +129,7 @@ fn batched_passes_frame_packshots_as_one_photo_does() {
 /// share of 0 (the detector alone, no second look) the detector's own boxes.
 #[test]
 fn an_evaluation_ranks_a_packshot_as_it_is_served() {
-    let detector = GarmentDetector::load(&repo().join("models/detector-lite0.safetensors"), &Device::Cpu).unwrap();
-    let embedder = GarmentEmbedder::load(&repo().join("models/embedder-lite0.safetensors"), &Device::Cpu).unwrap();
+    let (detector, embedder) = shipped_models();
     let pipeline = GarmentPipeline { detector: Some(&detector), embedder: &embedder, limits: DecodeLimits::default() };
     let bytes = std::fs::read(repo().join("shared/tests/fixtures/cutouts/pants.jpg")).unwrap();
     let image = decode_image(&bytes, DecodeLimits::default()).unwrap();
